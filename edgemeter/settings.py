@@ -1,0 +1,210 @@
+"""Typed settings of the meter, parsed from mitmproxy option values by pure `parse_*` functions.
+
+Each parser raises `SettingsError` naming the option and the value, so a bad value stops startup.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from edgemeter.errors import SettingsError
+
+StreamUsageMode = Literal["inject-strip", "inject", "off"]
+STREAM_USAGE_MODES: tuple[StreamUsageMode, ...] = ("inject-strip", "inject", "off")
+SpoolSync = Literal["normal", "full"]
+
+_NATS_SCHEMES = frozenset({"nats", "tls", "ws", "wss"})
+# RFC 9110 token characters: what a header name may contain.
+_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_SUBJECT_TOKEN = re.compile(r"^[^\s*>.]+$")
+_CURRENCY = re.compile(r"^[A-Z]{3}$")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    nats_servers: tuple[str, ...]
+    nats_creds: str
+    nats_token: str
+    nats_user: str
+    nats_password: str
+    nats_tls_ca: str
+    nats_tls_cert: str
+    nats_tls_key: str
+    subject: str
+    spool_dir: Path
+    spool_sync: SpoolSync
+    paths: tuple[str, ...]
+    price_micro_per_token: int
+    prices_file: str
+    currency: str
+    tenant_header: str
+    customer_header: str
+    stream_usage: StreamUsageMode
+    publish_timeout_ms: int
+    shutdown_drain_ms: int
+    admin_listen: tuple[str, int] | None
+
+
+def default_spool_dir(env: Mapping[str, str] | None = None) -> Path:
+    """The platform data dir: $EDGEMETER_SPOOL_DIR, else $XDG_DATA_HOME/edgemeter/spool."""
+    env = os.environ if env is None else env
+    if explicit := env.get("EDGEMETER_SPOOL_DIR"):
+        return Path(explicit)
+    data_home = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / "edgemeter" / "spool"
+
+
+def parse_nats_urls(value: str, option: str = "meter_nats_url") -> tuple[str, ...]:
+    urls = tuple(u.strip() for u in value.split(",") if u.strip())
+    if not urls:
+        raise SettingsError("no NATS server URL given", option=option, value=value)
+    for url in urls:
+        parts = urlsplit(url)
+        try:
+            parts.port  # noqa: B018 - raises ValueError for a non-numeric or out-of-range port
+        except ValueError:
+            raise SettingsError("bad port in NATS URL", option=option, value=url) from None
+        if parts.scheme not in _NATS_SCHEMES or not parts.hostname:
+            raise SettingsError(
+                "not a NATS URL (expected nats://host:port)", option=option, value=url
+            )
+    return urls
+
+
+def parse_subject(value: str, option: str = "meter_subject") -> str:
+    tokens = value.split(".")
+    if not value or not all(_SUBJECT_TOKEN.match(t) for t in tokens):
+        raise SettingsError(
+            "not a publishable NATS subject (no spaces or wildcards)", option=option, value=value
+        )
+    return value
+
+
+def parse_paths(value: str, option: str = "meter_paths") -> tuple[str, ...]:
+    paths = tuple(p.strip() for p in value.split(",") if p.strip())
+    if not paths:
+        raise SettingsError("no path prefix given", option=option, value=value)
+    for p in paths:
+        if not p.startswith("/"):
+            raise SettingsError("path prefix must start with '/'", option=option, value=p)
+    return paths
+
+
+def parse_non_negative(value: int, option: str) -> int:
+    if value < 0:
+        raise SettingsError("must not be negative", option=option, value=value)
+    return value
+
+
+def parse_positive(value: int, option: str) -> int:
+    if value <= 0:
+        raise SettingsError("must be positive", option=option, value=value)
+    return value
+
+
+def parse_currency(value: str, option: str = "meter_currency") -> str:
+    if not _CURRENCY.match(value):
+        raise SettingsError(
+            "currency must be an ISO 4217 code (three capitals)", option=option, value=value
+        )
+    return value
+
+
+def parse_header_name(value: str, option: str) -> str:
+    if not _HEADER_NAME.match(value):
+        raise SettingsError("not a valid HTTP header name", option=option, value=value)
+    return value.lower()
+
+
+def parse_stream_usage(value: str, option: str = "meter_stream_usage") -> StreamUsageMode:
+    for mode in STREAM_USAGE_MODES:
+        if value == mode:
+            return mode
+    raise SettingsError(
+        f"must be one of {', '.join(STREAM_USAGE_MODES)}", option=option, value=value
+    )
+
+
+def parse_spool_sync(value: str, option: str = "meter_spool_sync") -> SpoolSync:
+    if value == "normal":
+        return "normal"
+    if value == "full":
+        return "full"
+    raise SettingsError("must be normal or full", option=option, value=value)
+
+
+def parse_listen(value: str, option: str = "meter_admin_listen") -> tuple[str, int] | None:
+    if not value:
+        return None
+    host, sep, port_text = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise SettingsError("expected host:port (empty disables)", option=option, value=value)
+    return host, int(port_text)
+
+
+def parse_spool_dir(value: str, option: str = "meter_spool_dir") -> Path:
+    if not value:
+        return default_spool_dir()
+    if "\0" in value:
+        raise SettingsError("not a path", option=option, value=value)
+    return Path(value).expanduser()
+
+
+def parse_file(value: str, option: str) -> str:
+    """An optional file path: empty means unset; a set one must exist and be readable now."""
+    if not value:
+        return ""
+    path = Path(value).expanduser()
+    if not path.is_file() or not os.access(path, os.R_OK):
+        raise SettingsError("file not found or not readable", option=option, value=value)
+    return str(path)
+
+
+def parse_settings(options: Mapping[str, object]) -> Settings:
+    """Every meter_* option value, validated together into one `Settings`."""
+
+    def text(name: str) -> str:
+        return str(options[name])
+
+    def number(name: str) -> int:
+        value = options[name]
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise SettingsError("must be an integer", option=name, value=value)
+        return value
+
+    return Settings(
+        nats_servers=parse_nats_urls(text("meter_nats_url")),
+        nats_creds=parse_file(text("meter_nats_creds"), "meter_nats_creds"),
+        nats_token=text("meter_nats_token"),
+        nats_user=text("meter_nats_user"),
+        nats_password=text("meter_nats_password"),
+        nats_tls_ca=parse_file(text("meter_nats_tls_ca"), "meter_nats_tls_ca"),
+        nats_tls_cert=parse_file(text("meter_nats_tls_cert"), "meter_nats_tls_cert"),
+        nats_tls_key=parse_file(text("meter_nats_tls_key"), "meter_nats_tls_key"),
+        subject=parse_subject(text("meter_subject")),
+        spool_dir=parse_spool_dir(text("meter_spool_dir")),
+        spool_sync=parse_spool_sync(text("meter_spool_sync")),
+        paths=parse_paths(text("meter_paths")),
+        price_micro_per_token=parse_non_negative(
+            number("meter_price_micro_per_token"), "meter_price_micro_per_token"
+        ),
+        prices_file=text("meter_prices"),
+        currency=parse_currency(text("meter_currency")),
+        tenant_header=parse_header_name(text("meter_tenant_header"), "meter_tenant_header"),
+        customer_header=parse_header_name(text("meter_customer_header"), "meter_customer_header"),
+        stream_usage=parse_stream_usage(text("meter_stream_usage")),
+        publish_timeout_ms=parse_positive(
+            number("meter_publish_timeout_ms"), "meter_publish_timeout_ms"
+        ),
+        shutdown_drain_ms=parse_non_negative(
+            number("meter_shutdown_drain_ms"), "meter_shutdown_drain_ms"
+        ),
+        admin_listen=parse_listen(text("meter_admin_listen")),
+    )

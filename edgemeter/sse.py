@@ -1,0 +1,98 @@
+"""Incremental Server-Sent Events framing over raw byte chunks split at arbitrary places.
+
+Memory is bounded by the largest single event: a larger one stops parsing (`overflowed`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_MAX_EVENT_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class SSEEvent:
+    event: str
+    """The `event:` field, "" when the event has none."""
+    data: bytes
+    """The `data:` lines joined with b"\\n"."""
+
+
+class SSEDecoder:
+    """Turns chunks into events; line ends may be \\n, \\r\\n or \\r, split across chunks."""
+
+    __slots__ = ("_data", "_event", "_has_data", "_max", "_size", "_skip_lf", "_tail", "overflowed")
+
+    def __init__(self, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
+        self._max = max_event_bytes
+        self._tail = b""
+        # A chunk that ended in \r may be followed by the \n of the same line end.
+        self._skip_lf = False
+        self._event = ""
+        self._data: list[bytes] = []
+        self._has_data = False
+        self._size = 0
+        self.overflowed = False
+
+    def feed(self, chunk: bytes) -> list[SSEEvent]:
+        if self.overflowed or not chunk:
+            return []
+        if self._skip_lf:
+            self._skip_lf = False
+            if chunk[:1] == b"\n":
+                chunk = chunk[1:]
+        data = self._tail + chunk if self._tail else chunk
+        if b"\r" in data:
+            self._skip_lf = data[-1:] == b"\r"
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        lines = data.split(b"\n")
+        self._tail = lines.pop()
+        events: list[SSEEvent] = []
+        for line in lines:
+            self._line(line, events)
+            if self.overflowed:
+                return events
+        if len(self._tail) + self._size > self._max:
+            self._overflow()
+        return events
+
+    def close(self) -> list[SSEEvent]:
+        """End of body: a last event without its blank line still counts (lenient on purpose,
+        since dropping it would bill a complete answer as free)."""
+        if self.overflowed:
+            return []
+        events: list[SSEEvent] = []
+        if self._tail:
+            self._line(self._tail, events)
+            self._tail = b""
+        self._line(b"", events)
+        return events
+
+    def _line(self, line: bytes, events: list[SSEEvent]) -> None:
+        if not line:
+            if self._has_data:
+                events.append(SSEEvent(self._event, b"\n".join(self._data)))
+            self._event = ""
+            self._data = []
+            self._has_data = False
+            self._size = 0
+            return
+        if line[0] == 0x3A:  # ":" starts a comment (e.g. OpenRouter keep-alives)
+            return
+        name, sep, value = line.partition(b":")
+        if sep and value[:1] == b" ":
+            value = value[1:]
+        if name == b"data":
+            self._data.append(value)
+            self._has_data = True
+            self._size += len(value) + 1
+            if self._size > self._max:
+                self._overflow()
+        elif name == b"event":
+            self._event = value.decode("utf-8", "replace")
+
+    def _overflow(self) -> None:
+        self.overflowed = True
+        self._tail = b""
+        self._data = []
+        self._size = 0

@@ -1,0 +1,41 @@
+"""Reads recorded responses from ../shared/fixtures/recorded as the bytes an upstream would send."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def is_stream(path: Path) -> bool:
+    return path.name.endswith((".sse", ".chunks.txt"))
+
+
+def wire_body(path: Path) -> bytes:
+    """`.chunks.txt` holds one data payload per line: frame each as an SSE event (with the
+    `event:` line Anthropic sends), and end OpenAI-shaped streams with [DONE]."""
+    raw = path.read_bytes()
+    if not path.name.endswith(".chunks.txt"):
+        return raw
+    out: list[bytes] = []
+    anthropic = False
+    for line in raw.splitlines():
+        if not line.strip():
+            continue
+        kind = ""
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            obj = None
+        if isinstance(obj, dict) and isinstance(obj.get("type"), str):
+            kind = obj["type"]
+            anthropic = anthropic or kind.startswith("message")
+        if anthropic and kind:
+            out.append(f"event: {kind}\n".encode())
+        out.append(b"data: " + line + b"\n\n")
+    if not anthropic and b"[DONE]" not in raw:
+        out.append(b"data: [DONE]\n\n")
+    return b"".join(out)
+
+
+def chunked(body: bytes, size: int) -> list[bytes]:
+    return [body[i : i + size] for i in range(0, len(body), size)]

@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edgemeter.errors import SettingsError
+from edgemeter.settings import (
+    default_spool_dir,
+    parse_currency,
+    parse_header_name,
+    parse_listen,
+    parse_nats_urls,
+    parse_paths,
+    parse_settings,
+    parse_stream_usage,
+    parse_subject,
+)
+
+DEFAULTS: dict[str, Any] = {
+    "meter_nats_url": "nats://127.0.0.1:4222",
+    "meter_nats_creds": "",
+    "meter_nats_token": "",
+    "meter_nats_user": "",
+    "meter_nats_password": "",
+    "meter_nats_tls_ca": "",
+    "meter_nats_tls_cert": "",
+    "meter_nats_tls_key": "",
+    "meter_subject": "catalyst.usage.recorded",
+    "meter_spool_dir": "/tmp/spool",
+    "meter_spool_sync": "normal",
+    "meter_paths": "/v1/",
+    "meter_price_micro_per_token": 156,
+    "meter_prices": "",
+    "meter_currency": "OMR",
+    "meter_tenant_header": "x-tenant-id",
+    "meter_customer_header": "x-customer-id",
+    "meter_stream_usage": "inject-strip",
+    "meter_publish_timeout_ms": 5000,
+    "meter_shutdown_drain_ms": 5000,
+    "meter_admin_listen": "127.0.0.1:9464",
+}
+
+
+def test_defaults_parse() -> None:
+    s = parse_settings(DEFAULTS)
+    assert s.nats_servers == ("nats://127.0.0.1:4222",)
+    assert s.paths == ("/v1/",)
+    assert s.admin_listen == ("127.0.0.1", 9464)
+    assert s.spool_dir == Path("/tmp/spool")
+
+
+def test_cluster_urls_are_split_and_trimmed() -> None:
+    assert parse_nats_urls("nats://a:4222, tls://b:4223 ,") == ("nats://a:4222", "tls://b:4223")
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("meter_nats_url", "http://x:4222"),
+        ("meter_nats_url", "nats://x:notaport"),
+        ("meter_nats_url", " , "),
+        ("meter_subject", "catalyst.usage.>"),
+        ("meter_subject", "has space"),
+        ("meter_subject", "a..b"),
+        ("meter_paths", "v1/"),
+        ("meter_price_micro_per_token", -1),
+        ("meter_price_micro_per_token", "156"),
+        ("meter_currency", "omr"),
+        ("meter_tenant_header", "x tenant"),
+        ("meter_stream_usage", "strip"),
+        ("meter_spool_sync", "fast"),
+        ("meter_publish_timeout_ms", 0),
+        ("meter_admin_listen", "9464"),
+        ("meter_admin_listen", "127.0.0.1:70000"),
+        ("meter_nats_creds", "/nonexistent/creds"),
+    ],
+)
+def test_a_bad_value_names_the_option_and_the_value(option: str, value: object) -> None:
+    with pytest.raises(SettingsError) as info:
+        parse_settings({**DEFAULTS, option: value})
+    assert info.value.fields["option"] == option
+    assert str(value).strip() in str(info.value) or option == "meter_nats_url"
+
+
+def test_parsers_normalise() -> None:
+    assert parse_header_name("X-Tenant-Id", "o") == "x-tenant-id"
+    assert parse_paths("/v1/,/openai/") == ("/v1/", "/openai/")
+    assert parse_subject("catalyst.usage.recorded") == "catalyst.usage.recorded"
+    assert parse_currency("USD") == "USD"
+    assert parse_stream_usage("off") == "off"
+    assert parse_listen("") is None
+    assert parse_listen("[::1]:9464") == ("::1", 9464)
+
+
+def test_default_spool_dir_follows_xdg() -> None:
+    assert default_spool_dir({"XDG_DATA_HOME": "/data"}) == Path("/data/edgemeter/spool")
+    assert default_spool_dir({"EDGEMETER_SPOOL_DIR": "/var/spool/m"}) == Path("/var/spool/m")

@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from edgemeter.sse import SSEDecoder, SSEEvent
+
+BODY = (
+    b": keep-alive comment\n"
+    b"event: message_start\n"
+    b'data: {"a":1}\n'
+    b"\n"
+    b'data: {"b":"\xc3\xa9t\xc3\xa9"}\n'
+    b"id: 7\n"
+    b"\n"
+    b"data: line one\n"
+    b"data: line two\n"
+    b"\n"
+    b"data: [DONE]\n"
+    b"\n"
+)
+EVENTS = [
+    SSEEvent("message_start", b'{"a":1}'),
+    SSEEvent("", b'{"b":"\xc3\xa9t\xc3\xa9"}'),
+    SSEEvent("", b"line one\nline two"),
+    SSEEvent("", b"[DONE]"),
+]
+
+
+def decode(chunks: list[bytes]) -> list[SSEEvent]:
+    decoder = SSEDecoder()
+    events: list[SSEEvent] = []
+    for chunk in chunks:
+        events += decoder.feed(chunk)
+    return events + decoder.close()
+
+
+def split_at(body: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({0, len(body), *(c % (len(body) + 1) for c in cuts)})
+    return [body[a:b] for a, b in itertools.pairwise(points)]
+
+
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n", b"\r"])
+def test_events_are_the_same_for_every_line_end(newline: bytes) -> None:
+    assert decode([BODY.replace(b"\n", newline)]) == EVENTS
+
+
+@given(
+    cuts=st.lists(st.integers(min_value=0), max_size=40),
+    newline=st.sampled_from([b"\n", b"\r\n", b"\r"]),
+)
+def test_any_split_gives_the_same_events(cuts: list[int], newline: bytes) -> None:
+    body = BODY.replace(b"\n", newline)
+    assert decode(split_at(body, cuts)) == EVENTS
+
+
+def test_crlf_split_between_cr_and_lf_is_one_line_end() -> None:
+    assert decode([b"data: x\r", b"\n\r", b"\ndata: y\r\n\r\n"]) == [
+        SSEEvent("", b"x"),
+        SSEEvent("", b"y"),
+    ]
+
+
+def test_a_last_event_without_its_blank_line_still_counts() -> None:
+    assert decode([b'data: {"usage":1}']) == [SSEEvent("", b'{"usage":1}')]
+
+
+def test_field_without_space_and_unknown_fields() -> None:
+    assert decode([b"data:x\nretry: 10\nfoo\n\n"]) == [SSEEvent("", b"x")]
+
+
+def test_an_event_larger_than_the_limit_stops_parsing() -> None:
+    decoder = SSEDecoder(max_event_bytes=64)
+    assert decoder.feed(b"data: " + b"x" * 100) == []
+    assert decoder.overflowed
+    assert decoder.feed(b"\n\ndata: small\n\n") == []
+    assert decoder.close() == []
+
+
+def test_memory_is_bounded_by_the_event_not_the_body() -> None:
+    decoder = SSEDecoder(max_event_bytes=1024)
+    event = b"data: " + b"y" * 500 + b"\n\n"
+    for _ in range(10_000):
+        assert len(decoder.feed(event)) == 1
+    assert not decoder.overflowed
