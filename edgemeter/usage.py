@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from edgemeter.estimate import text_chars
 from edgemeter.sse import SSEEvent
 
 Api = Literal[
@@ -92,12 +93,14 @@ def normalize_openai(usage: dict[str, Any]) -> Usage:
     )
     reasoning = _count(usage, "completion_tokens_details", "reasoning_tokens")
     write = _count(usage, "prompt_tokens_details", "cache_write_tokens")
+    output = max(completion, total - prompt)
     return Usage(
         input_tokens=prompt,
         cached_input_tokens=min(cached, prompt),
         cache_write_tokens=min(write, prompt),
-        output_tokens=max(completion, total - prompt),
-        reasoning_tokens=reasoning,
+        output_tokens=output,
+        # "Of which reasoning" stays true even when a provider reports more (OpenRouter does).
+        reasoning_tokens=min(reasoning, output),
         raw=usage,
     )
 
@@ -108,26 +111,35 @@ def normalize_responses(usage: dict[str, Any]) -> Usage:
     out = _count(usage, "output_tokens")
     total = _count(usage, "total_tokens")
     cached = _count(usage, "input_tokens_details", "cached_tokens")
+    output = max(out, total - inp)
     return Usage(
         input_tokens=inp,
         cached_input_tokens=min(cached, inp),
-        output_tokens=max(out, total - inp),
-        reasoning_tokens=_count(usage, "output_tokens_details", "reasoning_tokens"),
+        output_tokens=output,
+        reasoning_tokens=min(_count(usage, "output_tokens_details", "reasoning_tokens"), output),
         raw=usage,
     )
 
 
 def normalize_anthropic(usage: dict[str, Any]) -> Usage:
-    """Anthropic Messages: `input_tokens` excludes cache reads and cache writes; add them."""
-    base = _count(usage, "input_tokens")
-    write = _count(usage, "cache_creation_input_tokens")
-    read = _count(usage, "cache_read_input_tokens")
+    """Anthropic Messages: `input_tokens` excludes cache reads and cache writes; add them.
+
+    With server-side compaction the top-level counts leave out the compaction iterations; the
+    billed total is the sum over `usage.iterations`, so sum those when present."""
+    iterations = usage.get("iterations")
+    parts = [i for i in iterations if isinstance(i, dict)] if isinstance(iterations, list) else []
+    base = write = read = out = 0
+    for part in parts or [usage]:
+        base += _count(part, "input_tokens")
+        write += _count(part, "cache_creation_input_tokens")
+        read += _count(part, "cache_read_input_tokens")
+        out += _count(part, "output_tokens")
     return Usage(
         input_tokens=base + write + read,
         cached_input_tokens=read,
         cache_write_tokens=write,
-        output_tokens=_count(usage, "output_tokens"),
-        reasoning_tokens=_count(usage, "output_tokens_details", "thinking_tokens"),
+        output_tokens=out,
+        reasoning_tokens=min(_count(usage, "output_tokens_details", "thinking_tokens"), out),
         raw=usage,
     )
 
@@ -145,7 +157,17 @@ class Extraction:
 
     Feed it a whole JSON body (`body`) or SSE events (`event`); both parse open-world."""
 
-    __slots__ = ("_raw", "api", "error", "events", "invalid", "model", "upstream_id", "usage")
+    __slots__ = (
+        "_raw",
+        "api",
+        "error",
+        "events",
+        "invalid",
+        "model",
+        "output_chars",
+        "upstream_id",
+        "usage",
+    )
 
     def __init__(self, api: Api) -> None:
         self.api: Api = api
@@ -155,6 +177,8 @@ class Extraction:
         self.error: str | None = None
         self.invalid: str | None = None
         self.events = 0
+        # Characters of generated text seen, for an estimate when no usage is ever reported.
+        self.output_chars = 0
         # Anthropic streams report usage in two halves; keep the merged raw object.
         self._raw: dict[str, Any] = {}
 
@@ -174,12 +198,15 @@ class Extraction:
             self.error = "error"
         if (usage := _as_dict(obj.get("usage"))) is not None:
             self._set(usage)
+        if self.usage is None:
+            self.output_chars += text_chars(content)
 
     # -- streams ------------------------------------------------------------------------------
 
     def event(self, ev: SSEEvent) -> None:
         self.events += 1
         data = ev.data
+        self.output_chars += text_chars(data)
         if self.api == "anthropic.messages":
             self._anthropic_event(ev)
         elif self.api == "openai.responses":

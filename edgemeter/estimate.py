@@ -1,0 +1,60 @@
+"""Token estimates for answers the upstream never reported usage for (a client that hung up,
+a gateway that sends none): about four characters of text a token, never zero.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+CHARS_PER_TOKEN = 4
+# Per message, chat formats add role and separator tokens (OpenAI's cookbook counts 3-4).
+TOKENS_PER_MESSAGE = 4
+
+# String values that carry generated text in any of the stream shapes we meter: chat deltas
+# (content, reasoning_content, reasoning, tool-call arguments), Anthropic deltas (text,
+# thinking, partial_json) and Responses API deltas (delta). A regex on the raw bytes costs a
+# fraction of a JSON parse, and escapes (\uXXXX) count as more characters, which suits CJK.
+_TEXT = re.compile(
+    rb'"(?:content|reasoning_content|reasoning|arguments|text|thinking|partial_json|delta)"'
+    rb'\s*:\s*"((?:[^"\\]|\\.)*)"'
+)
+_SKIP_KEYS = frozenset({"model", "role", "type", "stream", "id", "name", "tool_choice"})
+
+
+def text_chars(data: bytes) -> int:
+    """Characters of generated text in one SSE event's data or a whole response body."""
+    return sum(len(m) for m in _TEXT.findall(data))
+
+
+def tokens(chars: int) -> int:
+    return -(-chars // CHARS_PER_TOKEN)
+
+
+def request_tokens(body: bytes) -> int:
+    """Prompt tokens of a request body: its text, plus a few per message; at least 1."""
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return max(1, tokens(len(body)))
+    chars, messages = _walk(obj)
+    return max(1, tokens(chars) + TOKENS_PER_MESSAGE * messages)
+
+
+def _walk(obj: Any) -> tuple[int, int]:
+    chars = messages = 0
+    if isinstance(obj, str):
+        return len(obj), 0
+    if isinstance(obj, list):
+        for item in obj:
+            c, m = _walk(item)
+            chars, messages = chars + c, messages + m
+    elif isinstance(obj, dict):
+        messages += 1 if "role" in obj else 0
+        for key, value in obj.items():
+            if key in _SKIP_KEYS:
+                continue
+            c, m = _walk(value)
+            chars, messages = chars + c, messages + m
+    return chars, messages

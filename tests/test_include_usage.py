@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from edgemeter.include_usage import inject, split_events, strip_event
+
+
+def test_a_streamed_request_without_usage_is_asked_for_it() -> None:
+    body = b'{"model":"m","stream":true,"messages":[{"role":"user","content":"\xc3\xa9"}]}'
+    out = inject(body)
+    assert out is not None
+    obj = json.loads(out)
+    assert obj["stream_options"] == {"include_usage": True}
+    assert {k: v for k, v in obj.items() if k != "stream_options"} == json.loads(body)
+    assert out.endswith(body[1:])  # the client's bytes are kept, only prefixed
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"include_usage": False}, {"include_obfuscation": False}, None, "junk"],
+)
+def test_existing_stream_options_are_kept_and_usage_turned_on(options: object) -> None:
+    body = json.dumps({"model": "m", "stream": True, "stream_options": options}).encode()
+    out = inject(body)
+    assert out is not None
+    got = json.loads(out)["stream_options"]
+    assert got["include_usage"] is True
+    if isinstance(options, dict):
+        assert {k: v for k, v in got.items() if k != "include_usage"} == {
+            k: v for k, v in options.items() if k != "include_usage"
+        }
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model":"m","stream":true,"stream_options":{"include_usage":true}}',
+        b'{"model":"m","stream":false}',
+        b'{"model":"m"}',
+        b'{"model":"m","stream":"true"}',
+        b'{"stream":true,',
+        b'[{"stream":true}]',
+        b"",
+        b'\xff"stream"',
+    ],
+)
+def test_bodies_that_need_no_change_or_are_malformed_are_left_alone(body: bytes) -> None:
+    assert inject(body) is None
+
+
+@given(st.binary(max_size=200))
+def test_inject_never_corrupts_a_body(body: bytes) -> None:
+    out = inject(body)
+    if out is not None:
+        assert json.loads(out)["stream_options"]["include_usage"] is True
+
+
+CHUNK = b'data: {"id":"c","choices":[{"delta":{"content":"hi"}}],"usage":null}\n\n'
+USAGE_ONLY = b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":1}}\n\n'
+USAGE_WITH_CHOICES = (
+    b'data: {"id":"c","choices":[{"delta":{},"finish_reason":"stop"}],'
+    b'"usage":{"prompt_tokens":1}}\r\n\r\n'
+)
+
+
+def test_a_usage_only_event_is_dropped() -> None:
+    assert strip_event(USAGE_ONLY) == b""
+
+
+def test_only_the_usage_key_goes_where_the_event_carries_choices() -> None:
+    out = strip_event(USAGE_WITH_CHOICES)
+    assert out.endswith(b"\r\n\r\n")
+    obj = json.loads(out.removeprefix(b"data: "))
+    assert obj == {"id": "c", "choices": [{"delta": {}, "finish_reason": "stop"}]}
+
+
+@pytest.mark.parametrize("event", [CHUNK, b"data: [DONE]\n\n", b": comment\n\n"])
+def test_other_events_pass_byte_for_byte(event: bytes) -> None:
+    assert strip_event(event) is event
+
+
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n", b"\r"])
+def test_events_are_split_whole_with_their_blank_line(newline: bytes) -> None:
+    body = (CHUNK + USAGE_ONLY).replace(b"\n", newline)
+    events, rest = split_events(body + b"data: par")
+    assert b"".join(events) == body and len(events) == 2
+    assert rest == b"data: par"
+
+
+def test_a_trailing_cr_waits_for_its_lf() -> None:
+    events, rest = split_events(b"data: x\r\n\r")
+    assert events == [] and rest == b"data: x\r\n\r"
