@@ -31,3 +31,7 @@ class SpoolError(MeterError):
 
 class PublishError(MeterError):
     """A publish to JetStream failed; the envelope stays spooled."""
+
+
+class PriceTableError(MeterError):
+    """A price table file (`meter_prices`) that cannot be read or is not a valid table."""
