@@ -1,0 +1,544 @@
+"""Background publisher: drains the spool to NATS JetStream, at least once, deduped by Nats-Msg-Id.
+
+An envelope leaves the spool only after the broker acked it (SPEC §5).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import random
+import ssl
+import time
+from asyncio import FIRST_COMPLETED
+from dataclasses import dataclass, field
+from typing import Any, Final
+from urllib.parse import urlsplit, urlunsplit
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from edgemeter.errors import PublishError, SpoolError
+from spool.store import Spool
+
+log = logging.getLogger(__name__)
+
+# JetStream's "message size exceeds maximum allowed" (the stream's max_msg_size): retrying the
+# same bytes can never succeed.
+_PERMANENT_API_ERRORS: Final = frozenset({10054})
+
+_BACKOFF_INITIAL_S: Final = 0.05
+_BACKOFF_CAP_S: Final = 5.0
+# One warning per kind of broker trouble per interval: an outage must not flood the log.
+_WARN_INTERVAL_S: Final = 30.0
+# Safety net: rescan the whole spool this often even without a wake-up.
+_IDLE_RESCAN_S: Final = 5.0
+_PAGE_SIZE: Final = 512
+_CONNECT_TIMEOUT_S: Final = 2
+
+
+@dataclass(frozen=True)
+class NatsConfig:
+    servers: tuple[str, ...]
+    subject: str
+    publish_timeout_ms: int = 5000
+    creds_file: str = ""
+    token: str = ""
+    user: str = ""
+    password: str = ""
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_hostname: str = ""  # server-name check stays ON by default
+    max_in_flight: int = 256
+    name: str = "edgemeter"
+
+
+@dataclass
+class PublisherStats:
+    """Plain counters, read by the addon for status and metrics.
+
+    errors counts problems by kind: connect, broker (nats-py error callback), disconnected,
+    no_stream, timeout, api, publish, refused, spool, internal. refused counts envelopes the
+    broker can never take (see Publisher._refused).
+    """
+
+    acked: int = 0
+    duplicates: int = 0
+    errors: collections.Counter[str] = field(default_factory=collections.Counter)
+    connected: bool = False
+    last_error: str = ""
+    in_flight: int = 0
+    stream_missing: bool = False
+    refused: int = 0
+
+
+def redact_url(url: str) -> str:
+    """A server URL without its user-info, safe to log."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"***@{host}"))
+
+
+class _Backoff:
+    """Exponential backoff with jitter, capped."""
+
+    def __init__(self) -> None:
+        self._delay = _BACKOFF_INITIAL_S
+
+    def next(self) -> float:
+        delay = self._delay
+        self._delay = min(self._delay * 2, _BACKOFF_CAP_S)
+        # Jitter keeps a fleet of meters from reconnecting in lockstep after a broker restart.
+        return random.uniform(delay / 2, delay)
+
+    def reset(self) -> None:
+        self._delay = _BACKOFF_INITIAL_S
+
+
+class _Attempt:
+    """One pass of a first connect over the configured servers."""
+
+    def __init__(self, servers: int) -> None:
+        self.servers = servers
+        self.errors = 0
+        self.reason = ""
+        self.failed = asyncio.Event()
+
+    def failure(self, exc: Exception) -> None:
+        self.errors += 1
+        self.reason = _describe(exc)
+        if self.errors >= self.servers:
+            self.failed.set()
+
+
+class Publisher:
+    """Publishes spooled envelopes to JetStream in a background task."""
+
+    def __init__(self, spool: Spool, config: NatsConfig) -> None:
+        if not config.servers:
+            raise PublishError("no NATS server configured")
+        if config.max_in_flight < 1:
+            raise PublishError("max_in_flight must be at least 1", value=config.max_in_flight)
+        self.spool = spool
+        self.config = config
+        self.stats = PublisherStats()
+        self._timeout_s = config.publish_timeout_ms / 1000
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._nc: NATS | None = None
+        self._js: JetStreamContext | None = None
+        self._backoff = _Backoff()
+        # Keys read from the spool and not yet settled: being published, or acked and waiting
+        # for their delete. The pump skips them, so no key is ever published twice at once.
+        self._in_flight: set[str] = set()
+        self._refused_keys: set[str] = set()
+        self._acked: list[str] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._deleter: asyncio.Task[None] | None = None
+        self._failed = False
+        self._last_warned: dict[str, float] = {}
+        self._suppressed: collections.Counter[str] = collections.Counter()
+        # Loop-bound primitives are made in _bind(), inside the loop that uses them.
+        self._wake: asyncio.Event | None = None
+        self._settled: asyncio.Event | None = None
+        self._connected: asyncio.Event | None = None
+        self._slots: asyncio.Semaphore | None = None
+
+    # -- public API -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the background task; returns at once (the broker may be down)."""
+        if self._task is not None:
+            return
+        self._bind()
+        self.spool.on_commit = self._on_commit
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._serve(final=False), name="edgemeter-publisher")
+
+    def notify(self) -> None:
+        """Wake the publisher: new envelopes were spooled. Thread-safe."""
+        loop = self._loop
+        wake = self._wake
+        if loop is None or wake is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody to wake
+            loop.call_soon_threadsafe(wake.set)
+
+    async def stop(self, drain_timeout: float) -> int:
+        """Stop, drain what the broker takes within drain_timeout, close; return how many remain."""
+        deadline = time.monotonic() + max(drain_timeout, 0.0)
+        self._bind()
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        try:
+            async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
+                await self._serve(final=True)
+        except TimeoutError:
+            pass
+        # Publishes still waiting for an ack stay spooled; the broker dedupes them next time.
+        for pending in list(self._tasks):
+            pending.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Deleting what was acked is local and quick; skipping it would only cost duplicates.
+        if self._deleter is not None:
+            await self._deleter
+        await self._flush_acked()
+        nc, self._nc, self._js = self._nc, None, None
+        if nc is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(nc.close(), max(deadline - time.monotonic(), 0.5))
+        self.stats.connected = False
+        if self.spool.on_commit == self._on_commit:
+            self.spool.on_commit = None
+        return await asyncio.to_thread(len, self.spool)
+
+    # -- hooks ------------------------------------------------------------------------------
+
+    def _refused(self, key: str, err: BaseException) -> None:
+        """The broker will never take this envelope: set it aside so the queue keeps moving."""
+        # For now it stays in the spool and is skipped until the process restarts; a dead-letter
+        # area (SPEC §5) will move it out here.
+        self._refused_keys.add(key)
+        self.stats.refused += 1
+        self.stats.errors["refused"] += 1
+        log.error("broker refused envelope %s for good, skipping it: %s", key, _describe(err))
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _bind(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is loop:
+            return
+        self._loop = loop
+        self._wake = asyncio.Event()
+        self._settled = asyncio.Event()
+        self._connected = asyncio.Event()
+        self._slots = asyncio.Semaphore(self.config.max_in_flight)
+
+    def _on_commit(self, count: int) -> None:
+        self.notify()
+
+    def _warn(self, kind: str, message: str) -> None:
+        """Count a broker problem and log it at WARNING, at most once per interval per kind."""
+        self.stats.errors[kind] += 1
+        self.stats.last_error = message
+        now = time.monotonic()
+        last = self._last_warned.get(kind)
+        if last is not None and now - last < _WARN_INTERVAL_S:
+            self._suppressed[kind] += 1
+            return
+        self._last_warned[kind] = now
+        suppressed = self._suppressed.pop(kind, 0)
+        more = f" ({suppressed} more since the last warning)" if suppressed else ""
+        log.warning("%s%s", message, more)
+
+    async def _serve(self, *, final: bool) -> None:
+        """Connect and pump until cancelled or, when final, until nothing publishable is left."""
+        while True:
+            try:
+                if final and await self._nothing_to_publish():
+                    return
+                await self._connect()
+                if await self._pump(final=final):
+                    return
+            except asyncio.CancelledError:
+                raise
+            except SpoolError as exc:
+                self._warn("spool", f"cannot read the spool: {exc}")
+            except Exception as exc:  # the task must outlive any surprise
+                self._warn("internal", f"publisher error: {_describe(exc)}")
+                log.debug("publisher error", exc_info=True)
+            await asyncio.sleep(self._backoff.next())
+
+    async def _nothing_to_publish(self) -> bool:
+        spooled = await asyncio.to_thread(len, self.spool)
+        return spooled <= len(self._refused_keys)
+
+    # connection ---------------------------------------------------------------------------
+
+    async def _connect(self) -> None:
+        """Return once connected; retry forever with backoff."""
+        while self._nc is None or self._nc.is_closed:
+            nc = NATS()
+            servers = list(self.config.servers)
+            attempt = _Attempt(len(servers))
+            # With max_reconnect_attempts=-1 nats-py's first connect() to a dead broker never
+            # returns (it retries inside, once a second, with no backoff). So one attempt here is
+            # one pass over the servers: it ends when each has failed once (the error callback
+            # counts them) or when the window runs out; our backoff spaces the attempts. Once
+            # connected, nats-py's own reconnect takes over.
+            window = _CONNECT_TIMEOUT_S * len(servers) + 1
+            try:
+                connecting = asyncio.ensure_future(
+                    nc.connect(servers, **self._connect_kwargs(nc, attempt))
+                )
+                failing = asyncio.ensure_future(attempt.failed.wait())
+                try:
+                    await asyncio.wait(
+                        (connecting, failing), timeout=window, return_when=FIRST_COMPLETED
+                    )
+                finally:
+                    failing.cancel()
+                    if not connecting.done():
+                        connecting.cancel()
+                        with contextlib.suppress(asyncio.CancelledError, Exception):
+                            await connecting
+                if connecting.cancelled():
+                    raise TimeoutError
+                connecting.result()
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    await nc.close()
+                raise
+            except Exception as exc:
+                with contextlib.suppress(Exception):
+                    await nc.close()
+                # The error callback saw the cause; a timeout only says the window ran out.
+                reason = attempt.reason or _describe(exc)
+                where = ", ".join(redact_url(s) for s in servers)
+                self._warn("connect", f"cannot connect to NATS at {where}: {reason}")
+                await asyncio.sleep(self._backoff.next())
+                continue
+            self._nc = nc
+            self._js = nc.jetstream(timeout=self._timeout_s)
+            self.stats.connected = True
+            assert self._connected is not None
+            self._connected.set()
+            log.info("connected to NATS at %s", _server_of(nc))
+
+    def _connect_kwargs(self, nc: NATS, attempt: _Attempt) -> dict[str, Any]:
+        config = self.config
+        kwargs: dict[str, Any] = {
+            "name": config.name,
+            "allow_reconnect": True,
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": 1,
+            "connect_timeout": _CONNECT_TIMEOUT_S,
+            "ping_interval": 20,
+            # Our own callbacks: nats-py's default error callback logs ERROR with a traceback,
+            # and an ERROR before mitmproxy's `running` finishes makes mitmdump exit.
+            **self._callbacks(nc, attempt),
+        }
+        if config.creds_file:
+            kwargs["user_credentials"] = config.creds_file
+        if config.token:
+            kwargs["token"] = config.token
+        if config.user:
+            kwargs["user"] = config.user
+            kwargs["password"] = config.password
+        tls_wanted = any(s.startswith("tls://") for s in config.servers)
+        if tls_wanted or config.tls_ca_file or config.tls_cert_file or config.tls_hostname:
+            # Built per attempt, so rotated certificate files are picked up.
+            context = ssl.create_default_context(cafile=config.tls_ca_file or None)
+            context.check_hostname = True
+            if config.tls_cert_file:
+                context.load_cert_chain(config.tls_cert_file, config.tls_key_file or None)
+            kwargs["tls"] = context
+            if config.tls_hostname:
+                kwargs["tls_hostname"] = config.tls_hostname
+        return kwargs
+
+    def _callbacks(self, nc: NATS, attempt: _Attempt) -> dict[str, Any]:
+        """nats-py callbacks bound to one client: a client being set up or already replaced
+        must not report on the one in use."""
+
+        async def error_cb(exc: Exception) -> None:
+            if self._nc is not nc:
+                attempt.failure(exc)  # still connecting: _connect reports it if it gives up
+                return
+            self._warn("broker", f"NATS: {_describe(exc)}")
+
+        async def disconnected_cb() -> None:
+            if self._nc is not nc:
+                return
+            self.stats.connected = False
+            if self._connected is not None:
+                self._connected.clear()
+            if not nc.is_closed:
+                self._warn("disconnected", "disconnected from NATS; reconnecting in the background")
+
+        async def reconnected_cb() -> None:
+            if self._nc is not nc:
+                return
+            self.stats.connected = True
+            for event in (self._connected, self._wake):
+                if event is not None:
+                    event.set()
+            log.info("reconnected to NATS at %s", _server_of(nc))
+
+        async def closed_cb() -> None:
+            if self._nc is not nc:
+                return
+            self.stats.connected = False
+            # Wake the pump so it notices the closed connection and starts over.
+            for event in (self._connected, self._wake):
+                if event is not None:
+                    event.set()
+
+        return {
+            "error_cb": error_cb,
+            "disconnected_cb": disconnected_cb,
+            "reconnected_cb": reconnected_cb,
+            "closed_cb": closed_cb,
+        }
+
+    # publishing ---------------------------------------------------------------------------
+
+    async def _pump(self, *, final: bool) -> bool:
+        """Publish spooled envelopes in key order.
+
+        Returns False after a failure (the caller backs off, then rescans from the start), True
+        when final and nothing publishable is left. Otherwise runs until cancelled.
+        """
+        nc, js = self._nc, self._js
+        assert nc is not None and js is not None
+        assert self._wake is not None and self._slots is not None
+        assert self._connected is not None and self._settled is not None
+        self._failed = False
+        cursor = ""
+        from_start = True  # this scan began at the first key
+        dispatched = 0  # envelopes dispatched in this scan
+        while True:
+            if nc.is_closed or self._failed:
+                return False
+            if not nc.is_connected:
+                # Publishing now would only pile up in nats-py's reconnect buffer and time out.
+                # Clear first: nats-py drops is_connected before it calls disconnected_cb, and
+                # waiting on a still-set event would spin without ever yielding to the loop.
+                self._connected.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._connected.wait(), 1.0)
+                continue
+            # Cleared before reading: a commit after this point sets it again and is not missed.
+            self._wake.clear()
+            page = await asyncio.to_thread(self.spool.read_page, cursor, _PAGE_SIZE)
+            for key, data in page:
+                if key not in self._in_flight and key not in self._refused_keys:
+                    await self._slots.acquire()
+                    if self._failed or not nc.is_connected:
+                        self._slots.release()
+                        break  # the cursor stays before this key
+                    self._dispatch(js, key, data)
+                    dispatched += 1
+                cursor = key
+            if page:
+                continue
+
+            # End of the spool for this scan. Keys can sort before the cursor: request ids are
+            # minted when a request starts and spooled when it ends, and clocks go backwards.
+            # The count tells whether any such key is hiding behind the cursor.
+            spooled = await asyncio.to_thread(len, self.spool)
+            hidden = spooled - len(self._in_flight) - len(self._refused_keys)
+            if hidden > 0 and not (from_start and dispatched == 0):
+                cursor, from_start, dispatched = "", True, 0
+                continue
+            if final:
+                if not self._in_flight:
+                    return True
+                self._settled.clear()
+                await self._settled.wait()
+                cursor, from_start, dispatched = "", True, 0
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), _IDLE_RESCAN_S)
+            if not self._wake.is_set():
+                cursor = ""  # nothing happened for a while: a full rescan is cheap
+            from_start, dispatched = cursor == "", 0
+
+    def _dispatch(self, js: JetStreamContext, key: str, data: bytes) -> None:
+        self._in_flight.add(key)
+        self.stats.in_flight += 1
+        task = asyncio.get_running_loop().create_task(self._publish(js, key, data))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _publish(self, js: JetStreamContext, key: str, data: bytes) -> None:
+        assert self._slots is not None
+        acked = False
+        try:
+            # A new headers dict per call: nats-py adds keys to the dict it is given.
+            ack = await js.publish(
+                self.config.subject, data, headers={"Nats-Msg-Id": key}, timeout=self._timeout_s
+            )
+            acked = True
+            self.stats.acked += 1
+            if ack.duplicate:
+                self.stats.duplicates += 1
+            self.stats.stream_missing = False
+            self._backoff.reset()
+            self._acked.append(key)
+            if self._deleter is None or self._deleter.done():
+                self._deleter = asyncio.get_running_loop().create_task(self._flush_acked())
+        except nats.js.errors.NoStreamResponseError:
+            self.stats.stream_missing = True
+            self._fail(
+                "no_stream",
+                f"no JetStream stream is bound to subject {self.config.subject!r}; "
+                "envelopes stay spooled until the consumer creates it",
+            )
+        except nats.errors.TimeoutError:
+            # Maybe stored: the retry carries the same Nats-Msg-Id and the broker dedupes it.
+            self._fail("timeout", f"no ack from JetStream within {self._timeout_s:g}s")
+        except nats.errors.MaxPayloadError as exc:
+            self._refused(key, exc)
+        except nats.js.errors.APIError as exc:
+            if exc.err_code in _PERMANENT_API_ERRORS:
+                self._refused(key, exc)
+            else:
+                self._fail("api", f"JetStream refused a publish: {_describe(exc)}")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # connection closed, buffer full, ...: retry later
+            self._fail("publish", f"publish failed: {_describe(exc)}")
+        finally:
+            if not acked:
+                self._in_flight.discard(key)
+                self._signal_settled()
+            self.stats.in_flight -= 1
+            self._slots.release()
+
+    def _fail(self, kind: str, message: str) -> None:
+        self._warn(kind, message)
+        self._failed = True
+        if self._wake is not None:
+            self._wake.set()
+
+    def _signal_settled(self) -> None:
+        if self._settled is not None:
+            self._settled.set()
+
+    async def _flush_acked(self) -> None:
+        """Delete acked envelopes from the spool, many per transaction."""
+        while self._acked:
+            batch, self._acked = self._acked, []
+            try:
+                await asyncio.to_thread(self.spool.delete, batch)
+            except Exception as exc:
+                # Already on the stream: if they come round again the broker dedupes them.
+                self._warn("spool", f"cannot delete published envelopes: {_describe(exc)}")
+            finally:
+                self._in_flight.difference_update(batch)
+                self._signal_settled()
+
+
+def _server_of(nc: NATS) -> str:
+    url = nc.connected_url
+    return redact_url(url.geturl()) if url is not None else "?"
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+__all__ = ["NatsConfig", "Publisher", "PublisherStats", "redact_url"]

@@ -1,0 +1,293 @@
+"""The JetStream publisher against a real nats-server: delivery, outages, dedupe, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import nats
+import pytest
+from nats.aio.client import Client as NATS
+from nats.js.api import StorageType, StreamConfig
+
+from spool import NatsConfig, Publisher, Spool, ensure_stream, stream_messages
+from spool.publisher import _Attempt
+from tests.conftest import NatsServer
+
+SUBJECT = "catalyst.usage.recorded"
+STREAM = "CATALYST_SME"
+
+_last_ms = 0
+_seq = 0
+
+
+def uuid7() -> str:
+    """A UUIDv7-shaped key: sorts in time order, like the meter's request ids."""
+    global _last_ms, _seq
+    ms = time.time_ns() // 1_000_000
+    _seq = _seq + 1 if ms == _last_ms else 0
+    _last_ms = ms
+    rand = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1) | (1 << 63)
+    value = (ms << 80) | (0x7 << 76) | ((_seq & 0xFFF) << 64) | rand
+    h = f"{value:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def envelope(key: str) -> bytes:
+    return b'{"metadata": {"request_id": "%s"}, "amount_micro_omr": -156}' % key.encode()
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(0.02)
+
+
+async def spool_keys(spool: Spool, count: int) -> list[str]:
+    keys = [uuid7() for _ in range(count)]
+    await asyncio.gather(*(spool.put(key, envelope(key)) for key in keys))
+    return keys
+
+
+async def msg_ids(url: str) -> list[str]:
+    return [
+        (headers or {}).get("Nats-Msg-Id", "") for headers, _ in await stream_messages(url, STREAM)
+    ]
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Iterator[Spool]:
+    s = Spool(tmp_path / "spool")
+    s.open()
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture
+async def make_publisher(spool: Spool) -> AsyncIterator[Callable[..., Publisher]]:
+    made: list[Publisher] = []
+
+    def make(url: str, **overrides: object) -> Publisher:
+        options: dict[str, object] = {"publish_timeout_ms": 1000, **overrides}
+        config = NatsConfig(servers=(url,), subject=SUBJECT, **options)  # type: ignore[arg-type]
+        publisher = Publisher(spool, config)
+        made.append(publisher)
+        return publisher
+
+    yield make
+    for publisher in made:
+        await publisher.stop(0)
+
+
+async def test_a_prefilled_spool_drains_to_the_stream(
+    nats_server: NatsServer, spool: Spool, make_publisher: Callable[..., Publisher]
+) -> None:
+    await ensure_stream(nats_server.url)
+    keys = await spool_keys(spool, 500)
+    publisher = make_publisher(nats_server.url)
+    publisher.start()
+
+    await wait_until(lambda: len(spool) == 0)
+    assert await msg_ids(nats_server.url) == keys  # exactly once each, in key order
+    payloads = [data for _, data in await stream_messages(nats_server.url, STREAM)]
+    assert payloads[0] == envelope(keys[0])
+    assert publisher.stats.acked == 500
+    assert publisher.stats.duplicates == 0
+    assert publisher.stats.connected
+
+
+async def test_envelopes_spooled_later_are_published_even_out_of_key_order(
+    nats_server: NatsServer, spool: Spool, make_publisher: Callable[..., Publisher]
+) -> None:
+    await ensure_stream(nats_server.url)
+    publisher = make_publisher(nats_server.url)
+    publisher.start()
+    early = uuid7()  # minted when a long request started ...
+    await spool_keys(spool, 20)
+    await wait_until(lambda: len(spool) == 0)
+    await spool.put(early, envelope(early))  # ... spooled after later keys were published
+    await wait_until(lambda: len(spool) == 0)
+    assert len(await msg_ids(nats_server.url)) == 21
+
+
+async def test_start_returns_at_once_while_the_broker_is_down(
+    nats_server: NatsServer,
+    spool: Spool,
+    make_publisher: Callable[..., Publisher],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    await ensure_stream(nats_server.url)
+    nats_server.stop()
+    keys = await spool_keys(spool, 100)
+    publisher = make_publisher(nats_server.url)
+
+    began = time.monotonic()
+    publisher.start()
+    assert time.monotonic() - began < 0.1
+    with caplog.at_level(logging.INFO):
+        await asyncio.sleep(1.5)
+        assert not publisher.stats.connected
+        assert publisher.stats.errors["connect"] >= 2
+        nats_server.start()
+        await wait_until(lambda: len(spool) == 0)
+    assert await msg_ids(nats_server.url) == keys
+    # Broker trouble is rate-limited WARNING, never ERROR (mitmdump exits on an early ERROR).
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) <= 2
+
+
+async def test_a_missing_stream_is_retried_until_it_exists(
+    nats_server: NatsServer, spool: Spool, make_publisher: Callable[..., Publisher]
+) -> None:
+    keys = await spool_keys(spool, 50)
+    publisher = make_publisher(nats_server.url)
+    publisher.start()
+    await wait_until(lambda: publisher.stats.stream_missing)
+    await asyncio.sleep(0.3)
+    assert len(spool) == 50
+    assert publisher.stats.errors["no_stream"] >= 1
+
+    await ensure_stream(nats_server.url)
+    await wait_until(lambda: len(spool) == 0)
+    assert not publisher.stats.stream_missing
+    assert sorted(await msg_ids(nats_server.url)) == keys
+
+
+async def test_a_broker_killed_mid_drain_loses_and_duplicates_nothing(
+    nats_server: NatsServer, spool: Spool, make_publisher: Callable[..., Publisher]
+) -> None:
+    await ensure_stream(nats_server.url)
+    keys = await spool_keys(spool, 4000)
+    publisher = make_publisher(nats_server.url, max_in_flight=64)
+    publisher.start()
+    await wait_until(lambda: publisher.stats.acked >= 300)
+
+    nats_server.stop(kill=True)
+    assert publisher.stats.acked < 4000
+    keys += await spool_keys(spool, 200)  # the proxy keeps spooling during the outage
+    await asyncio.sleep(0.5)
+    assert len(spool) > 0
+    nats_server.start()
+
+    await wait_until(lambda: len(spool) == 0, timeout=20)
+    ids = await msg_ids(nats_server.url)
+    assert len(ids) == len(set(ids)) == 4200
+    assert set(ids) == set(keys)
+
+
+async def test_republishing_a_key_is_acked_as_a_duplicate_and_removed(
+    nats_server: NatsServer, spool: Spool, make_publisher: Callable[..., Publisher]
+) -> None:
+    await ensure_stream(nats_server.url)
+    publisher = make_publisher(nats_server.url)
+    publisher.start()
+    (key,) = await spool_keys(spool, 1)
+    await wait_until(lambda: len(spool) == 0)
+
+    await spool.put(key, envelope(key))  # e.g. an ack lost before the delete
+    await wait_until(lambda: len(spool) == 0)
+    assert publisher.stats.acked == 2
+    assert publisher.stats.duplicates == 1
+    assert await msg_ids(nats_server.url) == [key]
+
+
+async def test_stop_with_the_broker_down_leaves_envelopes_spooled(
+    nats_server: NatsServer, spool: Spool, make_publisher: Callable[..., Publisher]
+) -> None:
+    nats_server.stop()
+    await spool_keys(spool, 30)
+    publisher = make_publisher(nats_server.url)
+    publisher.start()
+    await asyncio.sleep(0.2)
+
+    began = time.monotonic()
+    assert await publisher.stop(drain_timeout=1.0) == 30
+    assert time.monotonic() - began < 2.0
+    assert len(spool) == 30
+    assert spool.on_commit is None
+
+
+async def test_stop_drains_what_is_left_before_returning(
+    nats_server: NatsServer, spool: Spool, make_publisher: Callable[..., Publisher]
+) -> None:
+    await ensure_stream(nats_server.url)
+    publisher = make_publisher(nats_server.url)
+    keys = await spool_keys(spool, 300)
+    assert await publisher.stop(drain_timeout=5.0) == 0  # never started: connects to drain
+    assert await msg_ids(nats_server.url) == keys
+
+
+async def test_an_envelope_the_broker_refuses_does_not_block_the_rest(
+    nats_server: NatsServer,
+    spool: Spool,
+    make_publisher: Callable[..., Publisher],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    nc = await nats.connect(nats_server.url)
+    try:
+        config = StreamConfig(
+            name=STREAM, subjects=["catalyst.>"], storage=StorageType.FILE, max_msg_size=1024
+        )
+        await nc.jsm().add_stream(config)
+    finally:
+        await nc.close()
+    big = uuid7()
+    await spool.put(big, b"x" * 4096)
+    keys = await spool_keys(spool, 20)
+    publisher = make_publisher(nats_server.url)
+    publisher.start()
+
+    await wait_until(lambda: len(spool) == 1)
+    assert spool.read_page("", 10)[0][0] == big  # kept, not dropped
+    assert publisher.stats.refused == 1
+    assert await msg_ids(nats_server.url) == keys
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and big in errors[0].getMessage()
+
+
+async def test_a_wrong_password_is_reported_but_never_logged(
+    tmp_path: Path,
+    spool: Spool,
+    make_publisher: Callable[..., Publisher],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server = NatsServer(
+        store_dir=tmp_path / "js", extra_args=["--user", "meter", "--pass", "s3cret"]
+    )
+    server.start()
+    try:
+        await spool_keys(spool, 5)
+        with caplog.at_level(logging.DEBUG):
+            wrong = make_publisher(server.url, user="meter", password="hunter2-wrong")
+            wrong.start()
+            # Some attempts see the server's reset before its -ERR line: wait for a clear one.
+            await wait_until(lambda: "authorization" in wrong.stats.last_error.lower())
+            assert await wrong.stop(0.5) == 5
+        assert "hunter2" not in caplog.text
+
+        right = make_publisher(server.url, user="meter", password="s3cret")
+        assert right.stats is not wrong.stats
+        await ensure_stream(f"nats://meter:s3cret@127.0.0.1:{server.port}")
+        right.start()
+        await wait_until(lambda: len(spool) == 0)
+    finally:
+        server.stop()
+
+
+async def test_tls_keeps_the_server_name_check_on(spool: Spool) -> None:
+    ca = Path(__import__("certifi").where())
+    publisher = Publisher(
+        spool,
+        NatsConfig(servers=("tls://broker:4222",), subject=SUBJECT, tls_ca_file=str(ca)),
+    )
+    kwargs = publisher._connect_kwargs(NATS(), _Attempt(1))
+    assert kwargs["tls"].check_hostname is True
+    assert "tls_hostname" not in kwargs

@@ -1,0 +1,219 @@
+"""The write-ahead spool: ordering, group commit, crash safety, permissions, no pickle."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import stat
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import diskcache
+import pytest
+
+from edgemeter.errors import SpoolError
+from spool.store import Spool
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Iterator[Spool]:
+    s = Spool(tmp_path / "spool")
+    s.open()
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def fill(spool: Spool, keys: list[str]) -> None:
+    futures = [spool.submit(key, f"envelope {key}".encode()) for key in keys]
+    for future in futures:
+        future.result(timeout=10)
+
+
+def test_pages_follow_key_order_after_the_cursor(spool: Spool) -> None:
+    keys = [f"0193-{i:04d}" for i in range(10)]
+    fill(spool, [keys[i] for i in (7, 2, 9, 0, 5, 1, 8, 3, 6, 4)])
+
+    first = spool.read_page("", 4)
+    assert [k for k, _ in first] == keys[:4]
+    assert first[0][1] == b"envelope 0193-0000"
+    second = spool.read_page(first[-1][0], 4)
+    assert [k for k, _ in second] == keys[4:8]
+    assert [k for k, _ in spool.read_page(second[-1][0], 4)] == keys[8:]
+    assert spool.read_page(keys[-1], 4) == []
+
+    spool.delete([*keys[:3], "not-there"])
+    assert len(spool) == 7
+    assert spool.oldest_key() == keys[3]
+    assert [k for k, _ in spool.read_page("", 100)] == keys[3:]
+    assert spool.volume() > 0
+
+
+async def test_put_returns_once_the_envelope_is_committed(spool: Spool) -> None:
+    await spool.put("0193-a", b"{}")
+    assert spool.read_page("", 10) == [("0193-a", b"{}")]
+
+
+def test_concurrent_submits_share_group_commits(spool: Spool) -> None:
+    commits: list[int] = []
+    spool.on_commit = commits.append
+    futures = []
+    lock = threading.Lock()
+
+    def submitter(t: int) -> None:
+        for i in range(250):
+            future = spool.submit(f"0193-{t}-{i:04d}", b"x" * 200)
+            with lock:
+                futures.append(future)
+
+    threads = [threading.Thread(target=submitter, args=(t,)) for t in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for future in futures:
+        assert future.result(timeout=10) is None
+    assert len(spool) == 2000
+    assert sum(commits) == 2000
+    assert len(commits) < 2000  # some commits carried more than one envelope
+    assert max(commits) <= spool.max_batch
+
+
+async def test_many_awaiting_puts_all_commit(spool: Spool) -> None:
+    await asyncio.gather(*(spool.put(f"0193-{i:05d}", b"{}") for i in range(1000)))
+    assert len(spool) == 1000
+
+
+def test_close_commits_everything_queued_and_is_idempotent(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    futures = [spool.submit(f"0193-{i:04d}", b"{}") for i in range(500)]
+    spool.close()
+    assert all(f.done() and f.exception() is None for f in futures)
+    spool.close()
+    with pytest.raises(SpoolError):
+        spool.submit("late", b"{}")
+
+    reopened = Spool(tmp_path / "spool")
+    reopened.open()
+    try:
+        assert len(reopened) == 500
+    finally:
+        reopened.close()
+
+
+CRASHER = """
+import os, sys
+from pathlib import Path
+from spool.store import Spool
+
+spool = Spool(Path(sys.argv[1]))
+spool.open()
+for i in range(300):
+    spool.submit(f"0193-{i:04d}", b"envelope").result()
+os._exit(0)  # no close(): the process dies with the spool open
+"""
+
+
+def test_committed_envelopes_survive_a_crash(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run(
+        [sys.executable, "-c", CRASHER, str(tmp_path / "spool")],
+        check=True,
+        cwd=ROOT,
+        env=env,
+        timeout=30,
+    )
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    try:
+        assert len(spool) == 300
+        assert spool.read_page("", 1) == [("0193-0000", b"envelope")]
+    finally:
+        spool.close()
+
+
+def test_spool_directory_and_files_are_private(tmp_path: Path) -> None:
+    directory = tmp_path / "a" / "spool"
+    directory.mkdir(parents=True, mode=0o755)
+    directory.chmod(0o755)
+    spool = Spool(directory)
+    spool.open()
+    try:
+        spool.submit("0193-a", b"{}").result()
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+        files = [p for p in directory.iterdir() if p.is_file()]
+        assert files
+        for path in files:
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, path.name
+    finally:
+        spool.close()
+
+
+def test_a_path_that_cannot_be_a_directory_raises_spool_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(SpoolError, match="not writable"):
+        Spool(blocker / "spool").open()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only directories")
+def test_a_read_only_directory_raises_spool_error(tmp_path: Path) -> None:
+    directory = tmp_path / "spool"
+    directory.mkdir()
+    directory.chmod(0o500)
+    try:
+        with pytest.raises(SpoolError, match="not writable"):
+            Spool(directory).open()
+    finally:
+        directory.chmod(0o700)
+
+
+def test_values_must_be_bytes_so_nothing_is_pickled(spool: Spool) -> None:
+    with pytest.raises(TypeError):
+        spool.submit("0193-a", "text")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        spool.submit("0193-a", bytearray(b"{}"))  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        spool.submit("0193-a", {"a": 1})  # type: ignore[arg-type]
+
+    class Key(str):
+        pass
+
+    with pytest.raises(TypeError):
+        spool.submit(Key("0193-a"), b"{}")
+    assert len(spool) == 0
+
+
+def test_read_page_agrees_with_diskcache_public_api(spool: Spool, tmp_path: Path) -> None:
+    """Pins the diskcache schema read_page's SQL relies on: fails if an upgrade changes it."""
+    big = os.urandom(200_000)  # above diskcache's default 32 KiB file threshold
+    fill(spool, [f"0193-{i:03d}" for i in range(50)])
+    spool.submit("0193-big", big).result()
+
+    db = sqlite3.connect(spool.directory / "cache.db")
+    try:
+        columns = {row[1] for row in db.execute("PRAGMA table_info(Cache)")}
+        indexes = {row[1] for row in db.execute("PRAGMA index_list(Cache)")}
+        modes = {row[0] for row in db.execute("SELECT DISTINCT mode FROM Cache")}
+        raws = {row[0] for row in db.execute("SELECT DISTINCT raw FROM Cache")}
+    finally:
+        db.close()
+    assert {"key", "raw", "mode", "value", "filename"} <= columns
+    assert "Cache_key_raw" in indexes
+    assert modes == {1} and raws == {1}  # every value inline, every key raw
+
+    cache = diskcache.Cache(str(spool.directory))
+    try:
+        expected = [(key, cache.get(key)) for key in cache.iterkeys()]
+    finally:
+        cache.close()
+    assert spool.read_page("", 1000) == expected
+    assert dict(expected)["0193-big"] == big
