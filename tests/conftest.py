@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from mitmproxy.test import taddons
 
+from addons.meter import Meter
 from edgemeter.demo import BackgroundDemo, DemoUpstream
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -259,3 +261,13 @@ def pytest_runtest_makereport(
         for proxy in _LIVE_PROXIES:
             report.sections.append((f"mitmdump log {proxy.log_path}", proxy.log_tail()))
     return report
+
+
+@pytest.fixture
+def meter(tmp_path: Path) -> Iterator[tuple[Meter, taddons.context]]:
+    addon = Meter()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, meter_spool_dir=str(tmp_path / "spool"))
+        yield addon, tctx
+        assert addon.spool is not None
+        addon.spool.close()

@@ -40,6 +40,7 @@ DEFAULTS: dict[str, Any] = {
     "meter_publish_timeout_ms": 5000,
     "meter_shutdown_drain_ms": 5000,
     "meter_admin_listen": "127.0.0.1:9464",
+    "meter_anthropic_counts": "",
 }
 
 

@@ -1,0 +1,149 @@
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+import zlib
+from collections.abc import Callable
+
+import brotli
+import pytest
+import zstandard
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from edgemeter.flowmeter import FlowMeter, Request
+from edgemeter.usage import Api, classify
+from tests.conftest import RECORDED
+from tests.corpus import wire_body
+
+STREAMS = sorted(p.name for p in RECORDED.glob("*") if p.name.endswith((".sse", ".chunks.txt")))
+ENCODINGS: dict[str, Callable[[bytes], bytes]] = {
+    "": lambda b: b,
+    "gzip": gzip.compress,
+    "deflate": zlib.compress,
+    "br": brotli.compress,
+    "zstd": lambda b: zstandard.ZstdCompressor().compress(b),
+}
+
+
+def api_of(name: str) -> Api:
+    if name.startswith("anthropic-messages") or name.startswith("anthropic-compatible"):
+        return "anthropic.messages"
+    if "responses" in name:
+        return "openai.responses"
+    if "completions-legacy" in name:
+        return "openai.completions"
+    return "openai.chat"
+
+
+def meter_for(name: str, *, injected: bool = False) -> FlowMeter:
+    api = api_of(name)
+    path = {"anthropic.messages": "/v1/messages", "openai.responses": "/v1/responses"}.get(
+        api, "/v1/chat/completions"
+    )
+    assert classify(path) is not None
+    m = FlowMeter(Request("id", api, path, 0.0, "", "", "", ""))
+    m.injected = injected
+    return m
+
+
+def run(m: FlowMeter, chunks: list[bytes]) -> bytes:
+    out = b""
+    for chunk in [*chunks, b""]:
+        sent = m(chunk)
+        out += sent if isinstance(sent, bytes) else b"".join(sent)
+    return out
+
+
+def split(body: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({0, len(body), *(c % (len(body) + 1) for c in cuts)})
+    return [body[a:b] for a, b in itertools.pairwise(points)]
+
+
+def with_line_end(body: bytes, newline: bytes) -> bytes:
+    return body.replace(b"\r\n", b"\n").replace(b"\n", newline)
+
+
+def reference(name: str, body: bytes) -> tuple[object, str | None, str | None]:
+    m = meter_for(name)
+    m.start_stream(200, "", strip=False)
+    run(m, [body])
+    ex = m.extraction
+    return ex.usage, ex.model, ex.error
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    name=st.sampled_from(STREAMS),
+    newline=st.sampled_from([b"\n", b"\r\n", b"\r"]),
+    encoding=st.sampled_from(sorted(ENCODINGS)),
+    cuts=st.lists(st.integers(min_value=0), max_size=60),
+)
+def test_any_split_line_end_and_encoding_gives_the_same_usage_and_bytes(
+    name: str, newline: bytes, encoding: str, cuts: list[int]
+) -> None:
+    body = with_line_end(wire_body(RECORDED / name), newline)
+    wire = ENCODINGS[encoding](body)
+    m = meter_for(name)
+    assert m.start_stream(200, encoding, strip=False) is False
+    assert run(m, split(wire, cuts)) == wire
+    ex = m.extraction
+    assert (ex.usage, ex.model, ex.error) == reference(
+        name, with_line_end(wire_body(RECORDED / name), b"\n")
+    )
+
+
+@pytest.mark.parametrize("name", STREAMS)
+def test_every_byte_split_of_a_stream_keeps_its_usage(name: str) -> None:
+    body = wire_body(RECORDED / name)
+    m = meter_for(name)
+    m.start_stream(200, "", strip=False)
+    assert run(m, [body[i : i + 1] for i in range(len(body))]) == body
+    assert (m.extraction.usage, m.extraction.model, m.extraction.error) == reference(name, body)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    name=st.sampled_from(
+        [n for n in STREAMS if api_of(n) in ("openai.chat", "openai.completions")]
+    ),
+    encoding=st.sampled_from(sorted(ENCODINGS)),
+    cuts=st.lists(st.integers(min_value=0), max_size=40),
+)
+def test_stripping_is_independent_of_splits_and_keeps_the_usage(
+    name: str, encoding: str, cuts: list[int]
+) -> None:
+    body = wire_body(RECORDED / name)
+    whole = meter_for(name, injected=True)
+    whole.start_stream(200, "", strip=True)
+    expected = run(whole, [body])
+    m = meter_for(name, injected=True)
+    decoded = m.start_stream(200, encoding, strip=True)
+    assert decoded is (encoding != "")
+    assert run(m, split(ENCODINGS[encoding](body), cuts)) == expected
+    assert m.extraction.usage == whole.extraction.usage == reference(name, body)[0]
+    # Top-level usage is what include_usage adds; Groq's x_groq.usage comes regardless and stays.
+    assert not any(isinstance(obj.get("usage"), dict) for obj in data_objects(expected))
+
+
+def data_objects(body: bytes) -> list[dict[str, object]]:
+    objs = []
+    for line in body.splitlines():
+        if line.startswith(b"data:"):
+            try:
+                obj = json.loads(line[5:])
+            except ValueError:
+                continue
+            if isinstance(obj, dict):
+                objs.append(obj)
+    return objs
+
+
+def test_a_chunk_the_parser_chokes_on_still_reaches_the_client() -> None:
+    m = meter_for("x")
+    m.start_stream(200, "gzip", strip=False)
+    junk = b"this is not gzip"
+    assert m(junk) == junk
+    assert m.broken
+    assert m(b"more") == b"more"

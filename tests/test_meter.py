@@ -1,0 +1,335 @@
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mitmproxy import exceptions, http
+from mitmproxy.test import taddons, tflow, tutils
+
+from addons.meter import Meter
+from tests.corpus import is_stream, wire_body
+from tests.flows import KEY, make_flow, run_flow, spooled
+
+
+@pytest.mark.parametrize(
+    ("fixture", "tokens_used", "model", "api_path"),
+    [
+        ("openai-chat-nonstream.json", 379, "gpt-4.1-nano-2025-04-14", "/v1/chat/completions"),
+        ("openai-chat-stream-tool-call-usage.raw.sse", 68, "gpt-4o-mini-2024-07-18", "/v1/chat/completions"),
+        ("anthropic-messages-nonstream.json", 41, "claude-sonnet-4-5-20250929", "/v1/messages"),
+        ("anthropic-messages-stream-simple.raw.sse", 25, "claude-sonnet-4-5-20250929", "/v1/messages"),
+    ],
+)  # fmt: skip
+async def test_a_recorded_answer_is_spooled_as_one_envelope(
+    meter: tuple[Meter, Any],
+    recorded: Path,
+    fixture: str,
+    tokens_used: int,
+    model: str,
+    api_path: str,
+) -> None:
+    addon, _ = meter
+    path = recorded / fixture
+    body = wire_body(path)
+    sent = await run_flow(addon, make_flow(api_path), 200, body, is_stream(path))
+    assert sent == body
+    [env] = spooled(addon)
+    meta = env["metadata"]
+    assert meta["tokens_used"] == tokens_used
+    assert env["amount_micro_omr"] == -tokens_used * 156
+    assert env["customer_id"] == "cus_42" and meta["tenant_id"] == "t_7"
+    assert meta["model"] == model
+    assert env["reason"] == f"usage:newapi:{model.lower()}"
+    assert meta["stream"] is is_stream(path)
+    assert meta["outcome"] == "complete" and meta["usage_source"] == "reported"
+    assert meta["client_request_id"] == "client-req-1"
+    assert uuid.UUID(meta["request_id"]).version == 7
+    assert meta["request_id"] != "client-req-1"
+    assert meta["api_key_fingerprint"] and KEY not in json.dumps(env)
+
+
+async def test_two_requests_with_one_client_id_get_two_request_ids(
+    meter: tuple[Meter, Any], recorded: Path
+) -> None:
+    addon, _ = meter
+    body = wire_body(recorded / "openai-chat-nonstream.json")
+    for _ in range(2):
+        await run_flow(addon, make_flow(), 200, body, stream=False)
+    ids = {env["metadata"]["request_id"] for env in spooled(addon)}
+    assert len(ids) == 2
+
+
+@pytest.mark.parametrize("status", [400, 401, 429, 500, 503])
+async def test_non_2xx_bills_nothing(meter: tuple[Meter, Any], status: int) -> None:
+    addon, _ = meter
+    body = b'{"error":{"message":"no"},"usage":{"prompt_tokens":5,"completion_tokens":5}}'
+    await run_flow(addon, make_flow(), status, body, stream=False)
+    assert spooled(addon) == []
+    assert addon.unmetered["non_2xx"] == 1
+
+
+@pytest.mark.parametrize(
+    ("path", "method"),
+    [("/v1/models", "GET"), ("/api/user/self", "POST"), ("/v1/chat/completions", "GET")],
+)
+async def test_unmetered_paths_and_methods_produce_nothing(
+    meter: tuple[Meter, Any], recorded: Path, path: str, method: str
+) -> None:
+    addon, _ = meter
+    body = wire_body(recorded / "openai-chat-nonstream.json")
+    await run_flow(addon, make_flow(path, method), 200, body, stream=False)
+    assert spooled(addon) == []
+    assert addon.flows == {}
+
+
+async def test_replayed_flows_are_not_billed_twice(
+    meter: tuple[Meter, Any], recorded: Path
+) -> None:
+    addon, _ = meter
+    flow = make_flow()
+    flow.is_replay = "request"
+    await run_flow(addon, flow, 200, wire_body(recorded / "openai-chat-nonstream.json"), False)
+    assert spooled(addon) == []
+
+
+async def test_the_requested_model_is_used_when_the_answer_names_none(
+    meter: tuple[Meter, Any],
+) -> None:
+    addon, _ = meter
+    body = b'{"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}'
+    await run_flow(addon, make_flow(), 200, body, stream=False)
+    [env] = spooled(addon)
+    assert env["metadata"]["model"] == "requested-model"
+
+
+async def test_a_client_abort_bills_the_usage_reported_so_far(
+    meter: tuple[Meter, Any], recorded: Path
+) -> None:
+    addon, _ = meter
+    flow = make_flow("/v1/messages")
+    body = wire_body(recorded / "anthropic-messages-stream-simple.raw.sse")
+    addon.requestheaders(flow)
+    addon.request(flow)
+    flow.response = tutils.tresp(headers=http.Headers(content_type="text/event-stream"))
+    addon.responseheaders(flow)
+    assert callable(flow.response.stream)
+    flow.response.stream(body[: body.index(b"event: ping")])  # message_start only
+    flow.error = tflow.terr()
+    pending = addon.error(flow)
+    assert pending is not None
+    await pending
+    [env] = spooled(addon)
+    assert env["metadata"]["outcome"] == "client_aborted"
+    assert env["metadata"]["input_tokens"] == 20
+    assert env["metadata"]["output_tokens"] == 1
+
+
+async def test_an_upstream_error_event_in_a_2xx_stream_bills_reported_usage(
+    meter: tuple[Meter, Any],
+) -> None:
+    addon, _ = meter
+    body = (
+        b'data: {"id":"c1","model":"m","choices":[],"usage":{"prompt_tokens":9,'
+        b'"completion_tokens":2,"total_tokens":11}}\n\n'
+        b'data: {"error":{"message":"overloaded"}}\n\n'
+    )
+    await run_flow(addon, make_flow(), 200, body, stream=True)
+    [env] = spooled(addon)
+    assert env["metadata"]["outcome"] == "upstream_error"
+    assert env["metadata"]["tokens_used"] == 11
+
+
+async def test_garbage_streams_pass_through_untouched_and_are_estimated(
+    meter: tuple[Meter, Any],
+) -> None:
+    addon, _ = meter
+    body = bytes(range(256)) * 40 + b"\r\n\r\ndata: {not json}\n\n"
+    sent = await run_flow(addon, make_flow(), 200, body, stream=True, size=13)
+    assert sent == body
+    [env] = spooled(addon)
+    assert env["metadata"]["usage_source"] == "estimated"
+    assert env["metadata"]["tokens_used"] > 0
+
+
+async def test_a_spool_failure_never_breaks_the_response(
+    meter: tuple[Meter, Any], recorded: Path
+) -> None:
+    addon, _ = meter
+    assert addon.spool is not None
+    addon.spool.close()
+    body = wire_body(recorded / "openai-chat-nonstream.json")
+    await run_flow(addon, make_flow(), 200, body, stream=False)
+    assert addon.spool_failures == 1
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("meter_nats_url", "http://nats:4222"),
+        ("meter_stream_usage", "sometimes"),
+        ("meter_currency", "rial"),
+    ],
+)
+def test_a_bad_option_is_an_options_error_naming_it(
+    meter: tuple[Meter, Any], option: str, value: str
+) -> None:
+    addon, tctx = meter
+    with pytest.raises(exceptions.OptionsError, match=option):
+        tctx.configure(addon, **{option: value})
+
+
+def test_an_unwritable_spool_dir_stops_startup(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    addon = Meter()
+    with taddons.context(addon) as tctx, pytest.raises(exceptions.OptionsError, match="spool"):
+        tctx.configure(addon, meter_spool_dir=str(blocker / "spool"))
+
+
+async def test_status_reports_what_was_metered(meter: tuple[Meter, Any], recorded: Path) -> None:
+    addon, _ = meter
+    await run_flow(
+        addon, make_flow(), 200, wire_body(recorded / "openai-chat-nonstream.json"), False
+    )
+    await run_flow(addon, make_flow(), 500, b"{}", False)
+    status = addon.status()
+    assert "spooled: 1" in status
+    assert "metered openai.chat complete reported: 1" in status
+    assert "not metered (non_2xx): 1" in status
+
+
+def streamed_chat_flow(body: dict[str, Any]) -> http.HTTPFlow:
+    flow = make_flow()
+    flow.request.content = json.dumps(body).encode()
+    return flow
+
+
+STREAM_REQUEST = {
+    "model": "gpt-4o-mini",
+    "stream": True,
+    "messages": [{"role": "user", "content": "hi"}],
+}
+
+
+@pytest.mark.parametrize(
+    ("mode", "asked", "injected", "stripped"),
+    [
+        ("inject-strip", False, True, True),
+        ("inject-strip", True, False, False),
+        ("inject", False, True, False),
+        ("off", False, False, False),
+    ],
+)
+async def test_stream_usage_modes(
+    meter: tuple[Meter, Any], recorded: Path, mode: str, asked: bool, injected: bool, stripped: bool
+) -> None:
+    addon, tctx = meter
+    tctx.configure(addon, meter_stream_usage=mode)
+    request = (
+        dict(STREAM_REQUEST, stream_options={"include_usage": True}) if asked else STREAM_REQUEST
+    )
+    flow = streamed_chat_flow(request)
+    body = wire_body(recorded / "openai-chat-stream-tool-call-usage.raw.sse")
+    sent = await run_flow(addon, flow, 200, body, stream=True)
+    sent_request = json.loads(flow.request.content or b"")
+    assert sent_request.get("stream_options", {}).get("include_usage", False) is (asked or injected)
+    assert {k: v for k, v in sent_request.items() if k != "stream_options"} == {
+        k: v for k, v in request.items() if k != "stream_options"
+    }
+    if stripped:
+        usage_event = next(e for e in body.split(b"\n\n") if b'"usage":{' in e) + b"\n\n"
+        assert sent == body.replace(usage_event, b"")
+    else:
+        assert sent == body
+    [env] = spooled(addon)
+    assert env["metadata"]["tokens_used"] == 68
+
+
+async def test_a_malformed_request_body_is_never_rewritten(
+    meter: tuple[Meter, Any], recorded: Path
+) -> None:
+    addon, _ = meter
+    flow = make_flow()
+    flow.request.content = b'{"stream": true, "messages": ['
+    await run_flow(
+        addon, flow, 200, wire_body(recorded / "openai-chat-stream-tool-call-usage.raw.sse"), True
+    )
+    assert flow.request.content == b'{"stream": true, "messages": ['
+
+
+async def test_a_client_abort_without_usage_is_estimated(meter: tuple[Meter, Any]) -> None:
+    addon, _ = meter
+    flow = streamed_chat_flow(
+        {**STREAM_REQUEST, "messages": [{"role": "user", "content": "x" * 400}]}
+    )
+    addon.requestheaders(flow)
+    addon.request(flow)
+    flow.response = tutils.tresp(headers=http.Headers(content_type="text/event-stream"))
+    addon.responseheaders(flow)
+    assert callable(flow.response.stream)
+    for _ in range(10):
+        flow.response.stream(
+            b'data: {"model":"m","choices":[{"delta":{"content":"' + b"y" * 40 + b'"}}]}\n\n'
+        )
+    flow.error = tflow.terr()
+    pending = addon.error(flow)
+    assert pending is not None
+    await pending
+    [env] = spooled(addon)
+    meta = env["metadata"]
+    assert (meta["outcome"], meta["usage_source"]) == ("client_aborted", "estimated")
+    assert meta["output_tokens"] == 100  # 400 characters streamed, 4 a token
+    assert meta["input_tokens"] == 100 + 4  # 400 characters asked, plus one message
+
+
+async def test_a_price_table_prices_matching_models(
+    meter: tuple[Meter, Any], recorded: Path, tmp_path: Path
+) -> None:
+    addon, tctx = meter
+    table = tmp_path / "prices.toml"
+    table.write_text(
+        'version = "t1"\n[models."gpt-4.1-nano*"]\ninput = 1000000\noutput = 2000000\n'
+    )
+    tctx.configure(addon, meter_prices=str(table))
+    await run_flow(
+        addon, make_flow(), 200, wire_body(recorded / "openai-chat-nonstream.json"), False
+    )
+    await run_flow(
+        addon,
+        make_flow("/v1/messages"),
+        200,
+        wire_body(recorded / "anthropic-messages-nonstream.json"),
+        False,
+    )
+    priced, flat = spooled(addon)
+    assert priced["metadata"]["price_version"] == "t1:gpt-4.1-nano*"
+    assert priced["amount_micro_omr"] == -(16 * 1 + 363 * 2)
+    assert flat["metadata"]["price_version"] == "flat:156"
+
+
+def test_a_malformed_price_table_stops_startup(meter: tuple[Meter, Any], tmp_path: Path) -> None:
+    addon, tctx = meter
+    table = tmp_path / "prices.toml"
+    table.write_text('version = "t1"\n[models."m"]\ninput = "cheap"\n')
+    with pytest.raises(exceptions.OptionsError, match="meter_prices"):
+        tctx.configure(addon, meter_prices=str(table))
+
+
+async def test_anthropic_counts_in_openai_shape_add_cache_reads(meter: tuple[Meter, Any]) -> None:
+    addon, tctx = meter
+    tctx.configure(addon, meter_anthropic_counts="/v1/chat/completions@claude-*")
+    body = (
+        b'{"model":"claude-sonnet-4-5","usage":{"prompt_tokens":10,"completion_tokens":5,'
+        b'"total_tokens":15,"prompt_tokens_details":{"cached_tokens":1000}}}'
+    )
+    await run_flow(addon, make_flow(), 200, body, False)
+    [env] = spooled(addon)
+    meta = env["metadata"]
+    assert (meta["input_tokens"], meta["cached_input_tokens"], meta["tokens_used"]) == (
+        1010,
+        1000,
+        1015,
+    )
