@@ -12,20 +12,24 @@ CHARS_PER_TOKEN = 4
 # Per message, chat formats add role and separator tokens (OpenAI's cookbook counts 3-4).
 TOKENS_PER_MESSAGE = 4
 
-# String values that carry generated text in any of the stream shapes we meter: chat deltas
-# (content, reasoning_content, reasoning, tool-call arguments), Anthropic deltas (text,
-# thinking, partial_json) and Responses API deltas (delta). A regex on the raw bytes costs a
-# fraction of a JSON parse, and escapes (\uXXXX) count as more characters, which suits CJK.
-_TEXT = re.compile(
-    rb'"(?:content|reasoning_content|reasoning|arguments|text|thinking|partial_json|delta)"'
-    rb'\s*:\s*"((?:[^"\\]|\\.)*)"'
-)
+# String values that carry generated text, per stream shape: chat deltas (content,
+# reasoning_content, reasoning, tool-call arguments; legacy completions: text), Anthropic deltas
+# (text, thinking, partial_json), Responses API deltas (delta: its done events repeat the whole
+# text, so only deltas count). A regex on the raw bytes costs a fraction of a JSON parse, and
+# escapes (\uXXXX) count as more characters, which suits CJK text.
+_VALUE = rb'"\s*:\s*"((?:[^"\\]|\\.)*)"'
+_TEXT = {
+    "openai": re.compile(rb'"(?:content|reasoning_content|reasoning|arguments|text)' + _VALUE),
+    "anthropic": re.compile(rb'"(?:text|thinking|partial_json)' + _VALUE),
+    "responses": re.compile(rb'"delta' + _VALUE),
+}
 _SKIP_KEYS = frozenset({"model", "role", "type", "stream", "id", "name", "tool_choice"})
 
 
-def text_chars(data: bytes) -> int:
-    """Characters of generated text in one SSE event's data or a whole response body."""
-    return sum(len(m) for m in _TEXT.findall(data))
+def text_chars(data: bytes, family: str = "openai") -> int:
+    """Characters of generated text in one SSE event's data or a whole response body;
+    `family` is openai, anthropic or responses."""
+    return sum(len(m) for m in _TEXT[family].findall(data))
 
 
 def tokens(chars: int) -> int:

@@ -5,6 +5,7 @@ Each parser raises `SettingsError` naming the option and the value, so a bad val
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 from collections.abc import Mapping
@@ -49,6 +50,20 @@ class Settings:
     publish_timeout_ms: int
     shutdown_drain_ms: int
     admin_listen: tuple[str, int] | None
+    anthropic_counts: tuple[CountRule, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class CountRule:
+    """A route whose OpenAI-shaped usage follows Anthropic's token convention."""
+
+    path_prefix: str
+    model_glob: str
+
+    def matches(self, path: str, model: str) -> bool:
+        return path.startswith(self.path_prefix) and fnmatch.fnmatchcase(
+            model.lower(), self.model_glob
+        )
 
 
 def default_spool_dir(env: Mapping[str, str] | None = None) -> Path:
@@ -167,6 +182,23 @@ def parse_file(value: str, option: str) -> str:
     return str(path)
 
 
+def parse_count_rules(value: str, option: str = "meter_anthropic_counts") -> tuple[CountRule, ...]:
+    """`PATH_PREFIX@MODEL_GLOB` (or just a model glob, for every metered path), comma-separated."""
+    rules = []
+    for item in (i.strip() for i in value.split(",")):
+        if not item:
+            continue
+        prefix, sep, glob = item.rpartition("@")
+        if not sep:
+            prefix, glob = "/", item
+        if not prefix.startswith("/") or not glob:
+            raise SettingsError(
+                "expected PATH_PREFIX@MODEL_GLOB or MODEL_GLOB", option=option, value=item
+            )
+        rules.append(CountRule(prefix, glob.lower()))
+    return tuple(rules)
+
+
 def parse_settings(options: Mapping[str, object]) -> Settings:
     """Every meter_* option value, validated together into one `Settings`."""
 
@@ -207,4 +239,5 @@ def parse_settings(options: Mapping[str, object]) -> Settings:
             number("meter_shutdown_drain_ms"), "meter_shutdown_drain_ms"
         ),
         admin_listen=parse_listen(text("meter_admin_listen")),
+        anthropic_counts=parse_count_rules(text("meter_anthropic_counts")),
     )

@@ -28,6 +28,9 @@ _API_SUFFIXES: tuple[tuple[str, Api], ...] = (
     ("/messages", "anthropic.messages"),
 )
 
+# Which fields carry generated text in each shape (see estimate.text_chars).
+_TEXT_FAMILY = {"anthropic.messages": "anthropic", "openai.responses": "responses"}
+
 # A token count above this is not a count but garbage (or an attack on an invoice).
 MAX_TOKENS = 2**40
 
@@ -79,12 +82,13 @@ def _count(obj: Any, *path: str) -> int:
     return count
 
 
-def normalize_openai(usage: dict[str, Any]) -> Usage:
+def normalize_openai(usage: dict[str, Any], *, anthropic_counts: bool = False) -> Usage:
     """OpenAI chat / completions / embeddings: `prompt_tokens` includes cached tokens.
 
     Output is the larger of `completion_tokens` and `total - prompt`: xAI reports reasoning
     outside `completion_tokens` but inside `total_tokens`, and billing all of it is what the
-    provider charged for."""
+    provider charged for. `anthropic_counts`: a gateway (NewAPI for Claude) reports Anthropic's
+    convention in OpenAI shape, `prompt_tokens` without the cache reads and writes; add them."""
     prompt = _count(usage, "prompt_tokens")
     completion = _count(usage, "completion_tokens")
     total = _count(usage, "total_tokens")
@@ -94,6 +98,9 @@ def normalize_openai(usage: dict[str, Any]) -> Usage:
     reasoning = _count(usage, "completion_tokens_details", "reasoning_tokens")
     write = _count(usage, "prompt_tokens_details", "cache_write_tokens")
     output = max(completion, total - prompt)
+    if anthropic_counts:
+        # total_tokens follows the same convention, so output is unaffected.
+        prompt += cached + write
     return Usage(
         input_tokens=prompt,
         cached_input_tokens=min(cached, prompt),
@@ -199,14 +206,14 @@ class Extraction:
         if (usage := _as_dict(obj.get("usage"))) is not None:
             self._set(usage)
         if self.usage is None:
-            self.output_chars += text_chars(content)
+            self.output_chars += text_chars(content, _TEXT_FAMILY.get(self.api, "openai"))
 
     # -- streams ------------------------------------------------------------------------------
 
     def event(self, ev: SSEEvent) -> None:
         self.events += 1
         data = ev.data
-        self.output_chars += text_chars(data)
+        self.output_chars += text_chars(data, _TEXT_FAMILY.get(self.api, "openai"))
         if self.api == "anthropic.messages":
             self._anthropic_event(ev)
         elif self.api == "openai.responses":
