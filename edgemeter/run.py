@@ -554,8 +554,6 @@ def banner(
         ("NATS", f"{escape(nats_url)}  [dim]({where})[/]"),
         ("spool", escape(str(spool_dir))),
     ]
-    if admin:
-        rows.append(("metrics", f"http://{admin}/metrics  [dim](also /healthz, /readyz)[/]"))
     rows += [(f"{child.name} log", escape(str(child.log_path))) for child in logs]
     for label, value in rows:
         console.print(f"  {label:<14} {value}", highlight=False)

@@ -29,8 +29,14 @@ ensure_venv() {
         "$py" -m venv "$VENV"
     fi
     if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
-        "$VENV/bin/python" -m pip install --quiet --upgrade pip >/dev/null
-        "$VENV/bin/python" -m pip install --quiet -e "$ROOT[$extras]"
+        # pip's and setuptools' chatter goes to a log; shown only when the install fails.
+        local log="$VENV/install.log"
+        if ! { "$VENV/bin/python" -m pip install --quiet --upgrade pip \
+                && "$VENV/bin/python" -m pip install --quiet -e "$ROOT[$extras]"; } >"$log" 2>&1; then
+            cat "$log" >&2
+            echo "edgemeter: installing the environment failed (log: $log)" >&2
+            exit 2
+        fi
         touch "$stamp"
     fi
     export PATH="$VENV/bin:$PATH"

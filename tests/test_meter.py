@@ -333,3 +333,27 @@ async def test_anthropic_counts_in_openai_shape_add_cache_reads(meter: tuple[Met
         1000,
         1015,
     )
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "zstd"])
+async def test_an_encoded_answer_is_metered_and_reaches_the_client_still_encoded(
+    meter: tuple[Meter, Any], recorded: Path, encoding: str
+) -> None:
+    addon, _ = meter
+    flow = make_flow()
+    addon.requestheaders(flow)
+    addon.request(flow)
+    body = wire_body(recorded / "openai-chat-nonstream.json")
+    flow.response = tutils.tresp(headers=http.Headers(content_type="application/json"))
+    flow.response.headers["content-encoding"] = encoding
+    flow.response.content = body  # mitmproxy encodes it, as the upstream sent it
+    raw = flow.response.raw_content
+    assert raw != body
+    addon.responseheaders(flow)
+    pending = addon.response(flow)
+    assert pending is not None
+    await pending
+    assert flow.response.raw_content == raw
+    assert flow.response.headers["content-encoding"] == encoding
+    [env] = spooled(addon)
+    assert env["metadata"]["tokens_used"] == 379
