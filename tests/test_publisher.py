@@ -4,37 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
+import certifi
 import nats
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js.api import StorageType, StreamConfig
 
+from edgemeter.ids import uuid7
 from spool import NatsConfig, Publisher, Spool, ensure_stream, stream_messages
 from spool.publisher import _Attempt
 from tests.conftest import NatsServer
 
 SUBJECT = "catalyst.usage.recorded"
 STREAM = "CATALYST_SME"
-
-_last_ms = 0
-_seq = 0
-
-
-def uuid7() -> str:
-    """A UUIDv7-shaped key: sorts in time order, like the meter's request ids."""
-    global _last_ms, _seq
-    ms = time.time_ns() // 1_000_000
-    _seq = _seq + 1 if ms == _last_ms else 0
-    _last_ms = ms
-    rand = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1) | (1 << 63)
-    value = (ms << 80) | (0x7 << 76) | ((_seq & 0xFFF) << 64) | rand
-    h = f"{value:032x}"
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def envelope(key: str) -> bytes:
@@ -116,6 +102,25 @@ async def test_envelopes_spooled_later_are_published_even_out_of_key_order(
     await spool.put(early, envelope(early))  # ... spooled after later keys were published
     await wait_until(lambda: len(spool) == 0)
     assert len(await msg_ids(nats_server.url)) == 21
+
+
+async def test_envelopes_spooled_while_draining_all_arrive_exactly_once(
+    nats_server: NatsServer, spool: Spool, make_publisher: Callable[..., Publisher]
+) -> None:
+    await ensure_stream(nats_server.url)
+    publisher = make_publisher(nats_server.url, max_in_flight=32)
+    publisher.start()
+    keys: list[str] = []
+    for _ in range(20):
+        late = [uuid7() for _ in range(5)]  # minted now, spooled after newer keys
+        keys += await spool_keys(spool, 100)
+        await asyncio.sleep(0.005)
+        await asyncio.gather(*(spool.put(key, envelope(key)) for key in late))
+        keys += late
+    await wait_until(lambda: len(spool) == 0)
+    ids = await msg_ids(nats_server.url)
+    assert len(ids) == len(set(ids)) == 2100
+    assert set(ids) == set(keys)
 
 
 async def test_start_returns_at_once_while_the_broker_is_down(
@@ -283,7 +288,7 @@ async def test_a_wrong_password_is_reported_but_never_logged(
 
 
 async def test_tls_keeps_the_server_name_check_on(spool: Spool) -> None:
-    ca = Path(__import__("certifi").where())
+    ca = Path(certifi.where())
     publisher = Publisher(
         spool,
         NatsConfig(servers=("tls://broker:4222",), subject=SUBJECT, tls_ca_file=str(ca)),
