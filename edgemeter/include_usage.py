@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+
+from edgemeter.usage import json_object
 
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 _PREFIX = b'{"stream_options":{"include_usage":true},'
@@ -71,7 +72,7 @@ def strip_event(raw: bytes) -> bytes:
         content = line.rstrip(b"\r\n")
         ending = line[len(content) :]
         payload = content[5:].lstrip(b" ")
-        obj = _object(payload)
+        obj = json_object(payload)
         if obj is None or not isinstance(obj.get("usage"), dict):
             out.append(line)
             continue
@@ -81,11 +82,3 @@ def strip_event(raw: bytes) -> bytes:
         out.append(b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode())
         out.append(ending)
     return b"".join(out)
-
-
-def _object(payload: bytes) -> dict[str, Any] | None:
-    try:
-        obj = json.loads(payload)
-    except ValueError:
-        return None
-    return obj if isinstance(obj, dict) else None

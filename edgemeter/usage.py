@@ -227,7 +227,7 @@ class Extraction:
     def _openai_event(self, data: bytes) -> None:
         if data == b"[DONE]":
             return
-        obj = _loads(data)
+        obj = json_object(data)
         if obj is None:
             return
         self._identity(obj)
@@ -243,7 +243,7 @@ class Extraction:
         data = ev.data
         if self.events > 1 and not (b'"usage"' in data or b'"error"' in data or b"failed" in data):
             return
-        obj = _loads(data)
+        obj = json_object(data)
         if obj is None:
             return
         kind = _as_str(obj.get("type")) or ev.event
@@ -259,7 +259,7 @@ class Extraction:
         data = ev.data
         if not (b"message_start" in data or b'"usage"' in data or b'"error"' in data):
             return
-        obj = _loads(data)
+        obj = json_object(data)
         if obj is None:
             return
         kind = _as_str(obj.get("type")) or ev.event
@@ -303,7 +303,8 @@ def _may_carry_usage(data: bytes) -> bool:
     return b'"usage":{' in data or b'"usage": {' in data
 
 
-def _loads(data: bytes) -> dict[str, Any] | None:
+def json_object(data: bytes) -> dict[str, Any] | None:
+    """`data` parsed as a JSON object, None for anything else (open-world: never raises)."""
     try:
         obj = json.loads(data)
     except ValueError:

@@ -11,21 +11,11 @@ from pathlib import Path
 
 from edgemeter.estimate import tokens
 from edgemeter.sse import SSEDecoder
-from edgemeter.usage import Api, Extraction
+from edgemeter.usage import Extraction
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from tests.corpus import wire_body  # noqa: E402
-
-
-def api_of(name: str) -> Api:
-    if name.startswith(("anthropic-messages", "anthropic-compatible")):
-        return "anthropic.messages"
-    if "responses" in name:
-        return "openai.responses"
-    if "completions-legacy" in name:
-        return "openai.completions"
-    return "openai.chat"
+from tests.corpus import api_of, wire_body  # noqa: E402
 
 
 def main() -> int:

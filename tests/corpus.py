@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from edgemeter.usage import Api
+
 
 def is_stream(path: Path) -> bool:
     return path.name.endswith((".sse", ".chunks.txt"))
@@ -39,3 +41,14 @@ def wire_body(path: Path) -> bytes:
 
 def chunked(body: bytes, size: int) -> list[bytes]:
     return [body[i : i + size] for i in range(0, len(body), size)]
+
+
+def api_of(name: str) -> Api:
+    """The API shape of a recorded stream, from its file name."""
+    if name.startswith(("anthropic-messages", "anthropic-compatible")):
+        return "anthropic.messages"
+    if "responses" in name:
+        return "openai.responses"
+    if "completions-legacy" in name:
+        return "openai.completions"
+    return "openai.chat"

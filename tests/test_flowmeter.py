@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edgemeter.flowmeter import FlowMeter, Request
-from edgemeter.usage import Api, classify
+from edgemeter.usage import classify
 from tests.conftest import RECORDED
-from tests.corpus import wire_body
+from tests.corpus import api_of, wire_body
 
 STREAMS = sorted(p.name for p in RECORDED.glob("*") if p.name.endswith((".sse", ".chunks.txt")))
 ENCODINGS: dict[str, Callable[[bytes], bytes]] = {
@@ -25,16 +25,6 @@ ENCODINGS: dict[str, Callable[[bytes], bytes]] = {
     "br": brotli.compress,
     "zstd": lambda b: zstandard.ZstdCompressor().compress(b),
 }
-
-
-def api_of(name: str) -> Api:
-    if name.startswith("anthropic-messages") or name.startswith("anthropic-compatible"):
-        return "anthropic.messages"
-    if "responses" in name:
-        return "openai.responses"
-    if "completions-legacy" in name:
-        return "openai.completions"
-    return "openai.chat"
 
 
 def meter_for(name: str, *, injected: bool = False) -> FlowMeter:
