@@ -18,6 +18,7 @@ from mitmproxy.test import taddons
 
 from addons.meter import Meter
 from edgemeter.demo import BackgroundDemo, DemoUpstream
+from spool.store import Spool
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("EDGEMETER_SHARED", ROOT.parent / "shared"))
@@ -271,3 +272,13 @@ def meter(tmp_path: Path) -> Iterator[tuple[Meter, taddons.context]]:
         yield addon, tctx
         assert addon.spool is not None
         addon.spool.close()
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Iterator[Spool]:
+    s = Spool(tmp_path / "spool")
+    s.open()
+    try:
+        yield s
+    finally:
+        s.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import certifi
@@ -45,16 +45,6 @@ async def msg_ids(url: str) -> list[str]:
     return [
         (headers or {}).get("Nats-Msg-Id", "") for headers, _ in await stream_messages(url, STREAM)
     ]
-
-
-@pytest.fixture
-def spool(tmp_path: Path) -> Iterator[Spool]:
-    s = Spool(tmp_path / "spool")
-    s.open()
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import stat
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import diskcache
@@ -19,16 +18,6 @@ from edgemeter.errors import SpoolError
 from spool.store import Spool
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def spool(tmp_path: Path) -> Iterator[Spool]:
-    s = Spool(tmp_path / "spool")
-    s.open()
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def fill(spool: Spool, keys: list[str]) -> None:
