@@ -24,8 +24,8 @@ import openai
 import pytest
 
 from edgemeter.demo import CANNED_REPLY, BackgroundDemo, Request, frame_chunks
+from edgemeter.harness import ROOT, MeterFactory, MeterProxy, NatsServer, free_port
 from spool.streams import ensure_stream, stream_messages
-from tests.conftest import ROOT, MeterFactory, MeterProxy, NatsServer, free_port
 
 STREAM = "CATALYST_SME"
 PRICE = 156  # meter_price_micro_per_token's default

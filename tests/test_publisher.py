@@ -14,10 +14,10 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js.api import StorageType, StreamConfig
 
+from edgemeter.harness import NatsServer
 from edgemeter.ids import uuid7
 from spool import NatsConfig, Publisher, Spool, ensure_stream, stream_messages
 from spool.publisher import _Attempt
-from tests.conftest import NatsServer
 
 SUBJECT = "catalyst.usage.recorded"
 STREAM = "CATALYST_SME"
