@@ -29,6 +29,10 @@ class SpoolError(MeterError):
     """The on-disk spool cannot be opened or written."""
 
 
+class SpoolFullError(SpoolError):
+    """The spool holds `meter_spool_max_mb` of envelopes already: nothing more is taken."""
+
+
 class PublishError(MeterError):
     """A publish to JetStream failed; the envelope stays spooled."""
 

@@ -13,7 +13,9 @@ import random
 import ssl
 import time
 from asyncio import FIRST_COMPLETED
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
@@ -23,6 +25,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from edgemeter.errors import PublishError, SpoolError
+from spool.deadletter import DeadLetters
 from spool.store import Spool
 
 log = logging.getLogger(__name__)
@@ -47,9 +50,10 @@ class NatsConfig:
     subject: str
     publish_timeout_ms: int = 5000
     creds_file: str = ""
-    token: str = ""
+    # Kept out of repr: a config printed in a log or a traceback must not carry a secret.
+    token: str = field(default="", repr=False)
     user: str = ""
-    password: str = ""
+    password: str = field(default="", repr=False)
     tls_ca_file: str = ""
     tls_cert_file: str = ""
     tls_key_file: str = ""
@@ -57,14 +61,22 @@ class NatsConfig:
     max_in_flight: int = 256
     name: str = "edgemeter"
 
+    @property
+    def tls_wanted(self) -> bool:
+        """TLS is configured: a tls:// URL, a CA, a client certificate or a server name."""
+        if any(s.startswith("tls://") for s in self.servers):
+            return True
+        return bool(self.tls_ca_file or self.tls_cert_file or self.tls_hostname)
+
 
 @dataclass
 class PublisherStats:
     """Plain counters, read by the addon for status and metrics.
 
     errors counts problems by kind: connect, broker (nats-py error callback), disconnected,
-    no_stream, timeout, api, publish, refused, spool, internal. refused counts envelopes the
-    broker can never take (see Publisher._refused).
+    no_stream, timeout, api, publish, refused, dead_letter, spool, internal. refused counts
+    envelopes the broker can never take (see Publisher._refused); dead_lettered, those of them
+    moved to the dead-letter area.
     """
 
     acked: int = 0
@@ -75,6 +87,17 @@ class PublisherStats:
     in_flight: int = 0
     stream_missing: bool = False
     refused: int = 0
+    dead_lettered: int = 0
+    # Monotonic time since which the broker is unreachable (from the start until the first
+    # connect); None while connected. /readyz reads it.
+    down_since: float | None = field(default_factory=time.monotonic)
+
+    def set_connected(self, connected: bool) -> None:
+        self.connected = connected
+        if connected:
+            self.down_since = None
+        elif self.down_since is None:
+            self.down_since = time.monotonic()
 
 
 def redact_url(url: str) -> str:
@@ -102,6 +125,42 @@ class _Backoff:
         self._delay = _BACKOFF_INITIAL_S
 
 
+class _Client(NATS):
+    """nats-py's client, but with TLS configured it never talks in plaintext.
+
+    nats-py upgrades to TLS only when the server's INFO says tls_required: a broker that merely
+    allows TLS (allow_non_tls), or anyone in the path who edits that INFO, would get the
+    credentials in the clear despite a tls:// URL. Like the Go client's Secure option, this one
+    insists on the upgrade, and the connect fails where the server has no TLS.
+    """
+
+    def __init__(self, *, require_tls: bool) -> None:
+        super().__init__()
+        self._require_tls = require_tls
+
+    async def _process_info(self, info: dict[str, Any], initial_connection: bool = False) -> None:
+        # Called on every (re)connect with the INFO dict that nats-py then reads tls_required
+        # from (pinned nats-py; tests/test_nats_auth.py fails if that changes).
+        if self._require_tls and initial_connection:
+            info["tls_required"] = True
+        await super()._process_info(info, initial_connection)
+
+
+def check_creds_file(path: str) -> None:
+    """Raise PublishError unless the file holds a user JWT and an nkey seed.
+
+    nats-py reads a credentials file without the JWT block in an endless loop on the event loop,
+    which would hang the proxy: such a file must never reach it.
+    """
+    try:
+        text = Path(path).read_bytes()
+    except OSError as exc:
+        raise PublishError("cannot read the NATS credentials file", path=path) from exc
+    jwt_at = text.find(b"BEGIN NATS USER JWT")
+    if jwt_at < 0 or b"\n" not in text[jwt_at:] or b"BEGIN USER NKEY SEED" not in text:
+        raise PublishError("not a NATS credentials file (user JWT and nkey seed)", path=path)
+
+
 class _Attempt:
     """One pass of a first connect over the configured servers."""
 
@@ -121,14 +180,20 @@ class _Attempt:
 class Publisher:
     """Publishes spooled envelopes to JetStream in a background task."""
 
-    def __init__(self, spool: Spool, config: NatsConfig) -> None:
+    def __init__(
+        self, spool: Spool, config: NatsConfig, dead_letters: DeadLetters | None = None
+    ) -> None:
         if not config.servers:
             raise PublishError("no NATS server configured")
         if config.max_in_flight < 1:
             raise PublishError("max_in_flight must be at least 1", value=config.max_in_flight)
         self.spool = spool
         self.config = config
+        self.dead_letters = dead_letters
+        self._dead_settled = dead_letters is None
         self.stats = PublisherStats()
+        # Called with the seconds from publish to ack of each acked envelope (metrics).
+        self.on_ack: Callable[[float], None] | None = None
         self._timeout_s = config.publish_timeout_ms / 1000
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
@@ -138,6 +203,9 @@ class Publisher:
         # Keys read from the spool and not yet settled: being published, or acked and waiting
         # for their delete. The pump skips them, so no key is ever published twice at once.
         self._in_flight: set[str] = set()
+        # Keys deleted since the pump began reading its current page: that page may still hold
+        # them (read before the delete committed), and they must not go out a second time.
+        self._deleted: set[str] = set()
         self._refused_keys: set[str] = set()
         self._acked: list[str] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -197,20 +265,34 @@ class Publisher:
         if nc is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(nc.close(), max(deadline - time.monotonic(), 0.5))
-        self.stats.connected = False
+        self.stats.set_connected(False)
         if self.spool.on_commit == self._on_commit:
             self.spool.on_commit = None
         return await asyncio.to_thread(len, self.spool)
 
     # -- hooks ------------------------------------------------------------------------------
 
-    def _refused(self, key: str, err: BaseException) -> None:
+    async def _refused(self, key: str, data: bytes, err: BaseException) -> None:
         """The broker will never take this envelope: set it aside so the queue keeps moving."""
-        # For now it stays in the spool and is skipped until the process restarts; a dead-letter
-        # area (SPEC §5) will move it out here.
-        self._refused_keys.add(key)
         self.stats.refused += 1
         self.stats.errors["refused"] += 1
+        dead = self.dead_letters
+        if dead is not None:
+            try:
+                # The key stays in _in_flight meanwhile, so the pump does not pick it up again.
+                await asyncio.to_thread(dead.move, self.spool, key, data, err)
+            except Exception as exc:
+                self._warn("dead_letter", f"cannot move {key} to the dead-letter area: {exc}")
+            else:
+                self.stats.dead_lettered += 1
+                log.error(
+                    "broker refused envelope %s for good, moved it to the dead-letter area: %s",
+                    key,
+                    _describe(err),
+                )
+                return
+        # Without a dead-letter area it stays spooled and is skipped until the process restarts.
+        self._refused_keys.add(key)
         log.error("broker refused envelope %s for good, skipping it: %s", key, _describe(err))
 
     # -- internals --------------------------------------------------------------------------
@@ -246,6 +328,8 @@ class Publisher:
         """Connect and pump until cancelled or, when final, until nothing publishable is left."""
         while True:
             try:
+                if not self._dead_settled:
+                    await self._settle_dead_letters()
                 if final and await self._nothing_to_publish():
                     return
                 await self._connect()
@@ -260,6 +344,16 @@ class Publisher:
                 log.debug("publisher error", exc_info=True)
             await asyncio.sleep(self._backoff.next())
 
+    async def _settle_dead_letters(self) -> None:
+        """Before the first publish: drop spool copies of envelopes already dead-lettered (a
+        crash cut their move short), so none is published or dead-lettered a second time."""
+        assert self.dead_letters is not None
+        try:
+            await asyncio.to_thread(self.dead_letters.settle, self.spool)
+        except SpoolError as exc:
+            self._warn("dead_letter", f"cannot read the dead-letter area: {exc}")
+        self._dead_settled = True
+
     async def _nothing_to_publish(self) -> bool:
         spooled = await asyncio.to_thread(len, self.spool)
         return spooled <= len(self._refused_keys)
@@ -269,7 +363,7 @@ class Publisher:
     async def _connect(self) -> None:
         """Return once connected; retry forever with backoff."""
         while self._nc is None or self._nc.is_closed:
-            nc = NATS()
+            nc = _Client(require_tls=self.config.tls_wanted)
             servers = list(self.config.servers)
             attempt = _Attempt(len(servers))
             # With max_reconnect_attempts=-1 nats-py's first connect() to a dead broker never
@@ -311,7 +405,7 @@ class Publisher:
                 continue
             self._nc = nc
             self._js = nc.jetstream(timeout=self._timeout_s)
-            self.stats.connected = True
+            self.stats.set_connected(True)
             assert self._connected is not None
             self._connected.set()
             log.info("connected to NATS at %s", _server_of(nc))
@@ -330,14 +424,14 @@ class Publisher:
             **self._callbacks(nc, attempt),
         }
         if config.creds_file:
+            check_creds_file(config.creds_file)  # read per attempt: rotated files are picked up
             kwargs["user_credentials"] = config.creds_file
         if config.token:
             kwargs["token"] = config.token
         if config.user:
             kwargs["user"] = config.user
             kwargs["password"] = config.password
-        tls_wanted = any(s.startswith("tls://") for s in config.servers)
-        if tls_wanted or config.tls_ca_file or config.tls_cert_file or config.tls_hostname:
+        if config.tls_wanted:
             # Built per attempt, so rotated certificate files are picked up.
             context = ssl.create_default_context(cafile=config.tls_ca_file or None)
             context.check_hostname = True
@@ -361,7 +455,7 @@ class Publisher:
         async def disconnected_cb() -> None:
             if self._nc is not nc:
                 return
-            self.stats.connected = False
+            self.stats.set_connected(False)
             if self._connected is not None:
                 self._connected.clear()
             if not nc.is_closed:
@@ -370,7 +464,7 @@ class Publisher:
         async def reconnected_cb() -> None:
             if self._nc is not nc:
                 return
-            self.stats.connected = True
+            self.stats.set_connected(True)
             for event in (self._connected, self._wake):
                 if event is not None:
                     event.set()
@@ -379,7 +473,7 @@ class Publisher:
         async def closed_cb() -> None:
             if self._nc is not nc:
                 return
-            self.stats.connected = False
+            self.stats.set_connected(False)
             # Wake the pump so it notices the closed connection and starts over.
             for event in (self._connected, self._wake):
                 if event is not None:
@@ -421,9 +515,14 @@ class Publisher:
                 continue
             # Cleared before reading: a commit after this point sets it again and is not missed.
             self._wake.clear()
+            self._deleted.clear()
             page = await asyncio.to_thread(self.spool.read_page, cursor, _PAGE_SIZE)
             for key, data in page:
-                if key not in self._in_flight and key not in self._refused_keys:
+                if (
+                    key not in self._in_flight
+                    and key not in self._refused_keys
+                    and key not in self._deleted
+                ):
                     await self._slots.acquire()
                     if self._failed or not nc.is_connected:
                         self._slots.release()
@@ -465,12 +564,15 @@ class Publisher:
     async def _publish(self, js: JetStreamContext, key: str, data: bytes) -> None:
         assert self._slots is not None
         acked = False
+        started = time.monotonic()
         try:
             # A new headers dict per call: nats-py adds keys to the dict it is given.
             ack = await js.publish(
                 self.config.subject, data, headers={"Nats-Msg-Id": key}, timeout=self._timeout_s
             )
             acked = True
+            if self.on_ack is not None:
+                self.on_ack(time.monotonic() - started)
             self.stats.acked += 1
             if ack.duplicate:
                 self.stats.duplicates += 1
@@ -490,10 +592,10 @@ class Publisher:
             # Maybe stored: the retry carries the same Nats-Msg-Id and the broker dedupes it.
             self._fail("timeout", f"no ack from JetStream within {self._timeout_s:g}s")
         except nats.errors.MaxPayloadError as exc:
-            self._refused(key, exc)
+            await self._refused(key, data, exc)
         except nats.js.errors.APIError as exc:
             if exc.err_code in _PERMANENT_API_ERRORS:
-                self._refused(key, exc)
+                await self._refused(key, data, exc)
             else:
                 self._fail("api", f"JetStream refused a publish: {_describe(exc)}")
         except asyncio.CancelledError:
@@ -523,6 +625,7 @@ class Publisher:
             batch, self._acked = self._acked, []
             try:
                 await asyncio.to_thread(self.spool.delete, batch)
+                self._deleted.update(batch)
             except Exception as exc:
                 # Already on the stream: if they come round again the broker dedupes them.
                 self._warn("spool", f"cannot delete published envelopes: {_describe(exc)}")

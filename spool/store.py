@@ -14,6 +14,7 @@ import queue
 import sqlite3
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Final
 
 import diskcache
 
-from edgemeter.errors import SpoolError
+from edgemeter.errors import SpoolError, SpoolFullError
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,13 @@ _PAGE_SQL: Final = (
     "SELECT key, mode, value FROM Cache WHERE key > ? AND raw = 1 ORDER BY key LIMIT ?"
 )
 _OLDEST_SQL: Final = "SELECT key FROM Cache WHERE raw = 1 ORDER BY key LIMIT 1"
+# length() of a blob is read from the record header: the values themselves are not loaded.
+_BYTES_SQL: Final = "SELECT COALESCE(SUM(LENGTH(value)), 0) FROM Cache"
+# Bytes held are recounted from the table at most this often (by a delete, in a worker thread):
+# another process (the operator CLI requeueing dead letters) may have added rows.
+_RECOUNT_INTERVAL_S: Final = 5.0
+# After a failed commit, how long until a probe write may tell the disk is back.
+_PROBE_INTERVAL_S: Final = 1.0
 
 
 @dataclass(slots=True)
@@ -57,18 +65,44 @@ class _Write:
 _STOP: Final = object()
 
 
-class Spool:
-    """Durable, key-ordered spool of envelope bytes backed by diskcache (SQLite, WAL)."""
+@dataclass(slots=True)
+class _Probe:
+    """A write transaction without data: tells whether the disk takes writes again."""
 
-    def __init__(self, directory: Path, *, sync_full: bool = False, max_batch: int = 256) -> None:
+
+class Spool:
+    """Durable, key-ordered spool of envelope bytes backed by diskcache (SQLite, WAL).
+
+    With max_bytes set, submit() refuses envelopes (SpoolFullError) while the envelopes held
+    (committed and queued) reach it. A failed commit (disk full, I/O error) marks the spool
+    failing until a commit or a probe write succeeds; `accepting` says whether it takes writes.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        sync_full: bool = False,
+        max_batch: int = 256,
+        max_bytes: int | None = None,
+    ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError("max_bytes must be positive")
         self.directory = Path(directory)
         self.sync_full = sync_full
         self.max_batch = max_batch
+        self.max_bytes = max_bytes
         self.on_commit: Callable[[int], None] | None = None
         self._cache: diskcache.Cache | None = None
-        self._queue: queue.SimpleQueue[_Write | object] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Write | _Probe | object] = queue.SimpleQueue()
+        # Envelope bytes committed or queued; guarded by _lock. An estimate between recounts.
+        self._bytes = 0
+        self._last_recount = 0.0
+        # Monotonic time of the last failed commit, 0.0 when the last write succeeded.
+        self._failed_at = 0.0
+        self._probing = False
         self._thread: threading.Thread | None = None
         # Guards the closed flag together with enqueueing, so nothing lands behind the stop marker.
         self._lock = threading.Lock()
@@ -119,6 +153,9 @@ class Spool:
             raise SpoolError(message, path=str(directory), error=str(exc)) from exc
         self._cache = cache
         self._closed = False
+        self._bytes = self._count_bytes(cache)
+        self._last_recount = time.monotonic()
+        self._failed_at = 0.0
         self._thread = threading.Thread(
             target=self._write_loop, name="edgemeter-spool-writer", daemon=True
         )
@@ -163,8 +200,36 @@ class Spool:
         with self._lock:
             if self._closed or self._cache is None:
                 raise SpoolError("spool is not open", path=str(self.directory))
+            # Checked before adding: a spool just under the limit takes one more envelope, so
+            # the limit is exceeded by at most one envelope per concurrent writer.
+            if self.max_bytes is not None and self._bytes >= self.max_bytes:
+                raise SpoolFullError("spool is full", path=str(self.directory), bytes=self._bytes)
+            self._bytes += len(data)
             self._queue.put(_Write(key, data, future))
         return future
+
+    @property
+    def held_bytes(self) -> int:
+        """Envelope bytes committed or queued (recounted from disk every few seconds)."""
+        return self._bytes
+
+    @property
+    def accepting(self) -> bool:
+        """Whether a new envelope would be taken now: not full, and the last write succeeded.
+
+        While failing, asks the writer for a probe write at most once per probe interval, so a
+        disk that has room again is noticed even when nothing else is written."""
+        with self._lock:
+            if self._closed or self._cache is None:
+                return False
+            if self.max_bytes is not None and self._bytes >= self.max_bytes:
+                return False
+            if not self._failed_at:
+                return True
+            if not self._probing and time.monotonic() - self._failed_at >= _PROBE_INTERVAL_S:
+                self._probing = True
+                self._queue.put(_Probe())
+            return False
 
     async def put(self, key: str, data: bytes) -> None:
         """Spool one envelope; returns once it is committed. Never blocks the event loop."""
@@ -178,6 +243,9 @@ class Spool:
             item = self._queue.get()
             if item is _STOP:
                 break
+            if isinstance(item, _Probe):
+                self._probe(cache)
+                continue
             assert isinstance(item, _Write)
             batch = [item]
             # Group commit: whatever queued up while the last transaction ran shares the next
@@ -190,6 +258,8 @@ class Spool:
                 if item is _STOP:
                     stopping = True
                     break
+                if isinstance(item, _Probe):
+                    continue  # the batch's own commit answers the same question
                 assert isinstance(item, _Write)
                 batch.append(item)
             self._commit(cache, batch)
@@ -210,8 +280,15 @@ class Spool:
             for write in batch:
                 if not write.future.done():
                     write.future.set_exception(error)
+            with self._lock:
+                self._bytes -= sum(len(write.data) for write in batch)
+                self._failed_at = time.monotonic()
+                self._probing = False
             log.warning("spool write of %d envelopes failed: %s", len(batch), exc)
             return
+        if self._failed_at:
+            with self._lock:
+                self._failed_at = 0.0
         for write in batch:
             if not write.future.done():
                 write.future.set_result(None)
@@ -221,6 +298,29 @@ class Spool:
                 callback(len(batch))
             except Exception:
                 log.warning("spool on_commit callback failed", exc_info=True)
+
+    def _probe(self, cache: diskcache.Cache) -> None:
+        try:
+            # Rewrites the database header in a write transaction: a WAL append and a sync, like
+            # a commit, without a row the publisher could see.
+            with cache.transact(retry=True):
+                (version,) = cache._sql("PRAGMA user_version").fetchone()
+                cache._sql(f"PRAGMA user_version = {(int(version) + 1) % 2**31}")
+        except Exception as exc:
+            with self._lock:
+                self._failed_at = time.monotonic()
+                self._probing = False
+            log.debug("spool probe write failed: %s", exc)
+            return
+        with self._lock:
+            self._failed_at = 0.0
+            self._probing = False
+        log.info("spool takes writes again")
+
+    @staticmethod
+    def _count_bytes(cache: diskcache.Cache) -> int:
+        (total,) = cache._sql(_BYTES_SQL).fetchone()
+        return int(total)
 
     # -- reads and deletes (blocking: call them from a thread in async code) ---------------------
 
@@ -248,13 +348,28 @@ class Spool:
 
     def delete(self, keys: Iterable[str]) -> None:
         cache = self._open_cache()
+        keys = list(keys)
+        freed = 0
         try:
             with cache.transact(retry=True):
+                for start in range(0, len(keys), 500):
+                    chunk = keys[start : start + 500]
+                    sql = f"{_BYTES_SQL} WHERE key IN ({','.join('?' * len(chunk))})"
+                    freed += int(cache._sql(sql, chunk).fetchone()[0])
                 for key in keys:
                     cache.delete(key, retry=True)
+                recount = time.monotonic() - self._last_recount >= _RECOUNT_INTERVAL_S
+                total = self._count_bytes(cache) if recount else None
         except (sqlite3.Error, diskcache.Timeout) as exc:
             error = str(exc)
             raise SpoolError("spool delete failed", path=str(self.directory), error=error) from exc
+        with self._lock:
+            if total is None:
+                self._bytes = max(self._bytes - freed, 0)
+            else:
+                # Writes still queued are not in the table yet: the recount is a floor.
+                self._bytes = max(total, self._bytes - freed)
+                self._last_recount = time.monotonic()
 
     def __len__(self) -> int:
         return int(self._open_cache().__len__())
@@ -269,7 +384,8 @@ class Spool:
         total = 0
         for path in self.directory.iterdir():
             with contextlib.suppress(FileNotFoundError):  # the WAL may vanish at a checkpoint
-                total += path.stat().st_size
+                if path.is_file():
+                    total += path.stat().st_size
         return total
 
     def __enter__(self) -> Spool:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 
 import certifi
@@ -286,3 +287,62 @@ async def test_tls_keeps_the_server_name_check_on(spool: Spool) -> None:
     kwargs = publisher._connect_kwargs(NATS(), _Attempt(1))
     assert kwargs["tls"].check_hostname is True
     assert "tls_hostname" not in kwargs
+
+
+class GatedSpool(Spool):
+    """A spool whose delete of `held` waits for `let_delete`, and whose next page holding
+    `held` (once `gate` is set) is handed back only after `resume`: the window in which a
+    page read before a delete committed reaches the pump after the delete finished."""
+
+    def __init__(self, directory: Path, held: str) -> None:
+        super().__init__(directory)
+        self.held = held
+        self.gate = False
+        self.deleting, self.let_delete = threading.Event(), threading.Event()
+        self.page_read, self.resume = threading.Event(), threading.Event()
+
+    def read_page(self, after: str, limit: int) -> list[tuple[str, bytes]]:
+        page = super().read_page(after, limit)
+        if self.gate and any(key == self.held for key, _ in page):
+            self.gate = False
+            self.page_read.set()
+            self.resume.wait(10)
+        return page
+
+    def delete(self, keys: Iterable[str]) -> None:
+        keys = list(keys)
+        if self.held in keys:
+            self.deleting.set()
+            self.let_delete.wait(10)
+        super().delete(keys)
+
+
+async def test_a_page_read_before_a_delete_does_not_publish_that_key_again(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    await ensure_stream(nats_server.url)
+    early, late = uuid7(), uuid7()
+    spool = GatedSpool(tmp_path / "gated", held=late)
+    spool.open()
+    publisher = Publisher(spool, NatsConfig(servers=(nats_server.url,), subject=SUBJECT))
+    try:
+        await spool.put(late, envelope(late))
+        publisher.start()
+        await asyncio.to_thread(spool.deleting.wait, 10)  # acked; its delete has not committed
+        spool.gate = True
+        # A key behind the cursor: the pump rescans from the start and reads `late` again.
+        await spool.put(early, envelope(early))
+        assert await asyncio.to_thread(spool.page_read.wait, 10)
+        spool.let_delete.set()
+        await wait_until(lambda: late not in publisher._in_flight)  # the delete finished
+        spool.resume.set()
+        await wait_until(lambda: len(spool) == 0)
+        assert await publisher.stop(1) == 0
+        assert publisher.stats.acked == 2  # 3 when `late` went out a second time
+        assert publisher.stats.duplicates == 0
+        assert sorted(await msg_ids(nats_server.url)) == sorted([early, late])
+    finally:
+        spool.let_delete.set()
+        spool.resume.set()
+        await publisher.stop(0)
+        spool.close()

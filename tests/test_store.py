@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
+import signal
 import sqlite3
 import stat
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import diskcache
 import pytest
 
-from edgemeter.errors import SpoolError
+from edgemeter.errors import SpoolError, SpoolFullError
 from spool.store import Spool
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -202,3 +206,82 @@ def test_read_page_agrees_with_diskcache_public_api(spool: Spool, tmp_path: Path
         cache.close()
     assert spool.read_page("", 1000) == expected
     assert dict(expected)["0193-big"] == big
+
+
+# -- spool pressure: meter_spool_max_mb and a disk that stops taking writes -------------------
+
+
+def test_a_full_spool_refuses_envelopes_until_deletes_free_room(tmp_path: Path) -> None:
+    with Spool(tmp_path / "spool", max_bytes=3000) as spool:
+        fill(spool, ["k1", "k2"])
+        spool.submit("k3", b"x" * 3000).result(timeout=10)
+        assert spool.held_bytes == 3000 + 2 * len(b"envelope k1")
+        assert not spool.accepting
+        with pytest.raises(SpoolFullError):
+            spool.submit("k4", b"y")
+        assert len(spool) == 3
+
+        spool.delete(["k3"])
+        assert spool.accepting
+        spool.submit("k4", b"y").result(timeout=10)
+        assert [k for k, _ in spool.read_page("", 10)] == ["k1", "k2", "k4"]
+
+
+def test_bytes_held_are_counted_from_disk_at_open(tmp_path: Path) -> None:
+    with Spool(tmp_path / "spool") as spool:
+        spool.submit("k1", b"x" * 1500).result(timeout=10)
+    with Spool(tmp_path / "spool", max_bytes=1000) as spool:
+        assert spool.held_bytes == 1500
+        assert not spool.accepting
+
+
+def test_deletes_recount_rows_another_process_added(tmp_path: Path) -> None:
+    with Spool(tmp_path / "spool") as ours, Spool(tmp_path / "spool") as theirs:
+        theirs.submit("requeued", b"x" * 700).result(timeout=10)
+        ours.submit("k1", b"y" * 10).result(timeout=10)
+        assert ours.held_bytes == 10
+        ours._last_recount = 0.0  # as if the recount interval had passed
+        ours.delete(["k1"])
+        assert ours.held_bytes == 700
+
+
+@pytest.fixture
+def no_file_growth() -> Iterator[Callable[[bool], None]]:
+    """Makes every write that grows a file fail with EFBIG, as a full disk does, in this process
+    (RLIMIT_FSIZE); call with False to give the disk back."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    def disk_full(full: bool) -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (0 if full else soft, hard))
+
+    try:
+        yield disk_full
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+def test_a_disk_that_stops_taking_writes_fails_puts_until_a_probe_succeeds(
+    tmp_path: Path, no_file_growth: Callable[[bool], None]
+) -> None:
+    with Spool(tmp_path / "spool") as spool:
+        spool.submit("before", b"x").result(timeout=10)
+        assert spool.accepting
+        # Past what the first commit wrote to the WAL, so the next commits must grow it.
+        for i in range(50):
+            spool.submit(f"filler{i:02d}", b"f" * 4000).result(timeout=10)
+        spool.delete([f"filler{i:02d}" for i in range(50)])
+        no_file_growth(True)
+        with pytest.raises(SpoolError, match="write failed"):
+            spool.submit("lost", b"z" * 200_000).result(timeout=10)
+        assert not spool.accepting
+        assert spool.held_bytes == 1
+
+        no_file_growth(False)
+        deadline = time.monotonic() + 10
+        while not spool.accepting and time.monotonic() < deadline:
+            time.sleep(0.05)  # the probe runs at most once a second
+        assert spool.accepting
+        spool.submit("after", b"y").result(timeout=10)
+        assert [k for k, _ in spool.read_page("", 10)] == ["after", "before"]
