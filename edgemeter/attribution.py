@@ -1,35 +1,142 @@
-"""Who a request is billed to: tenant and customer headers, the client's correlation id, and a
-fingerprint of the API key that identifies the key without ever carrying it.
+"""Who a request is billed to: tenant and customer from trusted headers or from the key map, and
+a fingerprint of the API key that identifies the key without ever carrying it.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+import hmac
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from edgemeter.settings import Settings
+from edgemeter.usage import clean_name
 
 # Header names carrying an API key, in the order gateways use them (OpenAI, Anthropic, Azure).
 _KEY_HEADERS = ("authorization", "x-api-key", "api-key")
 FINGERPRINT_HEX_CHARS = 16
+# Tenant, customer and correlation ids land in every envelope and on the customer's invoice:
+# bounded and printable, or not taken at all.
+MAX_ID_CHARS = 128
+# Marks a fingerprint made with meter_fingerprint_secret: a key map written for one scheme is
+# refused by a meter using the other, instead of silently matching no key at all.
+KEYED_PREFIX = "hmac:"
+_PLAIN = re.compile(rf"^[0-9a-f]{{{FINGERPRINT_HEX_CHARS}}}$")
+_KEYED = re.compile(rf"^{KEYED_PREFIX}[0-9a-f]{{{FINGERPRINT_HEX_CHARS}}}$")
+
+# Where an envelope's tenant and customer came from (metadata.attribution).
+Source = Literal["headers", "keymap", "unknown_key"]
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    """A key map entry: whom the requests made with one API key are billed to."""
+
+    tenant_id: str
+    customer_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Attribution:
+    tenant_id: str
+    customer_id: str
+    fingerprint: str
+    source: Source
+    # Headers whose values were refused (not a bounded printable id) and left out.
+    refused: tuple[str, ...] = ()
+
+
+def header_id(headers: Mapping[str, str], name: str) -> str | None:
+    """The id a header carries: "" when absent, None when it is not fit for an envelope
+    (control or format characters, surrounding spaces, more than MAX_ID_CHARS)."""
+    value = headers.get(name, "")
+    return clean_name(value, MAX_ID_CHARS) if value else ""
+
+
+def api_keys(headers: Mapping[str, str]) -> list[str]:
+    """Every API key the request carries, in header order: a client may send several, and
+    repeat a header (which a plain lookup would fold into one value)."""
+    get_all = getattr(headers, "get_all", None)
+    keys: list[str] = []
+    for name in _KEY_HEADERS:
+        values = get_all(name) if get_all is not None else [headers.get(name, "")]
+        for raw in values:
+            value = raw.strip()
+            if name == "authorization":
+                scheme, _, rest = value.partition(" ")
+                if scheme.lower() != "bearer":
+                    continue
+                value = rest.strip()
+            if value and value not in keys:
+                keys.append(value)
+    return keys
 
 
 def api_key(headers: Mapping[str, str]) -> str:
-    for name in _KEY_HEADERS:
-        value = headers.get(name, "").strip()
-        if not value:
-            continue
-        scheme, _, rest = value.partition(" ")
-        if name == "authorization":
-            if scheme.lower() != "bearer" or not rest.strip():
-                continue
-            value = rest.strip()
-        return value
-    return ""
+    """The key the request authenticates with: the first of `api_keys`."""
+    return next(iter(api_keys(headers)), "")
 
 
-def fingerprint(key: str) -> str:
-    """A SHA-256 prefix of the key: enough to tell keys apart, useless to call the API with."""
+def fingerprint(key: str, secret: bytes = b"") -> str:
+    """Enough of a hash to tell keys apart, useless to call the API with: an HMAC-SHA256 with
+    the secret ("hmac:" and 16 hex digits) or, without one, a SHA-256 prefix (16 hex digits).
+    Without a secret, whoever holds a list of candidate keys can test them against a
+    fingerprint; with one, only whoever also holds the secret can."""
     if not key:
         return ""
-    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[
-        :FINGERPRINT_HEX_CHARS
-    ]
+    data = key.encode("utf-8", "surrogateescape")
+    if secret:
+        digest = hmac.new(secret, data, hashlib.sha256).hexdigest()
+        return KEYED_PREFIX + digest[:FINGERPRINT_HEX_CHARS]
+    return hashlib.sha256(data).hexdigest()[:FINGERPRINT_HEX_CHARS]
+
+
+def is_fingerprint(text: str, *, keyed: bool) -> bool:
+    """Whether `text` is a fingerprint of the scheme a meter with (keyed) or without a
+    fingerprint secret computes."""
+    return bool((_KEYED if keyed else _PLAIN).match(text))
+
+
+def attribute(
+    headers: Mapping[str, str],
+    settings: Settings,
+    lookup: Callable[[str], Account | None] | None = None,
+) -> Attribution:
+    """Whom the request is billed to, under settings.attribution.
+
+    headers: the tenant and customer headers, as the trusted ingress set them. keymap: the key
+    map's entry for the first of the request's keys that has one (a client cannot escape its
+    own key's account by adding a made-up key in another header); the client's tenant and
+    customer headers are not read at all. No key in the map: tenant and customer are empty and
+    the source says unknown_key, so the usage is still billed, visibly unattributed."""
+    secret = settings.fingerprint_secret
+    keys = api_keys(headers)
+    if settings.attribution == "headers":
+        tenant = header_id(headers, settings.tenant_header)
+        customer = header_id(headers, settings.customer_header)
+        refused: tuple[str, ...] = (settings.tenant_header,) if tenant is None else ()
+        refused += (settings.customer_header,) if customer is None else ()
+        return Attribution(
+            tenant_id=tenant or "",
+            customer_id=customer or "",
+            fingerprint=fingerprint(keys[0], secret) if keys else "",
+            source="headers",
+            refused=refused,
+        )
+    prints = [fingerprint(key, secret) for key in keys]
+    for fp in prints:
+        account = lookup(fp) if lookup is not None else None
+        if account is not None:
+            return Attribution(account.tenant_id, account.customer_id, fp, "keymap")
+    return Attribution("", "", prints[0] if prints else "", "unknown_key")
+
+
+def source_of(settings: Settings, customer_id: str) -> Source:
+    """The attribution an envelope's request had: every key map entry names a customer, so in
+    keymap mode an empty customer means no key of the request was in the map when it arrived
+    (meter_attribution itself cannot change while the meter runs)."""
+    if settings.attribution == "headers":
+        return "headers"
+    return "keymap" if customer_id else "unknown_key"

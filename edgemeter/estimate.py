@@ -40,25 +40,23 @@ def request_tokens(body: bytes) -> int:
     """Prompt tokens of a request body: its text, plus a few per message; at least 1."""
     try:
         obj = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return max(1, tokens(len(body)))
     chars, messages = _walk(obj)
     return max(1, tokens(chars) + TOKENS_PER_MESSAGE * messages)
 
 
 def _walk(obj: Any) -> tuple[int, int]:
+    # A stack, not recursion: the body is the client's, and as deep as json.loads allows.
     chars = messages = 0
-    if isinstance(obj, str):
-        return len(obj), 0
-    if isinstance(obj, list):
-        for item in obj:
-            c, m = _walk(item)
-            chars, messages = chars + c, messages + m
-    elif isinstance(obj, dict):
-        messages += 1 if "role" in obj else 0
-        for key, value in obj.items():
-            if key in _SKIP_KEYS:
-                continue
-            c, m = _walk(value)
-            chars, messages = chars + c, messages + m
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            chars += len(item)
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            messages += 1 if "role" in item else 0
+            stack.extend(value for key, value in item.items() if key not in _SKIP_KEYS)
     return chars, messages

@@ -6,7 +6,6 @@ parses usage on the side; `finish` turns what was seen into an envelope, or says
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -14,13 +13,30 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from edgemeter import envelope, estimate
-from edgemeter.decoding import Decode, UnsupportedEncoding, decoder_for
+from edgemeter.decoding import (
+    BodyTooLarge,
+    DecodeError,
+    Decoder,
+    DecompressionLimit,
+    UnsupportedEncoding,
+    body_tail,
+    decode_body,
+    decoder_for,
+)
 from edgemeter.envelope import Facts, Outcome, UsageSource
-from edgemeter.include_usage import split_events, strip_event
+from edgemeter.include_usage import EventSplitter, strip_event
 from edgemeter.pricing import Price
 from edgemeter.settings import CountRule
-from edgemeter.sse import SSEDecoder, SSEEvent
-from edgemeter.usage import Api, Extraction, Usage, normalize_openai
+from edgemeter.sse import DEFAULT_MAX_EVENT_BYTES, SSEDecoder, SSEEvent
+from edgemeter.usage import (
+    Api,
+    Extraction,
+    InvalidUsage,
+    Usage,
+    clean_name,
+    json_object,
+    normalize_openai,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +56,24 @@ class Request:
 
 
 @dataclass(frozen=True, slots=True)
+class Limits:
+    """What one response may cost the meter (meter_max_body_mb, meter_max_event_kb)."""
+
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
+
+
+DEFAULT_LIMITS = Limits()
+# A body too large to parse has only its end scanned for usage (Extraction.tail), decoding at
+# most this factor times the body limit to get there.
+TAIL_BYTES = 64 * 1024
+_TAIL_DECODE_FACTOR = 4
+
+
+@dataclass(frozen=True, slots=True)
 class Result:
-    """An envelope ready to spool, or the reason there is none."""
+    """An envelope ready to spool, or the reason there is none. With an envelope, `reason`
+    names what it was billed despite (oversize, invalid_usage, ...), "" when nothing."""
 
     envelope: dict[str, Any] | None
     reason: str = ""
@@ -51,32 +83,44 @@ class FlowMeter:
     __slots__ = (
         "broken",
         "decode",
+        "decoded_out",
         "decoder",
         "extraction",
         "first_byte_at",
-        "held",
         "injected",
+        "limits",
         "request",
         "request_body",
+        "splitter",
         "status_code",
+        "stopped",
         "stream",
         "strip",
+        "truncated",
     )
 
-    def __init__(self, request: Request) -> None:
+    def __init__(self, request: Request, limits: Limits = DEFAULT_LIMITS) -> None:
         self.request = request
+        self.limits = limits
         self.extraction = Extraction(request.api)
         self.request_body: bytes = b""
         self.status_code = 0
         self.stream = False
         self.first_byte_at: float | None = None
         self.decoder: SSEDecoder | None = None
-        self.decode: Decode | None = None
+        self.decode: Decoder | None = None
         # The meter added include_usage to the request (see include_usage.inject).
         self.injected = False
         # Remove that usage from the client's stream; then events are passed on whole.
         self.strip = False
-        self.held = b""
+        self.splitter: EventSplitter | None = None
+        # The client gets decoded bytes (stripping a compressed stream), to the end.
+        self.decoded_out = False
+        # Why parsing stopped early (oversize_event, decompression_limit, oversize); the bytes
+        # still flow, and what was seen is billed (see finish).
+        self.stopped = ""
+        # A decoded stream the rest of which cannot be decoded: the client gets no more.
+        self.truncated = False
         self.broken = False
 
     # -- response side ------------------------------------------------------------------------
@@ -86,7 +130,7 @@ class FlowMeter:
         caller drops Content-Encoding): only when stripping a compressed stream."""
         self.status_code = status_code
         self.stream = True
-        self.decoder = SSEDecoder()
+        self.decoder = SSEDecoder(self.limits.max_event_bytes)
         self.strip = strip and self.injected
         try:
             self.decode = decoder_for(content_encoding)
@@ -95,22 +139,32 @@ class FlowMeter:
             self.broken = True
             self.strip = False
             return False
-        return self.strip and self.decode is not None
+        if self.strip:
+            self.splitter = EventSplitter()
+        self.decoded_out = self.strip and self.decode is not None
+        return self.decoded_out
 
     def __call__(self, chunk: bytes) -> bytes | list[bytes]:
         """The stream callable. Without stripping every chunk is returned as it came, at once."""
-        if self.strip:
+        if self.first_byte_at is None and chunk:
+            self.first_byte_at = time.time()
+        if self.strip or self.decoded_out:
             return self._strip(chunk)
-        if not self.broken:
+        if not self.broken and not self.stopped:
             self._meter(chunk)
         return chunk
 
     def _meter(self, chunk: bytes) -> None:
         try:
-            if self.first_byte_at is None and chunk:
-                self.first_byte_at = time.time()
-            decoded = self.decode(chunk) if self.decode is not None and chunk else chunk
-            self._events(decoded, end=not chunk)
+            if self.decode is None or not chunk:
+                self._events(chunk, end=not chunk)
+                return
+            for piece in self.decode.feed(chunk):
+                self._events(piece, end=False)
+                if self.stopped:
+                    return  # nothing more is parsed: decoding on would only cost CPU
+        except DecompressionLimit:
+            self._stop("decompression_limit")
         except Exception:
             # A raising callable would drop the chunk on its way to the client: never let it.
             self.broken = True
@@ -123,39 +177,110 @@ class FlowMeter:
             events += self.decoder.close()
         for ev in events:
             self.extraction.event(ev)
+        if self.decoder.overflowed:
+            self._stop("oversize_event")
+
+    def _stop(self, reason: str) -> None:
+        """Parsing ends for this stream only; its bytes go on flowing. The first reason stays.
+        Stripping ends too: the usage event the meter asked for then reaches the client as
+        the upstream sent it (as with meter_stream_usage=inject)."""
+        self.stopped = self.stopped or reason
+        self.strip = False
 
     def _strip(self, chunk: bytes) -> list[bytes]:
-        """Pass on whole events only, minus the usage the meter caused. Returns a list: b""
-        would end an HTTP/1.1 chunked body early."""
+        """Pass on whole events only, minus the usage the meter caused; once stripping stopped,
+        the rest as it comes (decoded, if the client was told so). Returns a list: b"" would
+        end an HTTP/1.1 chunked body early."""
+        if self.truncated:
+            return []
+        out: list[bytes] = []
         try:
-            if self.first_byte_at is None and chunk:
-                self.first_byte_at = time.time()
-            data = self.decode(chunk) if self.decode is not None and chunk else chunk
-            if chunk:
-                raw_events, self.held = split_events(self.held + data)
+            if self.decode is not None and chunk:
+                for piece in self.decode.feed(chunk):
+                    self._strip_piece(piece, out)
             else:
-                raw_events, self.held = [self.held] if self.held else [], b""
-            out = []
-            for raw in raw_events:
-                self._events(raw, end=False)
-                out.append(strip_event(raw))
-            if not chunk:
-                self._events(b"", end=True)
-            sent = b"".join(out)
-            return [sent] if sent else []
+                self._strip_piece(chunk, out)
+            if not chunk and self.strip:
+                assert self.splitter is not None
+                if rest := self.splitter.take():
+                    out.append(self._strip_event(rest))
+                if self.strip:
+                    self._events(b"", end=True)
+        except DecodeError as e:
+            # The client was told the stream is not encoded: what cannot be decoded (a bomb
+            # past its bound, corrupt bytes) cannot go on, and the stream ends here.
+            if isinstance(e, DecompressionLimit):
+                self._stop("decompression_limit")
+            else:
+                self.broken, self.strip = True, False
+            self.truncated = True
+            logger.warning(f"decoded stream ends early: {e}")
+            if self.splitter is not None:
+                out.append(self.splitter.take())
         except Exception:
             # Fall back to passing bytes on untouched: a broken meter must not break the stream.
             logger.warning("usage stripping failed; passing the rest of the stream through")
             self.broken, self.strip = True, False
-            rest, self.held = self.held, b""
-            return [rest + chunk] if rest or chunk else []
+            if self.splitter is not None:
+                out.append(self.splitter.take())
+        sent = b"".join(out)
+        return [sent] if sent else []
 
-    def body(self, status_code: int, content: bytes | None, headers_at: float | None) -> None:
-        """A whole (non-streamed) response body, already content-decoded."""
+    def _strip_piece(self, piece: bytes, out: list[bytes]) -> None:
+        if not self.strip:
+            out.append(piece)
+            return
+        assert self.splitter is not None
+        limit = self.limits.max_event_bytes
+        for raw in self.splitter.feed(piece):
+            if self.strip and len(raw) > limit:
+                self._stop("oversize_event")
+            out.append(self._strip_event(raw) if self.strip else raw)
+        if self.strip and self.splitter.pending > limit:
+            # An event past the limit is not held for its end: it goes on as it comes.
+            self._stop("oversize_event")
+        if not self.strip:
+            out.append(self.splitter.take())
+
+    def _strip_event(self, raw: bytes) -> bytes:
+        try:
+            self._events(raw, end=False)
+            return strip_event(raw)
+        except Exception:
+            logger.warning("usage stripping failed; passing the rest of the stream through")
+            self.broken, self.strip = True, False
+            return raw
+
+    def body(
+        self, status_code: int, raw: bytes | None, content_encoding: str, headers_at: float | None
+    ) -> None:
+        """A whole (non-streamed) response body as it came, still content-encoded. Parsed when
+        it is at most max_body_bytes, decoded; a larger one (`oversize`) only has its end
+        scanned for the usage object, so memory stays bounded by the limit, not the body."""
         self.status_code = status_code
         self.first_byte_at = headers_at
-        if content:
-            self.extraction.body(content)
+        if not raw:
+            return
+        limit = self.limits.max_body_bytes
+        try:
+            if len(raw) <= limit:
+                try:
+                    self.extraction.body(decode_body(raw, content_encoding, limit))
+                    return
+                except BodyTooLarge:
+                    pass
+            self.stopped = "oversize"
+            tail = body_tail(raw, content_encoding, TAIL_BYTES, _TAIL_DECODE_FACTOR * limit)
+            self.extraction.tail(tail)
+        except DecompressionLimit:
+            self.stopped = "decompression_limit"
+        except BodyTooLarge:
+            pass  # too large even to reach its end: billed on the estimate
+        except DecodeError:
+            # Like mitmproxy's get_content(strict=False): a body mislabelled as encoded is read
+            # as it is.
+            if len(raw) <= limit:
+                self.extraction.body(raw)
 
     # -- the end ------------------------------------------------------------------------------
 
@@ -171,30 +296,43 @@ class FlowMeter:
         """`price_of(usage, model)` prices the usage (a price table, or flat);
         `anthropic_counts` are the routes whose OpenAI-shaped counts follow Anthropic's rules."""
         ex = self.extraction
+        usage, source, reason = ex.usage, "reported", self.stopped
         if ex.invalid is not None:
-            return Result(None, "invalid_usage")
-        usage, source = ex.usage, "reported"
-        if self.decoder is not None and self.decoder.overflowed and usage is None:
-            return Result(None, "event_too_large")
-        if ex.error is not None and usage is None and not aborted:
+            # Counts that are not counts come from a broken or hostile upstream, never from a
+            # client: none of its usage is trusted, and the estimate is billed, marked as such.
+            usage, reason = None, "invalid_usage"
+        if ex.error is not None and usage is None and not aborted and not reason:
             return Result(None, "upstream_error_without_usage")
-        if self.broken and usage is None:
+        if self.broken and usage is None and not reason:
             return Result(None, "unparsable_stream")
         if usage is None:
             # Never silently free: what was asked and what was streamed, estimated.
             usage, source = self._estimate(Usage()), "estimated"
-        elif aborted and (estimated := self._estimate(usage)).output_tokens > usage.output_tokens:
+        elif (aborted or self.stopped) and (
+            estimated := self._estimate(usage)
+        ).output_tokens > usage.output_tokens:
             # An Anthropic stream reports output_tokens=1 at its start; a client that hung up
-            # after 500 tokens has still consumed them.
+            # (or a stream the meter stopped parsing) after 500 tokens has still consumed them.
             usage, source = estimated, "estimated"
-        model = ex.model or requested_model(self.request_body) or "unknown"
+        model = ex.model
+        if model is None:
+            asked = requested_model(self.request_body)
+            model = clean_name(asked)
+            if model is None and asked:
+                reason = reason or "invalid_model"
+        if ex.bad_model:
+            reason = reason or "invalid_model"
+        model = model or "unknown"
         if (
             source == "reported"
             and self.request.api.startswith("openai.")
             and self.request.api != "openai.responses"
             and any(rule.matches(self.request.path, model) for rule in anthropic_counts)
         ):
-            usage = normalize_openai(usage.raw, anthropic_counts=True)
+            try:
+                usage = normalize_openai(usage.raw, anthropic_counts=True)
+            except InvalidUsage:
+                usage, source, reason = self._estimate(Usage()), "estimated", "invalid_usage"
         outcome: Outcome = "complete"
         if aborted:
             outcome = "client_aborted"
@@ -221,7 +359,7 @@ class FlowMeter:
             upstream_id=ex.upstream_id or "",
             api_key_fingerprint=req.api_key_fingerprint,
         )
-        return Result(envelope.build(facts, usage, price_of(usage, facts.model)))
+        return Result(envelope.build(facts, usage, price_of(usage, facts.model)), reason)
 
     def _estimate(self, reported: Usage) -> Usage:
         """Reported counts kept; missing input from the request, output from the text seen."""
@@ -233,12 +371,10 @@ class FlowMeter:
 
 
 def requested_model(body: bytes) -> str:
-    """The `model` of a JSON request body; parsed only when the response did not name one."""
+    """The `model` of a JSON request body as the client sent it, unchecked ("" if none);
+    parsed only when the response did not name one."""
     if b'"model"' not in body:
         return ""
-    try:
-        obj = json.loads(body)
-    except ValueError:
-        return ""
-    model = obj.get("model") if isinstance(obj, dict) else None
+    obj = json_object(body)
+    model = obj.get("model") if obj is not None else None
     return model if isinstance(model, str) else ""

@@ -15,12 +15,13 @@ _PREFIX = b'{"stream_options":{"include_usage":true},'
 
 def inject(body: bytes) -> bytes | None:
     """The request body asking for stream usage, or None when it must stay as it is: not a
-    streamed request, usage already asked for, or not a JSON object (never rewrite those)."""
+    streamed request, usage already asked for, or not a JSON object in UTF-8 (RFC 8259; never
+    rewrite anything else, including what Python's json also reads: UTF-16, a BOM, CESU-8)."""
     if b'"stream"' not in body:
         return None
     try:
-        obj = json.loads(body)
-    except ValueError:
+        obj = json.loads(body.decode("utf-8"))
+    except (ValueError, RecursionError):
         return None
     if not isinstance(obj, dict) or obj.get("stream") is not True:
         return None
@@ -36,24 +37,72 @@ def inject(body: bytes) -> bytes | None:
         **(options if isinstance(options, dict) else {}),
         "include_usage": True,
     }
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+    return _dumps(obj)
+
+
+def _dumps(obj: object) -> bytes | None:
+    """Compact JSON keeping non-ASCII text as it came; escaped where the text cannot be UTF-8
+    (lone surrogates from \\ud800-style escapes); None where it cannot be written at all."""
+    try:
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:
+        return json.dumps(obj, separators=(",", ":")).encode()
+    except (ValueError, RecursionError):
+        return None
+
+
+class EventSplitter:
+    """Raw SSE events (each with its blank line) as they complete in a stream, byte for byte.
+
+    Each byte is scanned once however the stream is split; `pending` bytes (the unfinished
+    event) are held until its blank line arrives, and `take` hands them over."""
+
+    __slots__ = ("_buf", "_line_start", "_scan")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._scan = 0  # where the search for the next line end resumes
+        self._line_start = 0
+
+    @property
+    def pending(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        buf = self._buf
+        buf += data
+        end = len(buf)
+        events: list[bytes] = []
+        event_start, line_start, pos = 0, self._line_start, self._scan
+        while (m := _LINE_END.search(buf, pos)) is not None:
+            if m.end() == end and m.group() == b"\r":
+                pos = m.start()  # may be the first half of \r\n: wait for the next byte
+                break
+            if m.start() == line_start:
+                # A blank line ends the event; a stray one between events passes on alone.
+                events.append(bytes(buf[event_start : m.end()]))
+                event_start = m.end()
+            line_start = pos = m.end()
+        else:
+            pos = end
+        if event_start:
+            del buf[:event_start]
+        self._scan, self._line_start = pos - event_start, line_start - event_start
+        return events
+
+    def take(self) -> bytes:
+        """The unfinished event's bytes; the splitter starts afresh."""
+        rest = bytes(self._buf)
+        self._buf.clear()
+        self._scan = self._line_start = 0
+        return rest
 
 
 def split_events(buf: bytes) -> tuple[list[bytes], bytes]:
     """Complete raw events (each with its blank line) and the incomplete rest of `buf`."""
-    events: list[bytes] = []
-    event_start = line_start = 0
-    for m in _LINE_END.finditer(buf):
-        if m.group() == b"\r" and m.end() == len(buf):
-            break  # may be the first half of \r\n: wait for the next byte
-        if m.start() == line_start and line_start > event_start:
-            events.append(buf[event_start : m.end()])
-            event_start = m.end()
-        elif m.start() == line_start:
-            event_start = m.end()  # a stray blank line between events: pass it on as its own
-            events.append(buf[line_start : m.end()])
-        line_start = m.end()
-    return events, buf[event_start:]
+    splitter = EventSplitter()
+    events = splitter.feed(buf)
+    return events, splitter.take()
 
 
 def strip_event(raw: bytes) -> bytes:
@@ -79,6 +128,9 @@ def strip_event(raw: bytes) -> bytes:
         if not obj.get("choices"):
             return b""
         del obj["usage"]
-        out.append(b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode())
+        if (stripped := _dumps(obj)) is None:
+            out.append(line)
+            continue
+        out.append(b"data: " + stripped)
         out.append(ending)
     return b"".join(out)

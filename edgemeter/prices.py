@@ -5,13 +5,10 @@ and keep the table current by reloading the file when it changes, without a rest
 from __future__ import annotations
 
 import datetime
-import difflib
-import hashlib
 import logging
 import os
 import re
 import time
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +17,7 @@ from typing import Any
 from edgemeter.errors import PriceTableError
 from edgemeter.pricing import Price, flat_price
 from edgemeter.usage import Usage
+from edgemeter.watched import Watched, did_you_mean, line_of, load_toml
 
 logger = logging.getLogger(__name__)
 
@@ -34,9 +32,6 @@ MAX_ENTRIES = 10_000
 MAX_KEY_CHARS = 256
 # Lookups are cached per table; model strings can come from clients, so the cache is bounded.
 _LOOKUP_CACHE_SIZE = 4096
-# A file whose mtime is this close to the moment it was read may still be rewritten within the
-# same timestamp tick (same size, same inode): re-read its content until it is older than that.
-_RACY_NS = 2_000_000_000
 
 RATE_KEYS = ("input", "cached_input", "cache_write", "output", "reasoning")
 _REQUIRED_RATES = ("input", "output")
@@ -152,29 +147,7 @@ def table_price(usage: Usage, entry: Entry, table_version: str) -> Price:
 
 def parse_table(data: str | bytes, *, source: str = "<string>") -> PriceTable:
     """Parse and validate a price table; raise PriceTableError naming the file, entry and key."""
-    if isinstance(data, bytes):
-        if len(data) > MAX_FILE_BYTES:
-            raise PriceTableError(f"larger than {MAX_FILE_BYTES} bytes", file=source)
-        try:
-            # utf-8-sig: an editor's byte-order mark is not a reason to reject a table.
-            text = data.decode("utf-8-sig")
-        except UnicodeDecodeError as e:
-            raise PriceTableError("not UTF-8 text", file=source, offset=e.start) from None
-    else:
-        text = data
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        message = str(e)
-        at = re.search(r"\(at line (\d+), column (\d+)\)$", message)
-        if at is None:
-            raise PriceTableError(f"not valid TOML: {message}", file=source) from None
-        raise PriceTableError(
-            f"not valid TOML: {message[: at.start()].strip()}",
-            file=source,
-            line=int(at.group(1)),
-            column=int(at.group(2)),
-        ) from None
+    doc, text = load_toml(data, source=source, max_bytes=MAX_FILE_BYTES, error=PriceTableError)
     return _validate(doc, text, source)
 
 
@@ -185,14 +158,14 @@ def _validate(doc: dict[str, Any], text: str, source: str) -> PriceTable:
             fields["entry"] = entry
         if key is not None:
             fields["key"] = key
-        line = _line_of(text, entry, key)
+        line = line_of(text, "models", entry, key)
         if line is not None:
             fields["line"] = line
         return PriceTableError(message, **fields)
 
     for key in doc:
         if key not in _TOP_KEYS:
-            raise fail(f"unknown top-level key {key!r}{_did_you_mean(key, _TOP_KEYS)}", key=key)
+            raise fail(f"unknown top-level key {key!r}{did_you_mean(key, _TOP_KEYS)}", key=key)
 
     version = doc.get("version")
     if isinstance(version, datetime.date) and not isinstance(version, datetime.datetime):
@@ -270,7 +243,7 @@ def _rates(name: str, body: dict[str, Any], fail: Callable[..., PriceTableError]
                 # [models.gpt-4.1] is models -> "gpt-4" -> "1": the dot is TOML's key separator.
                 hint = f' (a name with dots must be quoted: [models."{name}.{key}"])'
             else:
-                hint = _did_you_mean(key, RATE_KEYS)
+                hint = did_you_mean(key, RATE_KEYS)
             raise fail(f"unknown key {key!r}{hint}", entry=name, key=key)
     for key in _REQUIRED_RATES:
         if key not in body:
@@ -304,78 +277,14 @@ def _compile(pattern: str) -> re.Pattern[str]:
     return re.compile("".join(parts), re.DOTALL)
 
 
-def _did_you_mean(key: str, choices: tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(key, choices, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _line_of(text: str, entry: str | None, key: str | None) -> int | None:
-    """Best effort: the line of the entry's header or of the key in it (tomllib gives none)."""
-    lines = text.splitlines()
-
-    def first(pattern: str, start: int = 0, stop_at_header: bool = False) -> int | None:
-        regex = re.compile(pattern)
-        for i in range(start, len(lines)):
-            if stop_at_header and lines[i].lstrip().startswith("["):
-                return None
-            if regex.match(lines[i]):
-                return i
-        return None
-
-    def name(word: str) -> str:
-        quoted = re.escape(word)
-        return rf"""(?:"{quoted}"|'{quoted}'|{quoted})"""
-
-    if entry is None:
-        if key is None:
-            return None
-        # A top-level key precedes every table header; a misspelt table is a header itself.
-        found = first(rf"^\s*{name(key)}\s*=", stop_at_header=True)
-        if found is None:
-            found = first(rf"^\s*\[\s*{name(key)}\s*[\].]")
-        return None if found is None else found + 1
-    header = first(rf"^\s*\[\s*models\s*\.\s*{name(entry)}\s*[\].]")
-    if header is None:
-        return None
-    if key is not None:
-        found = first(rf"^\s*{name(key)}\s*=", header + 1, stop_at_header=True)
-        if found is not None:
-            return found + 1
-    return header + 1
-
-
 # -- the live table ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class _Signature:
-    """What changes when a file is edited: replaced (inode), truncated or grown (size), or
-    rewritten in place (mtime)."""
-
-    device: int
-    inode: int
-    size: int
-    mtime_ns: int
-
-    @classmethod
-    def of(cls, st: os.stat_result) -> _Signature:
-        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def _read(path: Path) -> tuple[bytes, _Signature]:
-    """The file's bytes (at most MAX_FILE_BYTES + 1) and the signature of what was read."""
-    with path.open("rb") as f:
-        signature = _Signature.of(os.fstat(f.fileno()))
-        return f.read(MAX_FILE_BYTES + 1), signature
-
-
 class PriceBook:
-    """The current price table for a path, reloaded when the file changes.
-
-    `price` checks the file's signature at most once per `check_interval_s`, on the caller's
-    thread, so no task or thread is needed. A bad file at construction raises PriceTableError
-    (startup stops); later, a bad, unreadable or deleted file keeps the previous table and logs
-    one ERROR per distinct problem, never per request, and `price` never raises."""
+    """The current price table for a path, reloaded when the file changes (see `Watched`: at
+    most one check per `check_interval_s`, on the caller's thread). A bad file at construction
+    raises PriceTableError (startup stops); later, a bad, unreadable or deleted file keeps the
+    previous table and logs one ERROR per distinct problem, and `price` never raises."""
 
     def __init__(
         self,
@@ -385,101 +294,35 @@ class PriceBook:
         check_interval_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if check_interval_s < 0:
-            raise PriceTableError("check interval must not be negative", value=check_interval_s)
         self.path: Path | None = Path(path).expanduser() if path else None
         self.currency = currency
-        self._interval = check_interval_s
-        self._clock = clock
-        self._table: PriceTable | None = None
-        self._signature: _Signature | None = None
-        self._racy = False
-        self._digest = b""  # of the content the current table was parsed from
-        self._bad_digest: bytes | None = None  # of the last content that failed to parse
-        self._problem: object = None  # what was last logged, so it is logged once
-        self._next_check = clock() + check_interval_s
-        if self.path is None:
-            return
-        try:
-            data, signature = _read(self.path)
-        except (OSError, ValueError) as e:
-            raise PriceTableError(
-                f"cannot read the price table: {e}", file=str(self.path)
-            ) from None
-        self._install(self._parse(data), data, signature)
+        self._file: Watched[PriceTable] | None = None
+        if self.path is not None:
+            self._file = Watched(
+                self.path,
+                self._parse,
+                what="price table",
+                doing="pricing",
+                describe=lambda t: f"version {t.version}, {len(t.entries)} entries",
+                logger=logger,
+                error=PriceTableError,
+                max_bytes=MAX_FILE_BYTES,
+                on_reload=self._reloaded,
+                check_interval_s=check_interval_s,
+                clock=clock,
+            )
 
     @property
     def table(self) -> PriceTable | None:
-        return self._table
+        return self._file.value if self._file is not None else None
 
     def price(self, usage: Usage, model: str, flat_micro_per_token: int) -> Price:
         """The debit for `usage` of `model`: its table entry, else the flat price."""
-        if self.path is not None:
-            try:
-                self._maybe_reload()
-            except Exception as e:
-                # Pricing must go on whatever the file system does; the table stays as it was.
-                self._report(("unexpected", repr(e)), f"unexpected error while checking: {e!r}")
-        table = self._table
+        table = self._file.get() if self._file is not None else None
         entry = table.lookup(model) if table is not None else None
         if table is None or entry is None:
             return flat_price(usage, flat_micro_per_token)
         return table_price(usage, entry, table.version)
-
-    # -- reloading --------------------------------------------------------------------------
-
-    def _maybe_reload(self) -> None:
-        now = self._clock()
-        if now < self._next_check or self.path is None:
-            return
-        self._next_check = now + self._interval
-        try:
-            signature = _Signature.of(os.stat(self.path))
-        except (OSError, ValueError) as e:
-            self._signature = None  # whatever appears there next is read
-            self._report(("stat", type(e).__name__), f"cannot read the file ({e})")
-            return
-        if signature == self._signature and not self._racy:
-            return
-        try:
-            data, signature = _read(self.path)
-        except (OSError, ValueError) as e:
-            self._signature = None
-            self._report(("read", type(e).__name__), f"cannot read the file ({e})")
-            return
-        digest = hashlib.sha256(data).digest()
-        if digest == self._digest:
-            # Touched, re-read while racy, or restored to what is loaded: nothing to reload.
-            self._signature, self._racy = signature, _is_racy(signature)
-            if self._problem is not None:
-                logger.info("price table %s is good again, version %s", self.path, self._version)
-            self._problem = self._bad_digest = None
-            return
-        if digest == self._bad_digest:
-            self._signature, self._racy = signature, _is_racy(signature)
-            return
-        try:
-            table = self._parse(data)
-        except PriceTableError as e:
-            self._signature, self._racy = signature, _is_racy(signature)
-            self._bad_digest = digest
-            self._report(("bad", digest), str(e))
-            return
-        old = self._table
-        self._install(table, data, signature)
-        if old is not None and old.version == table.version and not old.same_prices(table):
-            logger.warning(
-                "price table %s changed its prices but kept version %r: envelopes priced "
-                "before and after the change carry the same price_version",
-                self.path,
-                table.version,
-            )
-        logger.info(
-            "price table %s reloaded: version %s, %d entries",
-            self.path,
-            table.version,
-            len(table.entries),
-        )
 
     def _parse(self, data: bytes) -> PriceTable:
         table = parse_table(data, source=str(self.path))
@@ -491,28 +334,11 @@ class PriceBook:
             )
         return table
 
-    def _install(self, table: PriceTable, data: bytes, signature: _Signature) -> None:
-        self._table = table
-        self._digest = hashlib.sha256(data).digest()
-        self._signature, self._racy = signature, _is_racy(signature)
-        self._bad_digest = None
-        self._problem = None
-
-    def _report(self, problem: object, detail: str) -> None:
-        if problem == self._problem:
-            return
-        self._problem = problem
-        logger.error(
-            "price table %s not reloaded, still pricing with version %s: %s",
-            self.path,
-            self._version,
-            detail,
-        )
-
-    @property
-    def _version(self) -> str:
-        return self._table.version if self._table is not None else "none"
-
-
-def _is_racy(signature: _Signature) -> bool:
-    return signature.mtime_ns > time.time_ns() - _RACY_NS
+    def _reloaded(self, old: PriceTable, new: PriceTable) -> None:
+        if old.version == new.version and not old.same_prices(new):
+            logger.warning(
+                "price table %s changed its prices but kept version %r: envelopes priced "
+                "before and after the change carry the same price_version",
+                self.path,
+                new.version,
+            )

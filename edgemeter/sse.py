@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DEFAULT_MAX_EVENT_BYTES = 4 * 1024 * 1024
+DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,13 +19,29 @@ class SSEEvent:
 
 
 class SSEDecoder:
-    """Turns chunks into events; line ends may be \\n, \\r\\n or \\r, split across chunks."""
+    """Turns chunks into events; line ends may be \\n, \\r\\n or \\r, split across chunks.
 
-    __slots__ = ("_data", "_event", "_has_data", "_max", "_size", "_skip_lf", "_tail", "overflowed")
+    An event counts against `max_event_bytes` with all its lines (data, event name, comments
+    and unknown fields alike) and its unfinished last line, so what is held never exceeds it."""
+
+    __slots__ = (
+        "_data",
+        "_event",
+        "_has_data",
+        "_max",
+        "_size",
+        "_skip_lf",
+        "_tail",
+        "_tail_len",
+        "overflowed",
+    )
 
     def __init__(self, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
         self._max = max_event_bytes
-        self._tail = b""
+        # The unfinished last line, in the pieces it came in: joining them only once its line
+        # end arrives keeps a long line sent in small chunks linear in its length.
+        self._tail: list[bytes] = []
+        self._tail_len = 0
         # A chunk that ended in \r may be followed by the \n of the same line end.
         self._skip_lf = False
         self._event = ""
@@ -41,18 +57,31 @@ class SSEDecoder:
             self._skip_lf = False
             if chunk[:1] == b"\n":
                 chunk = chunk[1:]
-        data = self._tail + chunk if self._tail else chunk
+                if not chunk:
+                    return []
+        if b"\n" not in chunk and b"\r" not in chunk:
+            self._tail.append(chunk)
+            self._tail_len += len(chunk)
+            if self._tail_len + self._size > self._max:
+                self._overflow()
+            return []
+        if self._tail:
+            self._tail.append(chunk)
+            data = b"".join(self._tail)
+        else:
+            data = chunk
         if b"\r" in data:
             self._skip_lf = data[-1:] == b"\r"
             data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         lines = data.split(b"\n")
-        self._tail = lines.pop()
+        last = lines.pop()
+        self._tail, self._tail_len = ([last], len(last)) if last else ([], 0)
         events: list[SSEEvent] = []
         for line in lines:
             self._line(line, events)
             if self.overflowed:
                 return events
-        if len(self._tail) + self._size > self._max:
+        if self._tail_len + self._size > self._max:
             self._overflow()
         return events
 
@@ -63,9 +92,10 @@ class SSEDecoder:
             return []
         events: list[SSEEvent] = []
         if self._tail:
-            self._line(self._tail, events)
-            self._tail = b""
-        self._line(b"", events)
+            self._line(b"".join(self._tail), events)
+            self._tail, self._tail_len = [], 0
+        if not self.overflowed:
+            self._line(b"", events)
         return events
 
     def _line(self, line: bytes, events: list[SSEEvent]) -> None:
@@ -77,6 +107,10 @@ class SSEDecoder:
             self._has_data = False
             self._size = 0
             return
+        self._size += len(line) + 1
+        if self._size > self._max:
+            self._overflow()
+            return
         if line[0] == 0x3A:  # ":" starts a comment (e.g. OpenRouter keep-alives)
             return
         name, sep, value = line.partition(b":")
@@ -85,14 +119,12 @@ class SSEDecoder:
         if name == b"data":
             self._data.append(value)
             self._has_data = True
-            self._size += len(value) + 1
-            if self._size > self._max:
-                self._overflow()
         elif name == b"event":
             self._event = value.decode("utf-8", "replace")
 
     def _overflow(self) -> None:
         self.overflowed = True
-        self._tail = b""
+        self._tail, self._tail_len = [], 0
         self._data = []
+        self._event = ""
         self._size = 0

@@ -5,6 +5,7 @@ or SSE events) open-world, and normalise it into the envelope's token fields (SP
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -33,6 +34,12 @@ _TEXT_FAMILY = {"anthropic.messages": "anthropic", "openai.responses": "response
 
 # A token count above this is not a count but garbage (or an attack on an invoice).
 MAX_TOKENS = 2**40
+# Model names and ids are short (the longest recorded: 84 characters); past this, garbage.
+MAX_NAME_CHARS = 256
+# Anthropic usage is merged over events: past this many keys it is not usage but an attack on
+# the meter's memory, and only the latest event's usage is kept.
+_MAX_MERGED_KEYS = 64
+_USAGE_KEY = re.compile(rb'"usage"\s*:\s*\{')
 
 
 def classify(path: str) -> Api | None:
@@ -64,6 +71,34 @@ class InvalidUsage(ValueError):
     """A usage object whose counts are not non-negative integers of a sane size."""
 
 
+def token_count(value: object, name: str = "count") -> int:
+    """`value` as a token count: a non-negative whole number up to MAX_TOKENS. A float with no
+    fraction (12.0, 1e3) counts, since JSON has one number type and gateways re-serialise;
+    booleans, strings ("12"), fractions, NaN, infinities and negatives raise InvalidUsage."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidUsage(f"{name} is not a number")
+    if isinstance(value, float) and not value.is_integer():  # also NaN and infinities
+        raise InvalidUsage(f"{name} is not a whole number")
+    count = int(value)
+    if not 0 <= count <= MAX_TOKENS:
+        raise InvalidUsage(f"{name} is out of range")
+    return count
+
+
+def clean_name(value: object, max_chars: int = MAX_NAME_CHARS) -> str | None:
+    """`value` if it is a name fit for an envelope (a model, an id): a string of 1 to `max_chars`
+    printable characters without surrounding whitespace; None otherwise. Names are refused,
+    never repaired: a repaired model name could be priced as another model.
+
+    Printable excludes control characters, bidi and zero-width format characters, surrogates,
+    private-use and unassigned code points, and every space but the ASCII one."""
+    if not isinstance(value, str) or not 0 < len(value) <= max_chars:
+        return None
+    if not value.isprintable() or value != value.strip():
+        return None
+    return value
+
+
 def _count(obj: Any, *path: str) -> int:
     """A token count at `path` in `obj`; absent or null is 0, anything not a count is invalid."""
     for key in path:
@@ -72,14 +107,16 @@ def _count(obj: Any, *path: str) -> int:
         obj = obj.get(key)
     if obj is None:
         return 0
-    if isinstance(obj, bool) or not isinstance(obj, int | float):
-        raise InvalidUsage(f"{'.'.join(path)} is not a number")
-    if isinstance(obj, float) and not obj.is_integer():  # also NaN and infinities
-        raise InvalidUsage(f"{'.'.join(path)} is not a whole number")
-    count = int(obj)
-    if not 0 <= count <= MAX_TOKENS:
-        raise InvalidUsage(f"{'.'.join(path)} is out of range")
-    return count
+    return token_count(obj, ".".join(path))
+
+
+def _bounded(usage: Usage) -> Usage:
+    """Sums of valid counts can still pass the cap: the parts are capped by these two."""
+    if usage.input_tokens > MAX_TOKENS:
+        raise InvalidUsage("input_tokens is out of range")
+    if usage.output_tokens > MAX_TOKENS:
+        raise InvalidUsage("output_tokens is out of range")
+    return usage
 
 
 def normalize_openai(usage: dict[str, Any], *, anthropic_counts: bool = False) -> Usage:
@@ -101,14 +138,16 @@ def normalize_openai(usage: dict[str, Any], *, anthropic_counts: bool = False) -
     if anthropic_counts:
         # total_tokens follows the same convention, so output is unaffected.
         prompt += cached + write
-    return Usage(
-        input_tokens=prompt,
-        cached_input_tokens=min(cached, prompt),
-        cache_write_tokens=min(write, prompt),
-        output_tokens=output,
-        # "Of which reasoning" stays true even when a provider reports more (OpenRouter does).
-        reasoning_tokens=min(reasoning, output),
-        raw=usage,
+    return _bounded(
+        Usage(
+            input_tokens=prompt,
+            cached_input_tokens=min(cached, prompt),
+            cache_write_tokens=min(write, prompt),
+            output_tokens=output,
+            # "Of which reasoning" stays true even when a provider reports more (OpenRouter does).
+            reasoning_tokens=min(reasoning, output),
+            raw=usage,
+        )
     )
 
 
@@ -119,12 +158,16 @@ def normalize_responses(usage: dict[str, Any]) -> Usage:
     total = _count(usage, "total_tokens")
     cached = _count(usage, "input_tokens_details", "cached_tokens")
     output = max(out, total - inp)
-    return Usage(
-        input_tokens=inp,
-        cached_input_tokens=min(cached, inp),
-        output_tokens=output,
-        reasoning_tokens=min(_count(usage, "output_tokens_details", "reasoning_tokens"), output),
-        raw=usage,
+    return _bounded(
+        Usage(
+            input_tokens=inp,
+            cached_input_tokens=min(cached, inp),
+            output_tokens=output,
+            reasoning_tokens=min(
+                _count(usage, "output_tokens_details", "reasoning_tokens"), output
+            ),
+            raw=usage,
+        )
     )
 
 
@@ -141,13 +184,15 @@ def normalize_anthropic(usage: dict[str, Any]) -> Usage:
         write += _count(part, "cache_creation_input_tokens")
         read += _count(part, "cache_read_input_tokens")
         out += _count(part, "output_tokens")
-    return Usage(
-        input_tokens=base + write + read,
-        cached_input_tokens=read,
-        cache_write_tokens=write,
-        output_tokens=out,
-        reasoning_tokens=min(_count(usage, "output_tokens_details", "thinking_tokens"), out),
-        raw=usage,
+    return _bounded(
+        Usage(
+            input_tokens=base + write + read,
+            cached_input_tokens=read,
+            cache_write_tokens=write,
+            output_tokens=out,
+            reasoning_tokens=min(_count(usage, "output_tokens_details", "thinking_tokens"), out),
+            raw=usage,
+        )
     )
 
 
@@ -167,6 +212,7 @@ class Extraction:
     __slots__ = (
         "_raw",
         "api",
+        "bad_model",
         "error",
         "events",
         "invalid",
@@ -183,6 +229,8 @@ class Extraction:
         self.upstream_id: str | None = None
         self.error: str | None = None
         self.invalid: str | None = None
+        # The upstream named a model that is not fit for an envelope (see clean_name).
+        self.bad_model = False
         self.events = 0
         # Characters of generated text seen, for an estimate when no usage is ever reported.
         self.output_chars = 0
@@ -192,11 +240,8 @@ class Extraction:
     # -- whole bodies -------------------------------------------------------------------------
 
     def body(self, content: bytes) -> None:
-        try:
-            obj = json.loads(content)
-        except ValueError:
-            return
-        if not isinstance(obj, dict):
+        obj = json_object(content)
+        if obj is None:
             return
         if self.api == "openai.responses" and _as_dict(obj.get("response")):
             obj = obj["response"]
@@ -207,6 +252,20 @@ class Extraction:
             self._set(usage)
         if self.usage is None:
             self.output_chars += text_chars(content, _TEXT_FAMILY.get(self.api, "openai"))
+
+    def tail(self, data: bytes) -> None:
+        """The end of a body too large to parse whole. Every API shape puts its usage object
+        near the end: the first `"usage":{` whose object decodes is taken (an unescaped quote
+        is JSON structure, so generated text never matches)."""
+        decoder = json.JSONDecoder()
+        for m in _USAGE_KEY.finditer(data):
+            try:
+                obj, _ = decoder.raw_decode(data[m.end() - 1 :].decode("utf-8", "replace"))
+            except (ValueError, RecursionError):
+                continue
+            if isinstance(obj, dict):
+                self._set(obj)
+                return
 
     # -- streams ------------------------------------------------------------------------------
 
@@ -272,7 +331,8 @@ class Extraction:
         elif kind == "message_delta":
             if (usage := _as_dict(obj.get("usage"))) is not None:
                 # Cumulative: any count the delta carries replaces the message_start one.
-                self._raw = {**self._raw, **usage}
+                merged = {**self._raw, **usage}
+                self._raw = merged if len(merged) <= _MAX_MERGED_KEYS else usage
                 self._set(self._raw)
         elif kind == "error":
             self.error = "error"
@@ -280,10 +340,11 @@ class Extraction:
     # -- shared ---------------------------------------------------------------------------------
 
     def _identity(self, obj: dict[str, Any]) -> None:
-        if self.model is None and (model := _as_str(obj.get("model"))):
-            self.model = model
-        if self.upstream_id is None and (upstream_id := _as_str(obj.get("id"))):
-            self.upstream_id = upstream_id
+        if self.model is None and (value := obj.get("model")) is not None and value != "":
+            self.model = clean_name(value)
+            self.bad_model = self.bad_model or self.model is None
+        if self.upstream_id is None:
+            self.upstream_id = clean_name(obj.get("id"))
 
     def _set(self, usage: dict[str, Any]) -> None:
         try:
@@ -304,9 +365,10 @@ def _may_carry_usage(data: bytes) -> bool:
 
 
 def json_object(data: bytes) -> dict[str, Any] | None:
-    """`data` parsed as a JSON object, None for anything else (open-world: never raises)."""
+    """`data` parsed as a JSON object, None for anything else (open-world: never raises, also
+    not on nesting deeper than the interpreter's recursion limit)."""
     try:
         obj = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return obj if isinstance(obj, dict) else None

@@ -1,8 +1,12 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+from typing import Any
 
-from edgemeter.envelope import Facts, build, encode, rfc3339
+import pytest
+
+from edgemeter.envelope import MAX_RAW_BYTES, Facts, bounded_raw, build, encode, rfc3339
 from edgemeter.pricing import flat_price
 from edgemeter.usage import Usage
 
@@ -72,3 +76,52 @@ def test_amount_survives_a_float_round_trip_exactly() -> None:
 
 def test_rfc3339_is_utc_seconds() -> None:
     assert rfc3339(0.9) == "1970-01-01T00:00:00Z"
+
+
+@pytest.mark.parametrize(
+    ("raw", "kept"),
+    [
+        ({"prompt_tokens": 1, "prompt_tokens_details": {"cached_tokens": 0}}, True),
+        ({"iterations": [{"input_tokens": 1}] * 20, "server_tool_use": {"web_search_requests": 1}}, True),
+        ({"queue_time": float("nan")}, True),
+        ({"note": "x" * 10_000}, False),
+        ({f"k{i}": i for i in range(2000)}, False),
+        ({"a": {"b": {"c": {"d": {"e": {"f": {"g": 1}}}}}}}, False),
+        ({"a": [[[[[[[1]]]]]]]}, False),
+    ],
+)  # fmt: skip
+def test_usage_raw_is_kept_only_while_it_is_small_plain_json(
+    raw: dict[str, Any], kept: bool
+) -> None:
+    bounded = bounded_raw(raw)
+    assert (bounded != {}) is kept
+    assert len(encode({"r": bounded})) <= MAX_RAW_BYTES + 10
+    if kept:
+        # As it came, NaN as null.
+        assert json.loads(encode({"r": bounded})) == json.loads(encode({"r": raw}))
+
+
+@pytest.mark.parametrize(
+    ("model", "upstream_id", "want_model", "want_id"),
+    [
+        ("GPT-4o-Mini", "chatcmpl-1", "GPT-4o-Mini", "chatcmpl-1"),
+        ("gpt-4o\x00evil", "id\nforged", "unknown", ""),
+        ("m" * 100_000, "i" * 100_000, "unknown", ""),
+        ("gpt\u202e4o", "\ud800", "unknown", ""),
+    ],
+)
+def test_names_unfit_for_an_envelope_never_reach_it(
+    model: str, upstream_id: str, want_model: str, want_id: str
+) -> None:
+    facts = replace(FACTS, model=model, upstream_id=upstream_id)
+    env = json.loads(encode(build(facts, USAGE, flat_price(USAGE, 156))))
+    assert env["metadata"]["model"] == want_model
+    assert env["reason"] == "usage:newapi:" + want_model.lower()
+    assert env["metadata"]["upstream_id"] == want_id
+
+
+def test_an_absurd_usage_raw_is_left_out_and_the_counts_kept() -> None:
+    usage = Usage(5, 0, 0, 7, 0, {"prompt_tokens": 5, "completion_tokens": 7, "x": "y" * 50_000})
+    meta = json.loads(encode(build(FACTS, usage, flat_price(usage, 156))))["metadata"]
+    assert meta["usage_raw"] == {}
+    assert (meta["input_tokens"], meta["output_tokens"], meta["tokens_used"]) == (5, 7, 12)

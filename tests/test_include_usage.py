@@ -1,12 +1,13 @@
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edgemeter.include_usage import inject, split_events, strip_event
+from edgemeter.include_usage import EventSplitter, inject, split_events, strip_event
 
 
 def test_a_streamed_request_without_usage_is_asked_for_it() -> None:
@@ -94,3 +95,61 @@ def test_events_are_split_whole_with_their_blank_line(newline: bytes) -> None:
 def test_a_trailing_cr_waits_for_its_lf() -> None:
     events, rest = split_events(b"data: x\r\n\r")
     assert events == [] and rest == b"data: x\r\n\r"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # Lone surrogates cannot be UTF-8: they are written escaped, the JSON stays equal.
+        b'{"stream":true,"stream_options":null,"messages":[{"content":"\\ud800 caf\xc3\xa9"}]}',
+        b'  \n{"stream":true}',
+    ],
+)
+def test_odd_but_valid_bodies_are_rewritten_into_equal_json(body: bytes) -> None:
+    out = inject(body)
+    assert out is not None
+    out.decode("utf-8")
+    expected = json.loads(body)
+    expected["stream_options"] = {"include_usage": True}
+    assert json.loads(out) == expected
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"stream":true,"x":' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        # What Python's json reads but RFC 8259 JSON is not: a BOM, UTF-16 (whose bytes here
+        # happen to spell "stream"), a lone surrogate written raw (CESU-8).
+        b'\xef\xbb\xbf{"stream":true,"model":"m"}',
+        '{"stream":true,"x":"\u7322\u7274\u6165\u226d"}'.encode("utf-16-le"),
+        '{"stream":true,"x":"\ud800"}'.encode("utf-8", "surrogatepass"),
+    ],
+)
+def test_bodies_only_pythons_json_reads_are_left_alone(body: bytes) -> None:
+    assert b'"stream"' in body
+    assert inject(body) is None
+
+
+def test_stripping_a_chunk_with_a_lone_surrogate_keeps_it_escaped() -> None:
+    raw = b'data: {"choices":[{"delta":{"content":"\\udc80"}}],"usage":{"prompt_tokens":1}}\n\n'
+    obj = json.loads(strip_event(raw).removeprefix(b"data: "))
+    assert obj == {"choices": [{"delta": {"content": "\udc80"}}]}
+
+
+@given(
+    body=st.binary(max_size=300)
+    | st.lists(
+        st.sampled_from([b"data: x", b"\n", b"\r", b"\r\n", b":c", b"event: e", b"yy"]),
+        max_size=40,
+    ).map(b"".join),
+    cuts=st.lists(st.integers(min_value=0), max_size=20),
+)
+def test_the_splitter_gives_the_same_events_for_any_split(body: bytes, cuts: list[int]) -> None:
+    whole, rest = split_events(body)
+    assert b"".join(whole) + rest == body
+    splitter = EventSplitter()
+    points = sorted({0, len(body), *(c % (len(body) + 1) for c in cuts)})
+    events = [ev for a, b in itertools.pairwise(points) for ev in splitter.feed(body[a:b])]
+    assert events == whole
+    assert splitter.pending == len(rest)
+    assert splitter.take() == rest

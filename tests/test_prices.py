@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edgemeter import prices
+from edgemeter import prices, watched
 from edgemeter.errors import MeterError, PriceTableError
 from edgemeter.prices import MAX_RATE, PriceBook, Rates, charge_micro, parse_table
 from edgemeter.pricing import Price
@@ -401,7 +401,7 @@ def test_a_same_size_rewrite_within_one_timestamp_tick_is_seen(tmp_path: Path) -
     with path.open("r+b") as f:  # in place: same inode, same size
         f.write(table_text("v2").encode())
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
-    assert prices._Signature.of(path.stat()) == prices._Signature.of(before)
+    assert watched.Signature.of(path.stat()) == watched.Signature.of(before)
     clock.now += 1
     assert book.price(ONE_IN, "gpt-4o-mini", 156).version == "v2:gpt-4o-mini"
 
@@ -413,13 +413,13 @@ def test_an_old_unchanged_file_is_only_statted(
     os.utime(path, ns=(0, 10**18))  # 2001: long past any timestamp tick
     book = PriceBook(path, clock=clock)
     reads: list[Path] = []
-    real_read = prices._read
+    real_read = watched.read
 
-    def counted(p: Path) -> tuple[bytes, prices._Signature]:
+    def counted(p: Path, max_bytes: int) -> tuple[bytes, watched.Signature]:
         reads.append(p)
-        return real_read(p)
+        return real_read(p, max_bytes)
 
-    monkeypatch.setattr(prices, "_read", counted)
+    monkeypatch.setattr(watched, "read", counted)
     for _ in range(5):
         clock.now += 1
         book.price(ONE_IN, "gpt-4o-mini", 156)
@@ -445,10 +445,10 @@ def test_pricing_survives_an_unexpected_error_and_logs_it_once(
     path, clock = write(tmp_path / "p.toml", table_text("v1")), Clock()
     book = PriceBook(path, clock=clock)
 
-    def broken(_: os.stat_result) -> prices._Signature:
+    def broken(_: os.stat_result) -> watched.Signature:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(prices._Signature, "of", broken)
+    monkeypatch.setattr(watched.Signature, "of", broken)
     with caplog.at_level(logging.ERROR, logger="edgemeter.prices"):
         for _ in range(5):
             clock.now += 1

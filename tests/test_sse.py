@@ -86,3 +86,44 @@ def test_memory_is_bounded_by_the_event_not_the_body() -> None:
     for _ in range(10_000):
         assert len(decoder.feed(event)) == 1
     assert not decoder.overflowed
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"data: " + b"x" * 100,
+        b"event: " + b"x" * 100,
+        b": comment " + b"x" * 100,
+        b"id: " + b"x" * 100,
+    ],
+)
+@pytest.mark.parametrize("size", [1, 7, 4096])
+def test_every_kind_of_line_counts_against_the_limit(line: bytes, size: int) -> None:
+    decoder = SSEDecoder(max_event_bytes=64)
+    body = line + b"\n\ndata: after\n\n"
+    events = [ev for i in range(0, len(body), size) for ev in decoder.feed(body[i : i + size])]
+    assert events + decoder.close() == []
+    assert decoder.overflowed
+
+
+def test_many_small_lines_without_a_blank_line_overflow() -> None:
+    decoder = SSEDecoder(max_event_bytes=1024)
+    for _ in range(200):
+        assert decoder.feed(b"data: 0123456789\n") == []
+    assert decoder.overflowed
+
+
+def test_an_event_just_within_the_limit_is_kept() -> None:
+    line = b"data: " + b"y" * 57  # 63 bytes, plus its line end: 64
+    decoder = SSEDecoder(max_event_bytes=64)
+    events = [ev for byte in range(len(line)) for ev in decoder.feed(line[byte : byte + 1])]
+    assert events + decoder.feed(b"\n\n") == [SSEEvent("", b"y" * 57)]
+    assert not decoder.overflowed
+
+
+def test_a_long_line_in_one_byte_chunks_yields_its_event() -> None:
+    payload = b"z" * 20_000
+    decoder = SSEDecoder()
+    body = b"data: " + payload + b"\r\n\r\n"
+    events = [ev for i in range(len(body)) for ev in decoder.feed(body[i : i + 1])]
+    assert events == [SSEEvent("", payload)]
