@@ -29,3 +29,14 @@ def uuid7(now_ms: int | None = None) -> str:
             value = _last + 1
         _last = value
     return str(uuid.UUID(int=value))
+
+
+def uuid7_ms(value: str) -> int | None:
+    """The Unix time in ms a UUIDv7 string was minted at; None for anything else."""
+    try:
+        parsed = uuid.UUID(value)
+    except ValueError:
+        return None
+    if parsed.version != 7:
+        return None
+    return parsed.int >> 80

@@ -9,7 +9,7 @@ import fnmatch
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -19,6 +19,8 @@ from edgemeter.errors import SettingsError
 StreamUsageMode = Literal["inject-strip", "inject", "off"]
 STREAM_USAGE_MODES: tuple[StreamUsageMode, ...] = ("inject-strip", "inject", "off")
 SpoolSync = Literal["normal", "full"]
+SpoolFullPolicy = Literal["serve", "reject"]
+AttributionMode = Literal["headers", "keymap"]
 
 _NATS_SCHEMES = frozenset({"nats", "tls", "ws", "wss"})
 # RFC 9110 token characters: what a header name may contain.
@@ -31,15 +33,18 @@ _CURRENCY = re.compile(r"^[A-Z]{3}$")
 class Settings:
     nats_servers: tuple[str, ...]
     nats_creds: str
-    nats_token: str
+    # Secrets are kept out of repr: a Settings printed in a log or a traceback carries none.
+    nats_token: str = field(repr=False)
     nats_user: str
-    nats_password: str
+    nats_password: str = field(repr=False)
     nats_tls_ca: str
     nats_tls_cert: str
     nats_tls_key: str
     subject: str
     spool_dir: Path
     spool_sync: SpoolSync
+    spool_max_bytes: int | None
+    on_spool_full: SpoolFullPolicy
     paths: tuple[str, ...]
     price_micro_per_token: int
     prices_file: str
@@ -49,8 +54,16 @@ class Settings:
     stream_usage: StreamUsageMode
     publish_timeout_ms: int
     shutdown_drain_ms: int
+    shutdown_grace_ms: int
     admin_listen: tuple[str, int] | None
+    ready_broker_down_s: int
+    ready_spool_age_s: int
     anthropic_counts: tuple[CountRule, ...] = ()
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_event_bytes: int = 1024 * 1024
+    attribution: AttributionMode = "headers"
+    keymap_file: str = ""
+    fingerprint_secret: bytes = field(default=b"", repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,12 +97,28 @@ def parse_nats_urls(value: str, option: str = "meter_nats_url") -> tuple[str, ..
         try:
             parts.port  # noqa: B018 - raises ValueError for a non-numeric or out-of-range port
         except ValueError:
-            raise SettingsError("bad port in NATS URL", option=option, value=url) from None
+            # What stands where the port should be may be a password whose '@' was forgotten.
+            shown = redact_userinfo(url).rsplit(":", 1)[0] + ":***"
+            raise SettingsError("bad port in NATS URL", option=option, value=shown) from None
         if parts.scheme not in _NATS_SCHEMES or not parts.hostname:
             raise SettingsError(
-                "not a NATS URL (expected nats://host:port)", option=option, value=url
+                "not a NATS URL (expected nats://host:port)",
+                option=option,
+                value=redact_userinfo(url),
             )
     return urls
+
+
+def redact_userinfo(url: str) -> str:
+    """The URL with its user-info (`user:password@`) replaced by `***@`, fit for a message."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
+    netloc = rest[:end]
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    return f"{scheme}{sep}{netloc}{rest[end:]}"
 
 
 def parse_subject(value: str, option: str = "meter_subject") -> str:
@@ -154,6 +183,21 @@ def parse_spool_sync(value: str, option: str = "meter_spool_sync") -> SpoolSync:
     raise SettingsError("must be normal or full", option=option, value=value)
 
 
+def parse_spool_max_mb(value: int, option: str = "meter_spool_max_mb") -> int | None:
+    """Megabytes (MiB) of envelopes the spool may hold; 0 means no limit."""
+    if value < 0:
+        raise SettingsError("must not be negative (0: no limit)", option=option, value=value)
+    return value * 1024 * 1024 if value else None
+
+
+def parse_on_spool_full(value: str, option: str = "meter_on_spool_full") -> SpoolFullPolicy:
+    if value == "serve":
+        return "serve"
+    if value == "reject":
+        return "reject"
+    raise SettingsError("must be serve or reject", option=option, value=value)
+
+
 def parse_listen(value: str, option: str = "meter_admin_listen") -> tuple[str, int] | None:
     if not value:
         return None
@@ -180,6 +224,51 @@ def parse_file(value: str, option: str) -> str:
     if not path.is_file() or not os.access(path, os.R_OK):
         raise SettingsError("file not found or not readable", option=option, value=value)
     return str(path)
+
+
+def parse_attribution(value: str, option: str = "meter_attribution") -> AttributionMode:
+    if value == "headers":
+        return "headers"
+    if value == "keymap":
+        return "keymap"
+    raise SettingsError("must be headers or keymap", option=option, value=value)
+
+
+def parse_keymap_file(value: str, mode: AttributionMode, option: str = "meter_keymap") -> str:
+    """The key map is required in keymap mode, and refused in headers mode, where it would be
+    silently ignored while the operator believes attribution is protected."""
+    if mode == "keymap" and not value:
+        raise SettingsError("required when meter_attribution=keymap", option=option, value=value)
+    if mode == "headers" and value:
+        raise SettingsError(
+            "ignored unless meter_attribution=keymap (set it, or leave meter_keymap empty)",
+            option=option,
+            value=value,
+        )
+    return parse_file(value, option)
+
+
+def parse_fingerprint_secret(value: str, file: str) -> bytes:
+    """meter_fingerprint_secret, or the content of meter_fingerprint_secret_file (read now,
+    one trailing newline stripped). Errors never carry the secret."""
+    if value and file:
+        raise SettingsError(
+            "set meter_fingerprint_secret or meter_fingerprint_secret_file, not both",
+            option="meter_fingerprint_secret_file",
+        )
+    if not file:
+        return value.encode("utf-8", "surrogateescape")
+    path = parse_file(file, "meter_fingerprint_secret_file")
+    try:
+        secret = Path(path).read_bytes()
+    except OSError as e:
+        raise SettingsError(
+            f"cannot read: {e.strerror}", option="meter_fingerprint_secret_file", value=file
+        ) from None
+    secret = secret.removesuffix(b"\n").removesuffix(b"\r")
+    if not secret:
+        raise SettingsError("the file is empty", option="meter_fingerprint_secret_file", value=file)
+    return secret
 
 
 def parse_count_rules(value: str, option: str = "meter_anthropic_counts") -> tuple[CountRule, ...]:
@@ -211,6 +300,7 @@ def parse_settings(options: Mapping[str, object]) -> Settings:
             raise SettingsError("must be an integer", option=name, value=value)
         return value
 
+    attribution = parse_attribution(text("meter_attribution"))
     return Settings(
         nats_servers=parse_nats_urls(text("meter_nats_url")),
         nats_creds=parse_file(text("meter_nats_creds"), "meter_nats_creds"),
@@ -223,6 +313,8 @@ def parse_settings(options: Mapping[str, object]) -> Settings:
         subject=parse_subject(text("meter_subject")),
         spool_dir=parse_spool_dir(text("meter_spool_dir")),
         spool_sync=parse_spool_sync(text("meter_spool_sync")),
+        spool_max_bytes=parse_spool_max_mb(number("meter_spool_max_mb")),
+        on_spool_full=parse_on_spool_full(text("meter_on_spool_full")),
         paths=parse_paths(text("meter_paths")),
         price_micro_per_token=parse_non_negative(
             number("meter_price_micro_per_token"), "meter_price_micro_per_token"
@@ -238,6 +330,22 @@ def parse_settings(options: Mapping[str, object]) -> Settings:
         shutdown_drain_ms=parse_non_negative(
             number("meter_shutdown_drain_ms"), "meter_shutdown_drain_ms"
         ),
+        shutdown_grace_ms=parse_non_negative(
+            number("meter_shutdown_grace_ms"), "meter_shutdown_grace_ms"
+        ),
         admin_listen=parse_listen(text("meter_admin_listen")),
+        ready_broker_down_s=parse_non_negative(
+            number("meter_ready_broker_down_s"), "meter_ready_broker_down_s"
+        ),
+        ready_spool_age_s=parse_non_negative(
+            number("meter_ready_spool_age_s"), "meter_ready_spool_age_s"
+        ),
         anthropic_counts=parse_count_rules(text("meter_anthropic_counts")),
+        max_body_bytes=parse_positive(number("meter_max_body_mb"), "meter_max_body_mb") * 2**20,
+        max_event_bytes=parse_positive(number("meter_max_event_kb"), "meter_max_event_kb") * 2**10,
+        attribution=attribution,
+        keymap_file=parse_keymap_file(text("meter_keymap"), attribution),
+        fingerprint_secret=parse_fingerprint_secret(
+            text("meter_fingerprint_secret"), text("meter_fingerprint_secret_file")
+        ),
     )

@@ -24,6 +24,21 @@ SHARED = Path(os.environ.get("EDGEMETER_SHARED", ROOT.parent / "shared"))
 RECORDED = SHARED / "fixtures" / "recorded"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def default_spool_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Addons configured with default options open the default spool: never the user's own."""
+    path = tmp_path_factory.mktemp("default-spool")
+    before = os.environ.get("EDGEMETER_SPOOL_DIR")
+    os.environ["EDGEMETER_SPOOL_DIR"] = str(path)
+    try:
+        yield path
+    finally:
+        if before is None:
+            os.environ.pop("EDGEMETER_SPOOL_DIR", None)
+        else:
+            os.environ["EDGEMETER_SPOOL_DIR"] = before
+
+
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
     server = NatsServer(store_dir=tmp_path / "jetstream")

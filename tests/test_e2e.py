@@ -25,6 +25,7 @@ import pytest
 
 from edgemeter.demo import CANNED_REPLY, BackgroundDemo, Request, frame_chunks
 from edgemeter.harness import ROOT, MeterFactory, MeterProxy, NatsServer, free_port
+from spool.store import Spool
 from spool.streams import ensure_stream, stream_messages
 
 STREAM = "CATALYST_SME"
@@ -712,6 +713,37 @@ def test_proxy_serves_while_nats_is_down_and_the_spool_drains_later(
     assert all(p.headers.get("Nats-Msg-Id") == p.metadata["request_id"] for p in found)
     # SIGTERM: a clean exit, after its final drain.
     assert proxy.stop() == 0
+
+
+def test_a_full_spool_in_reject_mode_answers_503_before_the_upstream(
+    meter_factory: MeterFactory,
+    demo_upstream: BackgroundDemo,
+    stopped_nats_server: NatsServer,
+    tmp_path: Path,
+) -> None:
+    spool_dir = tmp_path / "full-spool"
+    with Spool(spool_dir) as spool:
+        spool.submit("0000-filler", b"x" * 1024 * 1024).result(timeout=10)
+    proxy = meter_factory.start(
+        demo_upstream.url,
+        stopped_nats_server.url,  # no broker: nothing drains the spool
+        f"meter_spool_dir={spool_dir}",
+        "meter_spool_max_mb=1",
+        "meter_on_spool_full=reject",
+    )
+    customer = unique("cus")
+    response = httpx2.post(
+        f"{proxy.url}/v1/chat/completions",
+        json={"model": "demo-chat", "messages": CHAT},
+        headers={"x-customer-id": customer},
+        timeout=10,
+    )
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "meter_spool_full"
+    assert forwarded(demo_upstream, customer) == []
+    # Paths that are not metered still pass.
+    models = httpx2.get(f"{proxy.url}/v1/models", headers={"x-customer-id": customer}, timeout=10)
+    assert models.status_code == 200
 
 
 # --- the README's first command -------------------------------------------------------------

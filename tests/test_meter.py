@@ -162,7 +162,61 @@ async def test_a_spool_failure_never_breaks_the_response(
     addon.spool.close()
     body = wire_body(recorded / "openai-chat-nonstream.json")
     await run_flow(addon, make_flow(), 200, body, stream=False)
-    assert addon.spool_failures == 1
+    assert addon.spool_failures == {"write_failed": 1}
+
+
+def fill_spool(addon: Meter, size: int) -> None:
+    assert addon.spool is not None
+    addon.spool.submit("0000-filler", b"x" * size).result(timeout=10)
+
+
+async def test_a_full_spool_keeps_serving_and_counts_what_it_could_not_spool(
+    meter: tuple[Meter, Any], recorded: Path
+) -> None:
+    addon, tctx = meter
+    tctx.configure(addon, meter_spool_max_mb=1)
+    fill_spool(addon, 1024 * 1024)
+    body = wire_body(recorded / "openai-chat-nonstream.json")
+    flow = make_flow()
+    sent = await run_flow(addon, flow, 200, body, stream=False)
+    assert sent == body and flow.response is not None and flow.response.status_code == 200
+    assert addon.spool_failures == {"full": 1}
+    assert addon.spool is not None and len(addon.spool) == 1  # the filler only
+    assert "spool failures: full 1" in addon.status()
+
+
+async def test_a_full_spool_rejects_metered_requests_before_the_upstream(
+    meter: tuple[Meter, Any],
+) -> None:
+    addon, tctx = meter
+    tctx.configure(addon, meter_spool_max_mb=1, meter_on_spool_full="reject")
+    fill_spool(addon, 1024 * 1024)
+    flow = make_flow()
+    addon.requestheaders(flow)
+    assert flow.response is not None and flow.response.status_code == 503
+    assert json.loads(flow.response.content or b"")["error"]["code"] == "meter_spool_full"
+    assert flow.id not in addon.flows
+    assert addon.rejected == 1
+
+    unmetered = make_flow("/v1/models", method="GET")
+    addon.requestheaders(unmetered)
+    assert unmetered.response is None  # only metered requests are refused
+
+
+async def test_reject_mode_serves_again_once_the_spool_has_room(
+    meter: tuple[Meter, Any], recorded: Path
+) -> None:
+    addon, tctx = meter
+    tctx.configure(addon, meter_spool_max_mb=1, meter_on_spool_full="reject")
+    fill_spool(addon, 1024 * 1024)
+    assert addon.spool is not None
+    addon.spool.delete(["0000-filler"])
+    body = wire_body(recorded / "openai-chat-nonstream.json")
+    flow = make_flow()
+    await run_flow(addon, flow, 200, body, stream=False)
+    assert flow.response is not None and flow.response.status_code == 200
+    assert addon.rejected == 0
+    assert len(spooled(addon)) == 1
 
 
 @pytest.mark.parametrize(
@@ -357,3 +411,18 @@ async def test_an_encoded_answer_is_metered_and_reaches_the_client_still_encoded
     assert flow.response.headers["content-encoding"] == encoding
     [env] = spooled(addon)
     assert env["metadata"]["tokens_used"] == 379
+
+
+def test_a_file_that_is_not_nats_credentials_stops_startup(tmp_path: Path) -> None:
+    seed_only = tmp_path / "user.nk"
+    seed_only.write_text(
+        "-----BEGIN USER NKEY SEED-----\nSUAxxxx\n------END USER NKEY SEED------\n"
+    )
+    addon = Meter()
+    with (
+        taddons.context(addon) as tctx,
+        pytest.raises(exceptions.OptionsError, match="meter_nats_creds: not a NATS credentials"),
+    ):
+        tctx.configure(
+            addon, meter_spool_dir=str(tmp_path / "spool"), meter_nats_creds=str(seed_only)
+        )

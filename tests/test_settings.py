@@ -5,6 +5,7 @@ from typing import Any
 
 import pytest
 
+from addons.meter import OPTIONS
 from edgemeter.errors import SettingsError
 from edgemeter.settings import (
     default_spool_dir,
@@ -18,29 +19,9 @@ from edgemeter.settings import (
     parse_subject,
 )
 
-DEFAULTS: dict[str, Any] = {
-    "meter_nats_url": "nats://127.0.0.1:4222",
-    "meter_nats_creds": "",
-    "meter_nats_token": "",
-    "meter_nats_user": "",
-    "meter_nats_password": "",
-    "meter_nats_tls_ca": "",
-    "meter_nats_tls_cert": "",
-    "meter_nats_tls_key": "",
-    "meter_subject": "catalyst.usage.recorded",
-    "meter_spool_dir": "/tmp/spool",
-    "meter_spool_sync": "normal",
-    "meter_paths": "/v1/",
-    "meter_price_micro_per_token": 156,
-    "meter_prices": "",
-    "meter_currency": "OMR",
-    "meter_tenant_header": "x-tenant-id",
-    "meter_customer_header": "x-customer-id",
-    "meter_stream_usage": "inject-strip",
-    "meter_publish_timeout_ms": 5000,
-    "meter_shutdown_drain_ms": 5000,
-    "meter_admin_listen": "127.0.0.1:9464",
-    "meter_anthropic_counts": "",
+# Every option at its declared default: the addon's OPTIONS table is the one source of truth.
+DEFAULTS: dict[str, Any] = {name: default for name, _, default, _ in OPTIONS} | {
+    "meter_spool_dir": "/tmp/spool"
 }
 
 
@@ -72,6 +53,8 @@ def test_cluster_urls_are_split_and_trimmed() -> None:
         ("meter_tenant_header", "x tenant"),
         ("meter_stream_usage", "strip"),
         ("meter_spool_sync", "fast"),
+        ("meter_spool_max_mb", -1),
+        ("meter_on_spool_full", "drop"),
         ("meter_publish_timeout_ms", 0),
         ("meter_admin_listen", "9464"),
         ("meter_admin_listen", "127.0.0.1:70000"),
@@ -98,3 +81,15 @@ def test_parsers_normalise() -> None:
 def test_default_spool_dir_follows_xdg() -> None:
     assert default_spool_dir({"XDG_DATA_HOME": "/data"}) == Path("/data/edgemeter/spool")
     assert default_spool_dir({"EDGEMETER_SPOOL_DIR": "/var/spool/m"}) == Path("/var/spool/m")
+
+
+def test_spool_limit_is_in_mebibytes_and_zero_means_none() -> None:
+    assert parse_settings(DEFAULTS).spool_max_bytes == 1024 * 1024 * 1024
+    assert parse_settings(DEFAULTS | {"meter_spool_max_mb": 0}).spool_max_bytes is None
+    assert parse_settings(DEFAULTS | {"meter_spool_max_mb": 3}).spool_max_bytes == 3 * 2**20
+
+
+def test_the_readme_documents_every_option() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    missing = [name for name, *_ in OPTIONS if f"`{name}`" not in readme]
+    assert missing == []

@@ -1,0 +1,337 @@
+"""The admin endpoint: /healthz, /readyz and /metrics (Prometheus text), served on the proxy's own
+event loop, so a loop that stops answering fails the liveness probe too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Final
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from edgemeter.errors import MeterError
+
+logger = logging.getLogger(__name__)
+
+_MAX_REQUEST_LINE: Final = 4096
+_READ_TIMEOUT_S: Final = 5.0
+TOKEN_KINDS: Final = ("input", "cached_input", "cache_write", "output", "reasoning")
+
+# Milliseconds to seconds: publishes take a few ms locally, seconds when the broker struggles.
+_PUBLISH_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+# The write-ahead wait before a response's last byte: ~0.1 ms normally, more under disk pressure.
+_ADDED_BUCKETS: Final = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1)
+
+
+class AdminError(MeterError):
+    """The admin endpoint cannot listen where it was asked to."""
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Everything /readyz and /metrics report, read at one instant."""
+
+    metered: Mapping[tuple[str, str, str], int]
+    unmetered: Mapping[str, int]
+    anomalies: Mapping[str, int]
+    tokens: Mapping[str, int]
+    amount_micro: int
+    currency: str
+    rejected: int
+    unknown_keys: int
+    spool_failures: Mapping[str, int]
+    spool_writable: bool
+    spool_envelopes: int
+    spool_bytes: int
+    spool_oldest_age_s: float | None
+    dead_letters: int
+    acked: int
+    duplicates: int
+    publish_errors: Mapping[str, int]
+    broker_connected: bool
+    broker_down_s: float | None
+    stream_missing: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Thresholds:
+    """When /readyz says not ready; 0 disables a check. A spool that takes nothing makes the
+    meter unready only where it refuses requests for it (meter_on_spool_full=reject): with
+    `serve` the operator chose to keep traffic flowing, and a sidecar's readiness is its
+    gateway's."""
+
+    broker_down_s: int = 0
+    spool_age_s: int = 0
+    spool_full_unready: bool = True
+
+
+def readiness(snapshot: Snapshot, thresholds: Thresholds) -> list[str]:
+    """Why the meter is not ready; empty when it is."""
+    reasons = []
+    if thresholds.spool_full_unready and not snapshot.spool_writable:
+        reasons.append("spool is full or not writable")
+    down = snapshot.broker_down_s
+    if thresholds.broker_down_s and down is not None and down >= thresholds.broker_down_s:
+        reasons.append(f"broker unreachable for {down:.0f}s (limit {thresholds.broker_down_s}s)")
+    age = snapshot.spool_oldest_age_s
+    if thresholds.spool_age_s and age is not None and age >= thresholds.spool_age_s:
+        reasons.append(
+            f"oldest spooled envelope is {age:.0f}s old (limit {thresholds.spool_age_s}s)"
+        )
+    return reasons
+
+
+@dataclass
+class Histograms:
+    """The two distributions the meter observes as it goes (everything else is a snapshot)."""
+
+    publish: Histogram = field(
+        default_factory=lambda: Histogram(
+            "edgemeter_publish_latency_seconds",
+            "Time from publishing an envelope to the broker's ack.",
+            buckets=_PUBLISH_BUCKETS,
+            registry=None,
+        )
+    )
+    added: Histogram = field(
+        default_factory=lambda: Histogram(
+            "edgemeter_added_latency_seconds",
+            "Time a response's end waits for its envelope to be committed to the spool "
+            "(the latency the meter adds to a metered request).",
+            buckets=_ADDED_BUCKETS,
+            registry=None,
+        )
+    )
+
+
+class _SnapshotCollector(Collector):
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.snapshot
+        metered = CounterMetricFamily(
+            "edgemeter_metered_requests",
+            "Requests an envelope was spooled for.",
+            labels=("api", "outcome", "usage_source"),
+        )
+        for (api, outcome, source), n in sorted(s.metered.items()):
+            metered.add_metric((api, outcome, source), n)
+        yield metered
+        unmetered = CounterMetricFamily(
+            "edgemeter_unmetered_requests",
+            "Requests on a metered path that produced no envelope.",
+            labels=("reason",),
+        )
+        for reason, n in sorted(s.unmetered.items()):
+            unmetered.add_metric((reason,), n)
+        yield unmetered
+        anomalies = CounterMetricFamily(
+            "edgemeter_metered_anomalies",
+            "Envelopes billed despite a problem with the answer (invalid or oversize usage, "
+            "hostile headers...): usage estimated or ids left out.",
+            labels=("reason",),
+        )
+        for reason, n in sorted(s.anomalies.items()):
+            anomalies.add_metric((reason,), n)
+        yield anomalies
+        tokens = CounterMetricFamily(
+            "edgemeter_tokens", "Tokens in spooled envelopes, by kind.", labels=("kind",)
+        )
+        for kind in TOKEN_KINDS:
+            tokens.add_metric((kind,), s.tokens.get(kind, 0))
+        yield tokens
+        amount = CounterMetricFamily(
+            "edgemeter_amount_micro",
+            "Amount debited in spooled envelopes, in micro-units of the currency.",
+            labels=("currency",),
+        )
+        amount.add_metric((s.currency,), s.amount_micro)
+        yield amount
+        yield CounterMetricFamily(
+            "edgemeter_rejected_requests",
+            "Metered requests answered 503 because the spool took nothing "
+            "(meter_on_spool_full=reject).",
+            value=s.rejected,
+        )
+        yield CounterMetricFamily(
+            "edgemeter_unknown_keys",
+            "Metered requests whose API key the key map does not know (meter_attribution=keymap): "
+            "billed without tenant and customer.",
+            value=s.unknown_keys,
+        )
+        failures = CounterMetricFamily(
+            "edgemeter_spool_failures",
+            "Envelopes that could not be spooled (requests that go unbilled), by reason.",
+            labels=("reason",),
+        )
+        for reason in sorted({"full", "write_failed", *s.spool_failures}):
+            failures.add_metric((reason,), s.spool_failures.get(reason, 0))
+        yield failures
+        yield GaugeMetricFamily(
+            "edgemeter_spool_writable", "1 when the spool takes envelopes.", s.spool_writable
+        )
+        yield GaugeMetricFamily(
+            "edgemeter_spool_envelopes", "Envelopes waiting in the spool.", s.spool_envelopes
+        )
+        yield GaugeMetricFamily(
+            "edgemeter_spool_bytes", "Bytes of envelopes waiting in the spool.", s.spool_bytes
+        )
+        yield GaugeMetricFamily(
+            "edgemeter_spool_oldest_age_seconds",
+            "Age of the oldest envelope in the spool (0 when empty).",
+            s.spool_oldest_age_s or 0.0,
+        )
+        yield GaugeMetricFamily(
+            "edgemeter_dead_letters",
+            "Envelopes the broker refused for good, waiting in the dead-letter area.",
+            s.dead_letters,
+        )
+        publishes = CounterMetricFamily(
+            "edgemeter_publishes",
+            "Publishes to JetStream by result: acked (new), duplicate (acked, already stored), "
+            "error (by class).",
+            labels=("result", "error"),
+        )
+        publishes.add_metric(("acked", ""), s.acked - s.duplicates)
+        publishes.add_metric(("duplicate", ""), s.duplicates)
+        for kind, n in sorted(s.publish_errors.items()):
+            publishes.add_metric(("error", kind), n)
+        yield publishes
+        yield GaugeMetricFamily(
+            "edgemeter_broker_connected", "1 while connected to NATS.", s.broker_connected
+        )
+        yield GaugeMetricFamily(
+            "edgemeter_stream_missing",
+            "1 while no JetStream stream is bound to the subject.",
+            s.stream_missing,
+        )
+
+
+def render_metrics(snapshot: Snapshot, histograms: Histograms) -> bytes:
+    """The Prometheus text exposition of a snapshot and the histograms."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_SnapshotCollector(snapshot))
+    registry.register(histograms.publish)
+    registry.register(histograms.added)
+    return generate_latest(registry)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket for the endpoint, bound now so a taken port stops startup."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        return socket.create_server((host, port), family=family, backlog=64)
+    except OSError as e:
+        raise AdminError(f"cannot listen: {e.strerror or e}", host=host, port=port) from None
+
+
+Response = tuple[int, str, bytes]
+
+
+class AdminServer:
+    """A tiny HTTP/1.1 server: GET only, one request per connection."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        snapshot: Callable[[], Awaitable[Snapshot]],
+        thresholds: Callable[[], Thresholds],
+        histograms: Histograms,
+    ) -> None:
+        self.sock = sock
+        self.snapshot = snapshot
+        self.thresholds = thresholds
+        self.histograms = histograms
+        self._server: asyncio.Server | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.sock.getsockname()[:2]
+        return str(host), int(port)
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, sock=self.sock)
+        host, port = self.address
+        logger.info("admin endpoint at http://%s:%d (/healthz, /readyz, /metrics)", host, port)
+
+    async def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            self.sock.close()
+            return
+        server.close()
+        with contextlib.suppress(Exception):
+            await server.wait_closed()
+
+    async def respond(self, method: str, path: str) -> Response:
+        path = path.split("?", 1)[0]
+        if method not in ("GET", "HEAD"):
+            return 405, "text/plain; charset=utf-8", b"only GET\n"
+        if path == "/healthz":
+            return 200, "text/plain; charset=utf-8", b"ok\n"
+        if path == "/readyz":
+            reasons = readiness(await self.snapshot(), self.thresholds())
+            if reasons:
+                body = "not ready: " + "; ".join(reasons) + "\n"
+                return 503, "text/plain; charset=utf-8", body.encode()
+            return 200, "text/plain; charset=utf-8", b"ready\n"
+        if path == "/metrics":
+            return 200, CONTENT_TYPE_LATEST, render_metrics(await self.snapshot(), self.histograms)
+        return 404, "text/plain; charset=utf-8", b"not found: try /healthz, /readyz, /metrics\n"
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(_READ_TIMEOUT_S):
+                line = await reader.readline()
+                while (header := await reader.readline()) not in (b"\r\n", b"\n", b""):
+                    if len(header) > _MAX_REQUEST_LINE:
+                        return
+            parts = line.decode("latin-1").split()
+            if len(line) > _MAX_REQUEST_LINE or len(parts) != 3:
+                status, ctype, body = 400, "text/plain; charset=utf-8", b"bad request\n"
+            else:
+                status, ctype, body = await self.respond(parts[0], parts[1])
+            head = (
+                f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\n"
+                f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                "Cache-Control: no-store\r\nConnection: close\r\n\r\n"
+            )
+            writer.write(head.encode("latin-1") + (b"" if parts[:1] == ["HEAD"] else body))
+            await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass
+        except Exception:
+            logger.warning("admin endpoint failed to answer", exc_info=True)
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+
+_REASONS: Final = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    503: "Service Unavailable",
+}
+
+
+__all__ = [
+    "AdminError",
+    "AdminServer",
+    "Histograms",
+    "Snapshot",
+    "Thresholds",
+    "bind",
+    "readiness",
+    "render_metrics",
+]

@@ -1,0 +1,485 @@
+"""The container image's entrypoint: turns EDGEMETER_* and MITMPROXY_* environment variables into
+mitmproxy options, checks them, and execs mitmdump with the meter addon; and its health check.
+
+Rule: a meter option `meter_<name>` is `EDGEMETER_<NAME>`; any mitmproxy option `<name>` of the
+runner is `MITMPROXY_<NAME>`; EDGEMETER_UPSTREAM, EDGEMETER_LISTEN_HOST and EDGEMETER_LISTEN_PORT
+set the reverse-proxy mode and the listener. Everything is derived from the addon's OPTIONS table
+and from mitmproxy's own option list at run time, so a new option gets its variable by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import difflib
+import importlib.util
+import json
+import logging
+import os
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgemeter.errors import MeterError, SettingsError
+from edgemeter.settings import parse_listen, parse_settings
+
+METER_PREFIX = "EDGEMETER_"
+PROXY_PREFIX = "MITMPROXY_"
+RUNNER_VARIABLE = "EDGEMETER_RUNNER"
+ADDON_VARIABLE = "EDGEMETER_ADDON"
+ADMIN_VARIABLE = "EDGEMETER_ADMIN_LISTEN"
+# mitmweb is the same proxy with a web UI to debug in; serve the lean runner (edgemeter.serve),
+# which loads the meter itself.
+RUNNERS = ("mitmdump", "mitmweb", "serve")
+EXIT_USAGE = 2
+# Carries the checked arguments from the entrypoint to the interpreter it execs (main()).
+HANDOFF_VARIABLE = "_EDGEMETER_CONTAINER_ARGS"
+# An addon's mitmproxy options: (name, type, default, help), as in addons/meter.py.
+OptionRow = tuple[str, Any, Any, str]
+
+# Values of these options are credentials: an error message never repeats them.
+_SECRET_WORDS = ("password", "token", "passphrase", "secret", "auth")
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"false", "0", "no", "off"})
+
+
+class ContainerError(MeterError):
+    """An environment variable of the image that cannot be used."""
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One environment variable of the image and the mitmproxy option it sets."""
+
+    variable: str
+    option: str
+    # mitmproxy's name of the option's type: str, int, bool, optional str, optional int,
+    # sequence of str.
+    kind: str
+    default: Any
+    # How the variable's value becomes the option's (EDGEMETER_UPSTREAM: "reverse:{}").
+    template: str = "{}"
+    meter: bool = False
+    choices: tuple[str, ...] = ()
+
+    @property
+    def secret(self) -> bool:
+        return any(word in self.option for word in _SECRET_WORDS)
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyOption:
+    """One of the runner's own mitmproxy options."""
+
+    kind: str
+    default: Any
+    choices: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What the entrypoint runs: the runner's arguments, and what it says about the environment."""
+
+    args: list[str]
+    # Variables taken from the environment, by name only: values may be credentials.
+    given: list[str]
+    # Variables under the image's prefixes that set nothing (typos, Kubernetes service links).
+    ignored: list[str]
+
+
+# The listener and the mode: what every deployment sets, so they get short names of their own.
+_PROXY_SETTINGS = (
+    ("EDGEMETER_UPSTREAM", "mode", "reverse:{}"),
+    ("EDGEMETER_LISTEN_HOST", "listen_host", "{}"),
+    ("EDGEMETER_LISTEN_PORT", "listen_port", "{}"),
+)
+
+
+def meter_variable(option: str) -> str:
+    """`meter_nats_url` → `EDGEMETER_NATS_URL`."""
+    return METER_PREFIX + option.removeprefix("meter_").upper()
+
+
+def proxy_variable(option: str) -> str:
+    """`confdir` → `MITMPROXY_CONFDIR`."""
+    return PROXY_PREFIX + option.upper()
+
+
+def kind_of(typespec: Any) -> str:
+    from mitmproxy.utils import typecheck
+
+    return str(typecheck.typespec_to_str(typespec))
+
+
+def settings_table(
+    meter_options: Iterable[OptionRow], proxy_options: Mapping[str, ProxyOption]
+) -> dict[str, Setting]:
+    """Every variable the image reads, from the addon's OPTIONS and the runner's own options
+    (`proxy_options`)."""
+    table: dict[str, Setting] = {}
+
+    def add(setting: Setting) -> None:
+        if setting.variable in table or setting.variable in (RUNNER_VARIABLE, ADDON_VARIABLE):
+            raise ContainerError("two settings share a variable", variable=setting.variable)
+        table[setting.variable] = setting
+
+    for name, typespec, default, _help in meter_options:
+        add(Setting(meter_variable(name), name, kind_of(typespec), default, meter=True))
+    for variable, option, template in _PROXY_SETTINGS:
+        own = proxy_options.get(option, ProxyOption("str", ""))
+        add(Setting(variable, option, own.kind, own.default, template, choices=own.choices))
+    for option, own in sorted(proxy_options.items()):
+        # The meter addon is given with -s; MITMPROXY_SCRIPTS adds more (see plan()).
+        add(Setting(proxy_variable(option), option, own.kind, own.default, choices=own.choices))
+    return table
+
+
+def parse_runner(env: Mapping[str, str]) -> str:
+    runner = env.get(RUNNER_VARIABLE, "") or RUNNERS[0]
+    if runner not in RUNNERS:
+        raise ContainerError(
+            f"must be one of {', '.join(RUNNERS)}", variable=RUNNER_VARIABLE, value=runner
+        )
+    return runner
+
+
+def addon_path(env: Mapping[str, str]) -> Path:
+    """The meter addon script: $EDGEMETER_ADDON (the image sets it), else the checkout's."""
+    given = env.get(ADDON_VARIABLE, "")
+    path = Path(given) if given else Path(__file__).resolve().parent.parent / "addons" / "meter.py"
+    if not path.is_file():
+        raise ContainerError(
+            "the meter addon is not there", variable=ADDON_VARIABLE, value=str(path)
+        )
+    return path
+
+
+def load_meter_options(addon: Path) -> tuple[OptionRow, ...]:
+    """The OPTIONS table of the addon script: the one list of meter options."""
+    spec = importlib.util.spec_from_file_location("_edgemeter_container_addon", addon)
+    if spec is None or spec.loader is None:
+        raise ContainerError(
+            "cannot load the meter addon", variable=ADDON_VARIABLE, value=str(addon)
+        )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    options: tuple[OptionRow, ...] = tuple(module.OPTIONS)
+    return options
+
+
+def proxy_options(runner: str) -> dict[str, ProxyOption]:
+    """name → (kind, default, choices) of every option the runner has, read from its master
+    (built with its addons but never run and no option set, so nothing is written anywhere)."""
+    from mitmproxy import ctx, options, optmanager
+
+    # Building a master points mitmproxy's global context at it: what was there is put back.
+    saved = {
+        name: getattr(ctx, name) for name in ("master", "options", "log") if hasattr(ctx, name)
+    }
+
+    async def read() -> dict[str, ProxyOption]:
+        master: Any
+        if runner == "mitmweb":
+            from mitmproxy.tools.web.master import WebMaster
+
+            master = WebMaster(options.Options())
+        elif runner == "serve":
+            from edgemeter.serve import CoreMaster
+
+            # The lean runner without the meter: the meter's options come from OPTIONS.
+            master = CoreMaster(options.Options())
+        else:
+            from mitmproxy.tools.dump import DumpMaster
+
+            master = DumpMaster(options.Options())
+        dumped = optmanager.dump_dicts(master.options)
+        return {
+            name: ProxyOption(spec["type"], spec["default"], tuple(spec["choices"] or ()))
+            for name, spec in dumped.items()
+        }
+
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    try:
+        return asyncio.run(read())
+    finally:
+        # A master and its addons install log handlers that forward to its event loop, which is
+        # closed now: left in place, the next log line of this process would fail.
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
+        for name, value in saved.items():
+            setattr(ctx, name, value)
+
+
+def parse_value(setting: Setting, text: str) -> list[str | None]:
+    """The option values a variable's text stands for, as mitmproxy's `--set` takes them (None:
+    `--set name` alone, which unsets an optional option). A sequence takes one item a line."""
+    kind = setting.kind
+    if kind == "sequence of str":
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        return [setting.template.format(line) for line in lines] or [None]
+    if kind.startswith("optional ") and not text.strip():
+        return [None]
+    if kind.endswith("int"):
+        try:
+            return [str(int(text.strip()))]
+        except ValueError:
+            raise ContainerError("not an integer", variable=setting.variable) from None
+    if kind == "bool":
+        word = text.strip().lower()
+        if word in _TRUE | _FALSE:
+            return ["true" if word in _TRUE else "false"]
+        raise ContainerError("expected true or false", variable=setting.variable)
+    if setting.choices and text not in setting.choices:
+        raise ContainerError(
+            f"must be one of {', '.join(setting.choices)}", variable=setting.variable
+        )
+    return [setting.template.format(text)]
+
+
+def _shown(setting: Setting, text: str) -> str:
+    return "<hidden>" if setting.secret else text
+
+
+def _typed(setting: Setting, value: str | None) -> Any:
+    """An option value as the addon sees it, for the meter's own checks."""
+    if setting.kind == "int" and value is not None:
+        return int(value)
+    if setting.kind == "bool":
+        return value == "true"
+    return value
+
+
+def _check_mode(setting: Setting, value: str | None, text: str) -> None:
+    from mitmproxy.proxy.mode_specs import ProxyMode
+
+    try:
+        ProxyMode.parse(value or "")
+    except ValueError as e:
+        raise ContainerError(
+            f"not a proxy mode ({e})", variable=setting.variable, value=_shown(setting, text)
+        ) from None
+
+
+def _set_names(args: Sequence[str]) -> set[str]:
+    """Option names a command line sets: `--set name=value`, `--set=name=value`, `--mode`."""
+    names = set()
+    for i, arg in enumerate(args):
+        if arg == "--set" and i + 1 < len(args):
+            names.add(args[i + 1].split("=", 1)[0])
+        elif arg.startswith("--set="):
+            names.add(arg.removeprefix("--set=").split("=", 1)[0])
+        elif arg in ("-m", "--mode") or arg.startswith("--mode="):
+            names.add("mode")
+    return names
+
+
+def plan(
+    env: Mapping[str, str],
+    table: Mapping[str, Setting],
+    addon: Path,
+    extra: Sequence[str] = (),
+    runner: str = RUNNERS[0],
+) -> Plan:
+    """The runner's arguments for this environment: `-s <addon>` (serve loads the meter itself),
+    one `--set` per option given, then `extra` (the container's command). Raises ContainerError
+    naming the variable."""
+    given = {name: env[name] for name in sorted(env) if name in table}
+    by_option: dict[str, list[str]] = {}
+    for name in given:
+        by_option.setdefault(table[name].option, []).append(name)
+    for option, names in by_option.items():
+        if len(names) > 1:
+            raise ContainerError(
+                f"{option} is set by more than one variable", variable=" and ".join(names)
+            )
+    on_command_line = _set_names(extra)
+    if "mode" not in by_option and "mode" not in on_command_line:
+        raise ContainerError(
+            "not set: the URL of the gateway to meter, e.g. http://127.0.0.1:3000",
+            variable="EDGEMETER_UPSTREAM",
+        )
+    args = [] if runner == "serve" else ["-s", str(addon)]
+    meter_values: dict[str, Any] = {}
+    for name, text in given.items():
+        setting = table[name]
+        try:
+            values = parse_value(setting, text)
+        except ContainerError as e:
+            raise ContainerError(e.message, variable=name, value=_shown(setting, text)) from None
+        if setting.option == "mode":
+            for value in values:
+                _check_mode(setting, value, text)
+        if setting.option in on_command_line:
+            raise ContainerError(
+                "also set on the command line: give each option once", variable=name
+            )
+        if setting.option == "scripts":
+            # More addons next to the meter: -s adds, where --set scripts= would replace it.
+            args += [arg for value in values if value for arg in ("-s", value)]
+            continue
+        if setting.meter:
+            meter_values[setting.option] = _typed(setting, values[0])
+        args += [
+            arg
+            for value in values
+            for arg in ("--set", setting.option if value is None else f"{setting.option}={value}")
+        ]
+    _check_meter(meter_values, table)
+    ignored = [
+        name
+        for name in sorted(env)
+        if name.startswith((METER_PREFIX, PROXY_PREFIX))
+        and name not in table
+        and name not in (RUNNER_VARIABLE, ADDON_VARIABLE)
+    ]
+    return Plan(args + list(extra), list(given), ignored)
+
+
+def _check_meter(values: Mapping[str, Any], table: Mapping[str, Setting]) -> None:
+    """The addon's own checks (parse_settings), so a bad value stops here, named by variable."""
+    meter = {s.option: s for s in table.values() if s.meter}
+    try:
+        parse_settings({option: s.default for option, s in meter.items()} | dict(values))
+    except SettingsError as e:
+        option = str(e.fields.get("option", ""))
+        setting = meter.get(option)
+        if setting is None:
+            raise ContainerError(e.message, option=option) from None
+        shown = _shown(setting, str(e.fields.get("value", "")))
+        raise ContainerError(e.message, variable=setting.variable, value=shown) from None
+
+
+def suggestion(name: str, table: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(table), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def env_table(meter_options: Iterable[OptionRow]) -> str:
+    """The documented mapping (docs/CONTAINER.md): Markdown, one row per variable."""
+    rows = ["| variable | option | type | default |", "|---|---|---|---|"]
+    for variable, option, template in _PROXY_SETTINGS:
+        rows.append(f"| `{variable}` | `{option}` (`{template.format('VALUE')}`) | | |")
+    for name, typespec, default, _help in meter_options:
+        shown = f"`{default}`" if default != "" else '`""`'
+        rows.append(f"| `{meter_variable(name)}` | `{name}` | {kind_of(typespec)} | {shown} |")
+    return "\n".join(rows)
+
+
+def describe(e: ContainerError) -> str:
+    variable, value = e.fields.get("variable"), e.fields.get("value")
+    if variable is None:
+        return str(e)
+    return f"{variable}={value!r}: {e.message}" if value is not None else f"{variable}: {e.message}"
+
+
+def _say(message: str) -> None:
+    print(f"edgemeter-container: {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The image's ENTRYPOINT: checks the environment, then execs a fresh interpreter that runs
+    mitmproxy's own main (see `_run_handed_off`), so PID 1 is mitmdump and SIGTERM reaches its
+    handler; exit code 2, before anything starts, for a variable that cannot be used."""
+    if (handoff := os.environ.pop(HANDOFF_VARIABLE, None)) is not None:
+        return _run_handed_off(handoff)
+    extra = list(sys.argv[1:] if argv is None else argv)
+    env = os.environ
+    try:
+        addon = addon_path(env)
+        meter_options = load_meter_options(addon)
+        if extra == ["--env-table"]:
+            print(env_table(meter_options))
+            return 0
+        runner = parse_runner(env)
+        if runner == "serve":
+            _check_serve_finds(addon)
+        table = settings_table(meter_options, proxy_options(runner))
+        run = plan(env, table, addon, extra, runner)
+    except ContainerError as e:
+        _say(describe(e))
+        return EXIT_USAGE
+    for name in run.ignored:
+        _say(f"warning: {name} is not a setting and is ignored{suggestion(name, table)}")
+    _say(f"{runner} with {addon}, set from the environment: {', '.join(run.given) or 'nothing'}")
+    sys.stdout.flush()
+    # The arguments travel in the environment, not on the command line: /proc/<pid>/cmdline is
+    # readable by every process that can see this one, the environment only by its own user,
+    # and it holds the same credentials already. The new interpreter starts clean of the
+    # addon module and the masters the checks loaded.
+    os.execve(
+        sys.executable,
+        [sys.executable, "-m", "edgemeter.container"],
+        dict(env) | {HANDOFF_VARIABLE: json.dumps([runner, *run.args])},
+    )
+
+
+def _run_handed_off(handoff: str) -> int:
+    runner, *args = json.loads(handoff)
+    if runner == "serve":
+        from edgemeter import serve
+
+        return serve.main(args)
+    from mitmproxy.tools import main as mitmproxy_main
+
+    getattr(mitmproxy_main, runner)(args)
+    return 0
+
+
+def _check_serve_finds(addon: Path) -> None:
+    """serve loads addons/meter.py from next to the edgemeter package, not from EDGEMETER_ADDON:
+    an installed package (the image's) has none there."""
+    from edgemeter import serve
+
+    if not serve.METER_ADDON.is_file():
+        raise ContainerError(
+            f"serve loads the meter from {serve.METER_ADDON}, which is not there "
+            f"(the addon is at {addon}): use mitmdump",
+            variable=RUNNER_VARIABLE,
+            value="serve",
+        )
+
+
+def healthcheck(env: Mapping[str, str] | None = None, timeout: float = 5.0) -> int:
+    """The image's HEALTHCHECK: GET /healthz of the admin endpoint; 0 healthy, 1 not."""
+    env = os.environ if env is None else env
+    listen = env.get(ADMIN_VARIABLE)
+    if listen is None:
+        options = {row[0]: row[2] for row in load_meter_options(addon_path(env))}
+        listen = str(options["meter_admin_listen"])
+    try:
+        parsed = parse_listen(listen, ADMIN_VARIABLE)
+    except SettingsError as e:
+        print(f"unhealthy: {ADMIN_VARIABLE}={listen!r}: {e.message}", file=sys.stderr)
+        return 1
+    if parsed is None:
+        print("admin endpoint disabled: nothing to check")
+        return 0
+    host, port = parsed
+    # A wildcard listener is reached on loopback, from inside the container.
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            status = response.status
+    except urllib.error.HTTPError as e:
+        status = e.code
+    except OSError as e:
+        print(f"unhealthy: {url}: {e}", file=sys.stderr)
+        return 1
+    if status != 200:
+        print(f"unhealthy: {url} answered {status}", file=sys.stderr)
+        return 1
+    print(f"healthy: {url}")
+    return 0
+
+
+def healthcheck_main() -> int:
+    return healthcheck()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
