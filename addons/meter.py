@@ -10,6 +10,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -576,6 +577,7 @@ class Meter:
             if meter.start_stream(resp.status_code, encoding, strip):
                 # Stripping a compressed stream sends it decoded: say so before headers go out.
                 del resp.headers["content-encoding"]
+            meter.on_final = self._spool_early
             resp.stream = meter
 
     def response(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
@@ -664,11 +666,49 @@ class Meter:
                 writes.append(write)
         await asyncio.gather(*writes)
 
+    def _spool_early(self, meter: FlowMeter) -> None:
+        """Called by the stream callable once the upstream's last event is parsed, before that
+        event goes to the client: the envelope's commit starts now, so a client that stops
+        reading at [DONE] / message_stop and a meter that dies right after leave no gap where
+        the client has everything and the spool nothing (the response hook still awaits the
+        commit before the end of the body)."""
+        spool = self.spool
+        if spool is None:
+            return
+        try:
+            envelope = self._envelope(meter, aborted=False)
+            if envelope is None:
+                meter.early = (None, None, 0.0)  # not billable, and already counted so
+                return
+            key = envelope["metadata"]["request_id"]
+            meter.early = (envelope, self._submit(spool, key, envelope), time.monotonic())
+        except Exception:
+            # Never out of the stream callable: the end of the flow spools it instead.
+            logger.warning("early spooling failed; spooling at the end of the response")
+
     def _finish(
         self, meter: FlowMeter, *, aborted: bool, flow: http.HTTPFlow | None = None
     ) -> Awaitable[None] | None:
-        settings, spool = self.settings, self.spool
-        if settings is None or spool is None:
+        spool = self.spool
+        if meter.early is not None:
+            envelope, future, started = meter.early
+            if envelope is None:
+                return None
+        elif spool is None or (envelope := self._envelope(meter, aborted=aborted)) is None:
+            return None
+        else:
+            started = time.monotonic()
+            future = self._submit(spool, envelope["metadata"]["request_id"], envelope)
+        if flow is not None:
+            # For mitmweb: the envelope on the flow, and what it says at a glance.
+            flow.metadata["edgemeter"] = envelope
+            flow.comment, flow.marked = annotation(envelope)
+        return self._counted(self._spool(future, envelope["metadata"]["request_id"], started))
+
+    def _envelope(self, meter: FlowMeter, *, aborted: bool) -> dict[str, Any] | None:
+        """The request's envelope, counted in the metrics; None (counted) when not billable."""
+        settings = self.settings
+        if settings is None:
             return None
         prices, flat = self.prices, settings.price_micro_per_token
         result = meter.finish(
@@ -693,17 +733,21 @@ class Meter:
         tokens["output"] += meta["output_tokens"]
         tokens["reasoning"] += meta["reasoning_tokens"]
         self.amount_micro -= result.envelope["amount_micro_omr"]
-        if flow is not None:
-            # For mitmweb: the envelope on the flow, and what it says at a glance.
-            flow.metadata["edgemeter"] = result.envelope
-            flow.comment, flow.marked = annotation(result.envelope)
-        write = self._spool(spool, meta["request_id"], envelope_mod.encode(result.envelope))
-        return self._counted(write)
+        return result.envelope
 
-    async def _spool(self, spool: Spool, key: str, data: bytes) -> None:
-        started = time.monotonic()
+    @staticmethod
+    def _submit(spool: Spool, key: str, envelope: dict[str, Any]) -> Future[None]:
+        """Queue the envelope for the spool writer; a refusal comes back in the future."""
         try:
-            await spool.put(key, data)
+            return spool.submit(key, envelope_mod.encode(envelope))
+        except Exception as e:
+            failed: Future[None] = Future()
+            failed.set_exception(e)
+            return failed
+
+    async def _spool(self, future: Future[None], key: str, started: float) -> None:
+        try:
+            await asyncio.wrap_future(future)
             self.histograms.added.observe(time.monotonic() - started)
         except Exception as e:
             # The customer's traffic is never broken by the meter: count, log, move on.

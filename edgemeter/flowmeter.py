@@ -85,10 +85,12 @@ class FlowMeter:
         "decode",
         "decoded_out",
         "decoder",
+        "early",
         "extraction",
         "first_byte_at",
         "injected",
         "limits",
+        "on_final",
         "request",
         "request_body",
         "splitter",
@@ -122,6 +124,11 @@ class FlowMeter:
         # A decoded stream the rest of which cannot be decoded: the client gets no more.
         self.truncated = False
         self.broken = False
+        # Called once, from the stream callable, when the stream's last event has been parsed
+        # and before it is passed on (see Meter: the envelope is spooled then).
+        self.on_final: Callable[[FlowMeter], None] | None = None
+        # What that call spooled: set by its owner, read at the end of the flow.
+        self.early: Any = None
 
     # -- response side ------------------------------------------------------------------------
 
@@ -179,6 +186,9 @@ class FlowMeter:
             self.extraction.event(ev)
         if self.decoder.overflowed:
             self._stop("oversize_event")
+        if self.extraction.final and self.on_final is not None:
+            callback, self.on_final = self.on_final, None
+            callback(self)
 
     def _stop(self, reason: str) -> None:
         """Parsing ends for this stream only; its bytes go on flowing. The first reason stays.

@@ -204,6 +204,10 @@ def _as_str(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+# The events that end a Responses API stream.
+_RESPONSES_FINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
+
+
 class Extraction:
     """What one response told us: usage, model, id, and whether it ended in an error.
 
@@ -215,6 +219,7 @@ class Extraction:
         "bad_model",
         "error",
         "events",
+        "final",
         "invalid",
         "model",
         "output_chars",
@@ -232,6 +237,10 @@ class Extraction:
         # The upstream named a model that is not fit for an envelope (see clean_name).
         self.bad_model = False
         self.events = 0
+        # The stream's last event was seen ([DONE], response.completed/incomplete/failed,
+        # message_stop): the usage is final, the envelope can be spooled before the client
+        # gets that event.
+        self.final = False
         # Characters of generated text seen, for an estimate when no usage is ever reported.
         self.output_chars = 0
         # Anthropic streams report usage in two halves; keep the merged raw object.
@@ -277,6 +286,8 @@ class Extraction:
             self._anthropic_event(ev)
         elif self.api == "openai.responses":
             self._responses_event(ev)
+        elif data == b"[DONE]":
+            self.final = True
         elif self.model is None or _may_carry_usage(data) or b'"error"' in data:
             # Parsing every chunk of a long stream would cost more than mitmproxy itself; only
             # chunks up to the first that names the model (Azure's first one names none) and
@@ -313,10 +324,17 @@ class Extraction:
                 self._set(usage)
         if kind in ("error", "response.failed"):
             self.error = kind
+        if kind in _RESPONSES_FINAL:
+            self.final = True
 
     def _anthropic_event(self, ev: SSEEvent) -> None:
         data = ev.data
-        if not (b"message_start" in data or b'"usage"' in data or b'"error"' in data):
+        if not (
+            b"message_start" in data
+            or b'"usage"' in data
+            or b'"error"' in data
+            or b"message_stop" in data
+        ):
             return
         obj = json_object(data)
         if obj is None:
@@ -334,6 +352,8 @@ class Extraction:
                 merged = {**self._raw, **usage}
                 self._raw = merged if len(merged) <= _MAX_MERGED_KEYS else usage
                 self._set(self._raw)
+        elif kind == "message_stop":
+            self.final = True
         elif kind == "error":
             self.error = "error"
 

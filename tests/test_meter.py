@@ -426,3 +426,44 @@ def test_a_file_that_is_not_nats_credentials_stops_startup(tmp_path: Path) -> No
         tctx.configure(
             addon, meter_spool_dir=str(tmp_path / "spool"), meter_nats_creds=str(seed_only)
         )
+
+
+@pytest.mark.parametrize(
+    ("fixture", "path"),
+    [
+        ("openai-chat-stream-tool-call-usage.raw.sse", "/v1/chat/completions"),
+        ("anthropic-messages-stream-simple.raw.sse", "/v1/messages"),
+        ("openai-responses-stream.raw.sse", "/v1/responses"),
+    ],
+)
+async def test_a_stream_is_spooled_when_its_last_event_is_parsed_before_the_client_gets_it(
+    meter: tuple[Meter, Any], recorded: Path, fixture: str, path: str
+) -> None:
+    """A client stops reading at [DONE] / message_stop / response.completed: the envelope's
+    commit must already be under way when that event leaves, not at the end of the body."""
+    addon, _ = meter
+    body = wire_body(recorded / fixture)
+    flow = make_flow(path)
+    addon.requestheaders(flow)
+    addon.request(flow)
+    flow.response = tutils.tresp(headers=http.Headers(content_type="text/event-stream"))
+    flow.response.content = b""
+    addon.responseheaders(flow)
+    stream = flow.response.stream
+    assert callable(stream)
+    last = body.rindex(b"data:")  # the start of the last event
+    stream(body[:last])
+    assert addon.flows[flow.id].early is None
+    stream(body[last:])  # the last event: spooled before it is returned to mitmproxy
+    envelope, future, _ = addon.flows[flow.id].early
+    future.result(timeout=10)
+    assert [e["metadata"]["request_id"] for e in spooled(addon)] == [
+        envelope["metadata"]["request_id"]
+    ]
+    stream(b"")
+    pending = addon.response(flow)
+    assert pending is not None
+    await pending
+    [env] = spooled(addon)  # still one: the end of the flow does not spool it again
+    assert env == envelope
+    assert addon.metered[(env["metadata"]["api"], "complete", "reported")] == 1
