@@ -24,8 +24,10 @@ async def ensure_stream(
     *,
     storage: str = "file",
     duplicate_window_s: float = 120,
+    replicas: int = 1,
 ) -> None:
-    """Create the stream if it does not exist; an existing stream is left exactly as it is."""
+    """Create the stream if it does not exist; an existing stream is left exactly as it is.
+    `replicas` > 1 needs a JetStream cluster of at least that many servers."""
     nc = await nats.connect(url, allow_reconnect=False, connect_timeout=5)
     try:
         jsm = nc.jsm()
@@ -39,6 +41,7 @@ async def ensure_stream(
             subjects=list(subjects),
             storage=StorageType(storage),
             duplicate_window=duplicate_window_s,
+            num_replicas=replicas,
         )
         try:
             await jsm.add_stream(config)
