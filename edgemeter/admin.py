@@ -308,8 +308,9 @@ class AdminServer:
             await writer.drain()
         except (TimeoutError, ConnectionError):
             pass
-        except Exception:
-            logger.warning("admin endpoint failed to answer", exc_info=True)
+        except Exception as e:
+            logger.warning(f"admin endpoint failed to answer: {e!r}")
+            logger.debug("admin endpoint failed to answer", exc_info=True)
         finally:
             writer.close()
             with contextlib.suppress(Exception):

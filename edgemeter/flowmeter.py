@@ -172,10 +172,10 @@ class FlowMeter:
                     return  # nothing more is parsed: decoding on would only cost CPU
         except DecompressionLimit:
             self._stop("decompression_limit")
-        except Exception:
+        except Exception as e:
             # A raising callable would drop the chunk on its way to the client: never let it.
             self.broken = True
-            logger.warning("usage parsing failed; passing the rest of the stream through")
+            self._warn("usage parsing failed", e)
 
     def _events(self, data: bytes, *, end: bool) -> None:
         assert self.decoder is not None
@@ -189,6 +189,12 @@ class FlowMeter:
         if self.extraction.final and self.on_final is not None:
             callback, self.on_final = self.on_final, None
             callback(self)
+
+    def _warn(self, what: str, e: Exception) -> None:
+        logger.warning(
+            f"request {self.request.request_id}: {what} ({type(e).__name__}: {e}); "
+            "passing the rest of the stream through"
+        )
 
     def _stop(self, reason: str) -> None:
         """Parsing ends for this stream only; its bytes go on flowing. The first reason stays.
@@ -224,12 +230,12 @@ class FlowMeter:
             else:
                 self.broken, self.strip = True, False
             self.truncated = True
-            logger.warning(f"decoded stream ends early: {e}")
+            logger.warning(f"request {self.request.request_id}: decoded stream ends early: {e}")
             if self.splitter is not None:
                 out.append(self.splitter.take())
-        except Exception:
+        except Exception as e:
             # Fall back to passing bytes on untouched: a broken meter must not break the stream.
-            logger.warning("usage stripping failed; passing the rest of the stream through")
+            self._warn("usage stripping failed", e)
             self.broken, self.strip = True, False
             if self.splitter is not None:
                 out.append(self.splitter.take())
@@ -256,8 +262,8 @@ class FlowMeter:
         try:
             self._events(raw, end=False)
             return strip_event(raw)
-        except Exception:
-            logger.warning("usage stripping failed; passing the rest of the stream through")
+        except Exception as e:
+            self._warn("usage stripping failed", e)
             self.broken, self.strip = True, False
             return raw
 

@@ -284,7 +284,9 @@ class Spool:
                 self._bytes -= sum(len(write.data) for write in batch)
                 self._failed_at = time.monotonic()
                 self._probing = False
-            log.warning("spool write of %d envelopes failed: %s", len(batch), exc)
+            # DEBUG: whoever waits on the futures reports it (the meter: one ERROR a minute
+            # with the count), so a full disk under load does not flood the log from here too.
+            log.debug("spool write of %d envelopes failed: %s", len(batch), exc)
             return
         if self._failed_at:
             with self._lock:
@@ -296,8 +298,9 @@ class Spool:
         if callback is not None:
             try:
                 callback(len(batch))
-            except Exception:
-                log.warning("spool on_commit callback failed", exc_info=True)
+            except Exception as exc:
+                log.warning("spool on_commit callback failed: %r", exc)
+                log.debug("spool on_commit callback failed", exc_info=True)
 
     def _probe(self, cache: diskcache.Cache) -> None:
         try:
