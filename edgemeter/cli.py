@@ -12,7 +12,6 @@ import contextlib
 import json
 import logging
 import os
-import ssl
 import struct
 import sys
 import time
@@ -44,7 +43,7 @@ from edgemeter.settings import (
     parse_subject,
 )
 from spool.deadletter import DeadLetter, DeadLetters
-from spool.publisher import NatsConfig, Publisher, _Client, check_creds_file, redact_url
+from spool.publisher import NatsConfig, Publisher, auth_options, new_client, redact_url
 from spool.store import Spool
 
 if sys.platform != "win32":
@@ -389,9 +388,8 @@ async def connect(config: NatsConfig, timeout: float) -> NATS:
     """A client connected to one of the servers; once connected, nats-py reconnects by itself.
     Raises BrokerError with the last reason a server gave, as soon as each server has refused
     once, or when `timeout` runs out."""
-    if config.creds_file:
-        check_creds_file(config.creds_file)  # nats-py spins forever on a file without a JWT
-    nc = _Client(require_tls=config.tls_wanted)  # the meter's client: TLS is never skipped
+    options = auth_options(config)  # checks a creds file: nats-py spins on one without a JWT
+    nc = new_client(config)  # the meter's client: TLS is never skipped
     reasons: list[str] = []
     refused = asyncio.Event()
 
@@ -412,18 +410,8 @@ async def connect(config: NatsConfig, timeout: float) -> NATS:
         "reconnect_time_wait": 0.5,
         "connect_timeout": max(min(timeout, 2.0), 0.1),
         "error_cb": error_cb,
+        **options,
     }
-    if config.creds_file:
-        kwargs["user_credentials"] = config.creds_file
-    if config.token:
-        kwargs["token"] = config.token
-    if config.user:
-        kwargs["user"], kwargs["password"] = config.user, config.password
-    if config.tls_wanted:
-        context = ssl.create_default_context(cafile=config.tls_ca_file or None)
-        if config.tls_cert_file:
-            context.load_cert_chain(config.tls_cert_file, config.tls_key_file or None)
-        kwargs["tls"] = context
     connecting = asyncio.ensure_future(nc.connect(list(config.servers), **kwargs))
     giving_up = asyncio.ensure_future(refused.wait())
     try:

@@ -146,6 +146,33 @@ class _Client(NATS):
         await super()._process_info(info, initial_connection)
 
 
+def new_client(config: NatsConfig) -> NATS:
+    """A nats-py client that, with TLS configured, never talks in plaintext (see _Client)."""
+    return _Client(require_tls=config.tls_wanted)
+
+
+def auth_options(config: NatsConfig) -> dict[str, Any]:
+    """nats-py connect() options for the credentials and TLS of `config`; reads the files now."""
+    options: dict[str, Any] = {}
+    if config.creds_file:
+        check_creds_file(config.creds_file)
+        options["user_credentials"] = config.creds_file
+    if config.token:
+        options["token"] = config.token
+    if config.user:
+        options["user"] = config.user
+        options["password"] = config.password
+    if config.tls_wanted:
+        context = ssl.create_default_context(cafile=config.tls_ca_file or None)
+        context.check_hostname = True
+        if config.tls_cert_file:
+            context.load_cert_chain(config.tls_cert_file, config.tls_key_file or None)
+        options["tls"] = context
+        if config.tls_hostname:
+            options["tls_hostname"] = config.tls_hostname
+    return options
+
+
 def check_creds_file(path: str) -> None:
     """Raise PublishError unless the file holds a user JWT and an nkey seed.
 
@@ -363,7 +390,7 @@ class Publisher:
     async def _connect(self) -> None:
         """Return once connected; retry forever with backoff."""
         while self._nc is None or self._nc.is_closed:
-            nc = _Client(require_tls=self.config.tls_wanted)
+            nc = new_client(self.config)
             servers = list(self.config.servers)
             attempt = _Attempt(len(servers))
             # With max_reconnect_attempts=-1 nats-py's first connect() to a dead broker never
@@ -422,24 +449,9 @@ class Publisher:
             # Our own callbacks: nats-py's default error callback logs ERROR with a traceback,
             # and an ERROR before mitmproxy's `running` finishes makes mitmdump exit.
             **self._callbacks(nc, attempt),
+            # Per attempt, so rotated credentials and certificate files are picked up.
+            **auth_options(config),
         }
-        if config.creds_file:
-            check_creds_file(config.creds_file)  # read per attempt: rotated files are picked up
-            kwargs["user_credentials"] = config.creds_file
-        if config.token:
-            kwargs["token"] = config.token
-        if config.user:
-            kwargs["user"] = config.user
-            kwargs["password"] = config.password
-        if config.tls_wanted:
-            # Built per attempt, so rotated certificate files are picked up.
-            context = ssl.create_default_context(cafile=config.tls_ca_file or None)
-            context.check_hostname = True
-            if config.tls_cert_file:
-                context.load_cert_chain(config.tls_cert_file, config.tls_key_file or None)
-            kwargs["tls"] = context
-            if config.tls_hostname:
-                kwargs["tls_hostname"] = config.tls_hostname
         return kwargs
 
     def _callbacks(self, nc: NATS, attempt: _Attempt) -> dict[str, Any]:

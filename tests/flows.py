@@ -9,6 +9,8 @@ from mitmproxy import http
 from mitmproxy.test import tflow, tutils
 
 from addons.meter import Meter
+from edgemeter.flowmeter import DEFAULT_LIMITS, FlowMeter, Limits, Request
+from edgemeter.usage import Api
 from tests.corpus import chunked
 
 KEY = "sk-live-0123456789abcdef"
@@ -53,3 +55,31 @@ async def run_flow(
 def spooled(addon: Meter) -> list[dict[str, Any]]:
     assert addon.spool is not None
     return [json.loads(data) for _, data in addon.spool.read_page("", 100)]
+
+
+def flow_meter(
+    api: Api = "openai.chat",
+    *,
+    path: str = "/v1/chat/completions",
+    limits: Limits = DEFAULT_LIMITS,
+    injected: bool = False,
+    request_body: bytes = b"",
+    tenant: str = "",
+    customer: str = "",
+) -> FlowMeter:
+    """A FlowMeter for one request, without mitmproxy."""
+    m = FlowMeter(Request("id", api, path, 0.0, tenant, customer, "", ""), limits)
+    m.request_body = request_body
+    m.injected = injected
+    return m
+
+
+def feed_stream(m: FlowMeter, chunks: list[bytes]) -> bytes:
+    """Feeds the chunks, then the end of the body (b""), as mitmproxy does; returns what the
+    client receives."""
+    out = b""
+    for chunk in [*chunks, b""]:
+        sent = m(chunk)
+        assert isinstance(sent, bytes | list)
+        out += sent if isinstance(sent, bytes) else b"".join(sent)
+    return out

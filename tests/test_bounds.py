@@ -18,10 +18,11 @@ from mitmproxy.test import taddons, tutils
 
 from addons.meter import Meter
 from edgemeter.decoding import MAX_RATIO, SLACK
-from edgemeter.flowmeter import FlowMeter, Limits, Request, Result
+from edgemeter.flowmeter import FlowMeter, Limits, Result
 from edgemeter.pricing import flat_price
 from edgemeter.usage import Api
-from tests.flows import make_flow, run_flow, spooled
+from tests import flows
+from tests.flows import feed_stream, make_flow, run_flow, spooled
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -31,19 +32,15 @@ SMALL = Limits(max_body_bytes=1 * MIB, max_event_bytes=1 * KIB)
 def flow_meter(
     api: Api = "openai.chat", *, limits: Limits = SMALL, injected: bool = False
 ) -> FlowMeter:
-    path = {"anthropic.messages": "/v1/messages"}.get(api, "/v1/chat/completions")
-    m = FlowMeter(Request("id", api, path, 0.0, "t", "c", "", ""), limits)
-    m.request_body = b'{"model":"asked","messages":[{"role":"user","content":"hello there"}]}'
-    m.injected = injected
-    return m
-
-
-def feed(m: FlowMeter, chunks: list[bytes]) -> bytes:
-    out = b""
-    for chunk in [*chunks, b""]:
-        sent = m(chunk)
-        out += sent if isinstance(sent, bytes) else b"".join(sent)
-    return out
+    return flows.flow_meter(
+        api,
+        path={"anthropic.messages": "/v1/messages"}.get(api, "/v1/chat/completions"),
+        limits=limits,
+        injected=injected,
+        request_body=b'{"model":"asked","messages":[{"role":"user","content":"hello there"}]}',
+        tenant="t",
+        customer="c",
+    )
 
 
 def finish(m: FlowMeter, aborted: bool = False) -> Result:
@@ -85,7 +82,7 @@ def test_an_oversize_event_stops_parsing_and_every_byte_still_flows(
     wire = gzip.compress(body) if encoding else body
     m = flow_meter()
     m.start_stream(200, encoding, strip=False)
-    assert feed(m, pieces(wire, size)) == wire
+    assert feed_stream(m, pieces(wire, size)) == wire
     assert m.stopped == "oversize_event"
     result = finish(m)
     assert result.reason == "oversize_event" and result.envelope is not None
@@ -97,7 +94,7 @@ def test_an_oversize_event_stops_parsing_and_every_byte_still_flows(
 def test_usage_seen_before_an_oversize_event_is_billed_as_reported() -> None:
     m = flow_meter()
     m.start_stream(200, "", strip=False)
-    feed(m, [USAGE_ONLY, BIG, DONE])
+    feed_stream(m, [USAGE_ONLY, BIG, DONE])
     result = finish(m)
     assert result.envelope is not None and result.reason == "oversize_event"
     meta = result.envelope["metadata"]
@@ -111,7 +108,7 @@ def test_stripping_stops_at_an_oversize_event_and_the_rest_passes_as_it_came(siz
     body = CONTENT + USAGE_ONLY + BIG + CONTENT + USAGE_ONLY + DONE
     m = flow_meter(injected=True)
     assert m.start_stream(200, "", strip=True) is False
-    assert feed(m, pieces(body, size)) == CONTENT + BIG + CONTENT + USAGE_ONLY + DONE
+    assert feed_stream(m, pieces(body, size)) == CONTENT + BIG + CONTENT + USAGE_ONLY + DONE
     assert m.stopped == "oversize_event"
     result = finish(m)
     assert result.envelope is not None and result.reason == "oversize_event"
@@ -130,7 +127,7 @@ def test_an_endless_event_is_not_held_while_stripping() -> None:
     assert sent == line
     assert m.stopped == "oversize_event"
     assert m.splitter is not None and m.splitter.pending == 0
-    assert feed(m, []) == b""
+    assert feed_stream(m, []) == b""
 
 
 # -- compression bombs ----------------------------------------------------------------------
@@ -161,7 +158,7 @@ def test_a_streamed_bomb_stops_parsing_and_reaches_the_client_as_it_came(size: i
     chunks = pieces(wire, size)
     m = flow_meter()
     m.start_stream(200, "gzip", strip=False)
-    sent, peak = traced(lambda: feed(m, chunks))
+    sent, peak = traced(lambda: feed_stream(m, chunks))
     print(f"streamed bomb, {size} B chunks: peak {peak / MIB:.1f} MiB")
     assert sent == wire
     assert m.stopped == "decompression_limit"

@@ -12,10 +12,11 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgemeter.flowmeter import FlowMeter, Request
+from edgemeter.flowmeter import FlowMeter
 from edgemeter.usage import classify
 from tests.conftest import RECORDED
 from tests.corpus import api_of, wire_body
+from tests.flows import feed_stream, flow_meter
 
 STREAMS = sorted(p.name for p in RECORDED.glob("*") if p.name.endswith((".sse", ".chunks.txt")))
 ENCODINGS: dict[str, Callable[[bytes], bytes]] = {
@@ -33,17 +34,7 @@ def meter_for(name: str, *, injected: bool = False) -> FlowMeter:
         api, "/v1/chat/completions"
     )
     assert classify(path) is not None
-    m = FlowMeter(Request("id", api, path, 0.0, "", "", "", ""))
-    m.injected = injected
-    return m
-
-
-def run(m: FlowMeter, chunks: list[bytes]) -> bytes:
-    out = b""
-    for chunk in [*chunks, b""]:
-        sent = m(chunk)
-        out += sent if isinstance(sent, bytes) else b"".join(sent)
-    return out
+    return flow_meter(api, path=path, injected=injected)
 
 
 def split(body: bytes, cuts: list[int]) -> list[bytes]:
@@ -58,7 +49,7 @@ def with_line_end(body: bytes, newline: bytes) -> bytes:
 def reference(name: str, body: bytes) -> tuple[object, str | None, str | None]:
     m = meter_for(name)
     m.start_stream(200, "", strip=False)
-    run(m, [body])
+    feed_stream(m, [body])
     ex = m.extraction
     return ex.usage, ex.model, ex.error
 
@@ -77,7 +68,7 @@ def test_any_split_line_end_and_encoding_gives_the_same_usage_and_bytes(
     wire = ENCODINGS[encoding](body)
     m = meter_for(name)
     assert m.start_stream(200, encoding, strip=False) is False
-    assert run(m, split(wire, cuts)) == wire
+    assert feed_stream(m, split(wire, cuts)) == wire
     ex = m.extraction
     assert (ex.usage, ex.model, ex.error) == reference(
         name, with_line_end(wire_body(RECORDED / name), b"\n")
@@ -89,7 +80,7 @@ def test_every_byte_split_of_a_stream_keeps_its_usage(name: str) -> None:
     body = wire_body(RECORDED / name)
     m = meter_for(name)
     m.start_stream(200, "", strip=False)
-    assert run(m, [body[i : i + 1] for i in range(len(body))]) == body
+    assert feed_stream(m, [body[i : i + 1] for i in range(len(body))]) == body
     assert (m.extraction.usage, m.extraction.model, m.extraction.error) == reference(name, body)
 
 
@@ -107,11 +98,11 @@ def test_stripping_is_independent_of_splits_and_keeps_the_usage(
     body = wire_body(RECORDED / name)
     whole = meter_for(name, injected=True)
     whole.start_stream(200, "", strip=True)
-    expected = run(whole, [body])
+    expected = feed_stream(whole, [body])
     m = meter_for(name, injected=True)
     decoded = m.start_stream(200, encoding, strip=True)
     assert decoded is (encoding != "")
-    assert run(m, split(ENCODINGS[encoding](body), cuts)) == expected
+    assert feed_stream(m, split(ENCODINGS[encoding](body), cuts)) == expected
     assert m.extraction.usage == whole.extraction.usage == reference(name, body)[0]
     # Top-level usage is what include_usage adds; Groq's x_groq.usage comes regardless and stays.
     assert not any(isinstance(obj.get("usage"), dict) for obj in data_objects(expected))

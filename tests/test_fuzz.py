@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edgemeter.envelope import MAX_RAW_BYTES, Facts, build, encode
-from edgemeter.flowmeter import FlowMeter, Limits, Request
+from edgemeter.flowmeter import FlowMeter, Limits
 from edgemeter.include_usage import inject, strip_event
 from edgemeter.pricing import flat_price
 from edgemeter.sse import SSEDecoder, SSEEvent
@@ -32,6 +32,8 @@ from edgemeter.usage import (
     normalize_openai,
     normalize_responses,
 )
+from tests import flows
+from tests.flows import feed_stream
 
 FUZZ = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 APIS: list[Api] = [
@@ -370,22 +372,15 @@ def test_the_envelope_is_always_strict_utf8_json_with_validated_names(
 
 
 def flow_meter(api: Api, *, injected: bool = False) -> FlowMeter:
-    m = FlowMeter(
-        Request("id", api, "/v1/x", 0.0, "t", "c", "", ""),
-        Limits(max_body_bytes=64 * 1024, max_event_bytes=256),
+    return flows.flow_meter(
+        api,
+        path="/v1/x",
+        limits=Limits(max_body_bytes=64 * 1024, max_event_bytes=256),
+        injected=injected,
+        request_body=b'{"model":"asked","messages":[{"role":"user","content":"hi"}]}',
+        tenant="t",
+        customer="c",
     )
-    m.request_body = b'{"model":"asked","messages":[{"role":"user","content":"hi"}]}'
-    m.injected = injected
-    return m
-
-
-def run(m: FlowMeter, chunks: list[bytes]) -> bytes:
-    out = b""
-    for chunk in [*chunks, b""]:
-        sent = m(chunk)
-        assert isinstance(sent, bytes | list)
-        out += sent if isinstance(sent, bytes) else b"".join(sent)
-    return out
 
 
 def finish_checked(m: FlowMeter, aborted: bool) -> None:
@@ -414,7 +409,7 @@ def test_any_bytes_reach_the_client_exactly_as_they_came(
 ) -> None:
     m = flow_meter(api)
     assert m.start_stream(200, encoding, strip=False) is False
-    assert run(m, splits(body, cuts)) == body  # as declared, the bytes are not even encoded
+    assert feed_stream(m, splits(body, cuts)) == body  # as declared, the bytes are not even encoded
     finish_checked(m, aborted)
 
 
@@ -431,7 +426,7 @@ def test_validly_encoded_streams_reach_the_client_exactly_as_they_came(
     wire = ENCODE[encoding](body)
     m = flow_meter(api)
     m.start_stream(200, encoding, strip=False)
-    assert run(m, splits(wire, cuts)) == wire
+    assert feed_stream(m, splits(wire, cuts)) == wire
     finish_checked(m, aborted=False)
 
 
@@ -448,7 +443,7 @@ def test_stripping_arbitrary_streams_never_raises(
     wire = ENCODE[encoding](body) if valid else body
     m = flow_meter("openai.chat", injected=True)
     decoded = m.start_stream(200, encoding, strip=True)
-    sent = run(m, splits(wire, cuts))
+    sent = feed_stream(m, splits(wire, cuts))
     if not decoded and b'"usage"' not in body:
         # Nothing to strip: the client gets the upstream's bytes, byte for byte.
         assert sent == wire
