@@ -413,7 +413,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.execve(
         sys.executable,
         [sys.executable, "-m", "edgemeter.container"],
-        dict(env) | {HANDOFF_VARIABLE: json.dumps([runner, *run.args])},
+        dict(env) | {HANDOFF_VARIABLE: json.dumps([runner, *run.args]), ADDON_VARIABLE: str(addon)},
     )
 
 
@@ -430,16 +430,10 @@ def _run_handed_off(handoff: str) -> int:
 
 
 def _check_serve_finds(addon: Path) -> None:
-    """serve loads addons/meter.py from next to the edgemeter package, not from EDGEMETER_ADDON:
-    an installed package (the image's) has none there."""
-    from edgemeter import serve
-
-    if not serve.METER_ADDON.is_file():
+    """serve loads the meter from $EDGEMETER_ADDON (the handed-off environment carries it)."""
+    if not addon.is_file():
         raise ContainerError(
-            f"serve loads the meter from {serve.METER_ADDON}, which is not there "
-            f"(the addon is at {addon}): use mitmdump",
-            variable=RUNNER_VARIABLE,
-            value="serve",
+            f"serve finds no meter addon at {addon}", variable=ADDON_VARIABLE, value=str(addon)
         )
 
 

@@ -1,0 +1,218 @@
+"""The lean runner (`edgemeter serve`): mitmproxy's proxy core with only the addons a metering
+reverse proxy needs, plus the meter; the fastest way to run it (see docs/PERFORMANCE.md).
+
+mitmdump loads about 40 addons and every one of them is asked about every event of every flow;
+most of them (flow printing, replay, map/modify, save, ...) have nothing to do in front of an
+LLM gateway. Options and flags are mitmdump's (`--mode reverse:URL`, `-p`, `--listen-host`,
+`--set name=value`, `-s script`, config.yaml in the confdir); options of the addons left out
+are unknown here and stop startup.
+"""
+
+# mypy: disallow-untyped-calls=False
+# (mitmproxy's addons, addon manager and command-line helpers carry no annotations)
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import inspect
+import logging
+import os
+import sys
+import types
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from mitmproxy import addonmanager, exceptions, flow, hooks, master, options
+from mitmproxy.addons import (
+    block,
+    core,
+    disable_h2c,
+    errorcheck,
+    next_layer,
+    proxyserver,
+    script,
+    termlog,
+    tlsconfig,
+    update_alt_svc,
+    upstream_auth,
+)
+from mitmproxy.tools import cmdline
+from mitmproxy.tools import main as mitmproxy_main
+
+ROOT = Path(__file__).resolve().parent.parent
+METER_ADDON = ROOT / "addons" / "meter.py"
+NO_METER = "--no-meter"
+
+
+def lean_addons() -> list[Any]:
+    """The proxy core: what reverse-mode HTTP(S) proxying, mitmdump's safety defaults
+    (block_global, h2c upgrades, Alt-Svc rewriting), upstream_auth and `-s` scripts need."""
+    return [
+        core.Core(),  # option checks and the `set` command
+        block.Block(),  # block_global / block_private, as in mitmdump
+        disable_h2c.DisableH2C(),  # mitmproxy cannot speak h2c: strip upgrade attempts
+        proxyserver.Proxyserver(),  # listeners, connection handling, stream_large_bodies, limits
+        next_layer.NextLayer(),  # picks the protocol layers of each connection
+        tlsconfig.TlsConfig(),  # TLS to https:// upstreams and for https listeners
+        upstream_auth.UpstreamAuth(),  # --set upstream_auth=user:pass in reverse mode
+        update_alt_svc.UpdateAltSvc(),  # Alt-Svc must not send clients around the proxy
+        script.ScriptLoader(),  # -s: extra addons (the benchmark's loop probe, for one)
+        errorcheck.ErrorCheck(),  # like mitmdump: an ERROR during startup stops the process
+    ]
+
+
+def meter_addon() -> Any:
+    """The meter of addons/meter.py, the very addon `mitmdump -s addons/meter.py` loads; where
+    the package is installed without the checkout (the container image), $EDGEMETER_ADDON
+    names the file."""
+    path = Path(os.environ.get("EDGEMETER_ADDON") or METER_ADDON)
+    if not path.is_file():
+        raise SystemExit(f"edgemeter serve: the meter addon is missing at {path}")
+    spec = importlib.util.spec_from_file_location("edgemeter_meter_addon", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"edgemeter serve: cannot load the meter addon at {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # as an import would: dataclasses and pickling look there
+    spec.loader.exec_module(module)
+    return module.Meter()
+
+
+logger = logging.getLogger(__name__)
+Hooked = tuple[Any, Callable[..., Any]]
+
+
+class HookCache(addonmanager.AddonManager):
+    """mitmproxy's addon manager, but each event calls only the addons that implement it.
+
+    The stock manager walks every addon (and its children) for every event and every flow
+    update, entering a context manager and a coroutine per addon even when the addon has no
+    such hook. This one resolves the hooks of an event once and keeps the list until an addon
+    is registered or removed (scripts loading and reloading go through both). Errors are
+    handled as mitmproxy's safecall does: logged, and the flow goes on."""
+
+    def __init__(self, master: master.Master) -> None:
+        super().__init__(master)
+        self._hooks: dict[str, list[Hooked]] = {}
+
+    def register(self, addon: Any) -> Any:
+        self._hooks.clear()
+        try:
+            return super().register(addon)
+        finally:
+            self._hooks.clear()
+
+    def remove(self, addon: Any) -> None:
+        self._hooks.clear()
+        super().remove(addon)
+        self._hooks.clear()
+
+    def clear(self) -> None:
+        super().clear()
+        self._hooks.clear()
+
+    def hooked(self, name: str) -> list[Hooked]:
+        found = self._hooks.get(name)
+        if found is None:
+            found = []
+            for addon in addonmanager.traverse(self.chain):
+                func = getattr(addon, name, None)
+                if not func or isinstance(func, types.ModuleType):
+                    continue  # e.g. `from mitmproxy import log` in a script: not a hook
+                if not callable(func):
+                    raise exceptions.AddonManagerError(
+                        f"Addon handler {name} ({addon}) not callable"
+                    )
+                found.append((addon, func))
+            self._hooks[name] = found
+        return found
+
+    async def trigger_event(self, event: hooks.Hook) -> None:
+        hooked = self.hooked(event.name)
+        if not hooked:
+            return
+        args = event.args()
+        for _addon, func in hooked:
+            try:
+                result = func(*args)
+                if result is not None and inspect.isawaitable(result):
+                    await result
+            except exceptions.AddonHalt:
+                return
+            except exceptions.OptionsError:
+                raise
+            except Exception as e:
+                logger.error(f"Addon error: {e}", exc_info=True)
+
+    async def handle_lifecycle(self, event: hooks.Hook) -> None:
+        await self.trigger_event(event)
+        message = event.args()[0]
+        # Nothing in the lean runner shows flows: skip building update events nobody reads.
+        if isinstance(message, flow.Flow) and self.hooked("update"):
+            await self.trigger_event(hooks.UpdateHook([message]))
+
+
+class LeanMaster(master.Master):
+    """A master with the lean addons and the meter (the class attribute decides)."""
+
+    with_meter = True
+
+    def __init__(self, opts: options.Options) -> None:
+        super().__init__(opts, with_termlog=False)
+        # Swapped before any addon is added; the stock manager's options listener goes with it.
+        self.options.changed.disconnect(self.addons._configure_all)
+        self.addons = HookCache(self)
+        self._termlog_addon = termlog.TermLog()
+        self.addons.add(self._termlog_addon)
+        self.addons.add(*lean_addons())
+        if self.with_meter:
+            self.addons.add(meter_addon())
+
+    async def running(self) -> None:
+        await super().running()
+        if self.options.deferred:
+            # mitmproxy keeps unknown --set options for addons that may declare them later; none
+            # will here, and silently ignoring, say, modify_headers would surprise. Logged as an
+            # ERROR during startup, this stops the process (errorcheck), as a bad value does.
+            unknown = ", ".join(sorted(self.options.deferred))
+            logger.error(f"unknown options (not declared by the lean runner's addons): {unknown}")
+        # Startup leaves ~half a million long-lived objects (modules, options, certificates);
+        # every full collection would walk them all, stalling the loop for tens of milliseconds.
+        # Frozen, they are skipped: collections only see what the traffic creates.
+        gc.collect()
+        gc.freeze()
+
+
+class CoreMaster(LeanMaster):
+    """The lean proxy core without the meter: the benchmark's baseline for the meter's cost."""
+
+    with_meter = False
+
+
+def make_parser(opts: options.Options) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgemeter serve",
+        usage="%(prog)s [options]",
+        description="The meter on mitmproxy's proxy core without mitmdump's other addons. "
+        "Flags and --set options are mitmdump's; " + NO_METER + " runs the core alone.",
+    )
+    # common_options skips the flags of options that no loaded addon declares.
+    cmdline.common_options(parser, opts)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run until SIGTERM/SIGINT; the meter's final drain runs in its `done` hook, as under
+    mitmdump. Returns the exit code (startup errors exit 1 from inside mitmproxy)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    master_cls: type[LeanMaster] = LeanMaster
+    if NO_METER in args:
+        args.remove(NO_METER)
+        master_cls = CoreMaster
+    mitmproxy_main.run(master_cls, make_parser, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

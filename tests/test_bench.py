@@ -1,0 +1,130 @@
+"""The benchmark: its upstream and load generator against each other, its figures and budgets,
+and a smoke run of every phase against real processes (figures printed, never timed)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edgemeter.bench import (
+    BenchUpstream,
+    Budget,
+    LoadSpec,
+    _ratios,
+    budgets,
+    python_load,
+    stream_events,
+)
+from edgemeter.harness import ROOT
+from edgemeter.sse import SSEDecoder
+from edgemeter.usage import Extraction
+
+
+def test_a_bench_stream_carries_the_usage_the_meter_reads() -> None:
+    extraction = Extraction("openai.chat")
+    decoder = SSEDecoder()
+    for raw in stream_events(50, pad=10):
+        for event in decoder.feed(raw):
+            extraction.event(event)
+    assert extraction.usage is not None
+    assert extraction.usage.output_tokens == 50
+    assert extraction.model == "bench-model"
+
+
+@pytest.mark.parametrize(("stream", "events"), [(False, 0), (True, 5), (True, 2)])
+async def test_the_load_generator_counts_what_the_upstream_sends(stream: bool, events: int) -> None:
+    upstream = BenchUpstream()
+    server = await upstream.serve("127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        spec = LoadSpec(port, 3, 0.2, stream, max(events, 2), 1, max_requests=9, stagger=False)
+        figures = await python_load(spec)
+    assert figures["requests"] == upstream.requests == 9
+    assert figures["errors"] == figures["non2xx"] == 0
+    # Every event, the usage event and [DONE], each its own chunk.
+    assert figures["chunks"] == (9 * (events + 2) if stream else 0)
+    assert figures["p50_ms"] > 0 and figures["ttfb_p50_ms"] <= figures["p50_ms"]
+
+
+def run(cpu: float, rps: float, p50: float, ttfb: float = 0.0) -> dict[str, Any]:
+    return {
+        "cpu_us_per_request": cpu,
+        "cpu_us_per_chunk": cpu,
+        "rps": rps,
+        "p50_ms": p50,
+        "ttfb_p50_ms": ttfb,
+    }
+
+
+def test_ratios_pair_the_runs_of_one_round_before_taking_the_median() -> None:
+    by_variant = {
+        "plain": [run(1000, 500, 2.0), run(2000, 250, 4.0), run(1000, 500, 2.0)],
+        "lean": [run(600, 800, 1.5), run(1200, 400, 3.0), run(700, 700, 1.6)],
+    }
+    ratios = _ratios(by_variant, stream=False)
+    # Round by round 0.6, 0.6, 0.7: the noisy second round does not skew the median.
+    assert ratios["lean/plain cpu"] == pytest.approx(0.6)
+    assert ratios["lean/plain rps"] == pytest.approx(1.6)
+    assert ratios["lean-plain p50_ms"] == pytest.approx(-0.5)
+    assert "meter/plain cpu" not in ratios
+
+
+@pytest.mark.parametrize(
+    ("measured", "limit", "higher_is_better", "met"),
+    [
+        (1.05, 1.10, False, True),
+        (1.20, 1.10, False, False),
+        (1.6, 1.5, True, True),
+        (1.4, 1.5, True, False),
+        (None, 1.0, False, False),
+        (math.nan, 1.0, True, False),
+    ],
+)
+def test_a_budget_is_met_only_by_a_measured_figure_on_its_side_of_the_limit(
+    measured: float | None, limit: float, higher_is_better: bool, met: bool
+) -> None:
+    assert Budget("b", measured, limit, higher_is_better).met is met
+
+
+def test_budgets_leave_out_phases_that_did_not_run() -> None:
+    found = budgets({"drain": {"per_s": 12_000.0}})
+    assert [(b["name"], b["met"]) for b in found] == [("spool drain", True)]
+
+
+def test_a_smoke_run_of_every_phase_produces_every_figure(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "edgemeter.bench", "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
+    )
+    print(done.stdout)  # the report, for whoever runs pytest -s
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    medians = results["rounds"]["median"]
+    assert set(medians) == {"c1", "c4", "stream-c1", "stream-c4"}
+    for scenario, by_variant in medians.items():
+        assert set(by_variant) == {"direct", "plain", "meter", "lean"}
+        for variant, figures in by_variant.items():
+            assert figures["requests"] > 0, (scenario, variant)
+            assert figures["errors"] == 0, (scenario, variant)
+            if variant != "direct":
+                cpu = figures[
+                    "cpu_us_per_chunk" if scenario.startswith("stream") else "cpu_us_per_request"
+                ]
+                assert cpu is not None and cpu >= 0, (scenario, variant)
+    assert results["drain"]["runs"][0]["on_stream"] == results["drain"]["runs"][0]["envelopes"]
+    assert results["soak"]["envelopes_on_stream"] >= results["soak"]["ok"] > 0
+    assert results["health"]["lean"]["meter_cpu"]["n"] > 0
+    assert {"meter", "lean"} <= set(results["memory"])
+    assert results["budgets"] and all(isinstance(b["met"], bool) for b in results["budgets"])
+    assert "log_errors" not in results, results.get("log_errors")
+    assert "| budget |" in done.stdout

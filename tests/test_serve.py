@@ -1,0 +1,279 @@
+"""The lean runner (`python -m edgemeter.serve`) end to end: a real process in front of the demo
+upstream, the official OpenAI SDK as the client, envelopes read back from a real nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from mitmproxy import master
+from mitmproxy.proxy.layers.http._hooks import HttpRequestHook
+from mitmproxy.test import tflow
+
+from edgemeter import serve
+from edgemeter.demo import BackgroundDemo
+from edgemeter.harness import ROOT, MeterProxy, NatsServer, free_port
+from edgemeter.serve import HookCache, LeanMaster
+from spool.store import Spool
+from spool.streams import ensure_stream, stream_messages
+
+STREAM = "CATALYST_SME"
+CHAT: Any = [{"role": "user", "content": "hello world"}]
+
+
+class Runner:
+    """Starts lean runners; stop_all() stops (SIGTERM) every one still running."""
+
+    def __init__(self, work: Path, confdir: Path) -> None:
+        self.work = work
+        self.confdir = confdir
+        self.started: list[MeterProxy] = []
+
+    def start(
+        self, upstream: str, nats_url: str, *sets: str, extra: tuple[str, ...] = ()
+    ) -> MeterProxy:
+        run_dir = self.work / f"lean{len(self.started)}"
+        run_dir.mkdir(parents=True)
+        port = free_port()
+        args = [sys.executable, "-m", "edgemeter.serve", "--mode", f"reverse:{upstream}"]
+        args += ["--listen-host", "127.0.0.1", "-p", str(port), *extra]
+        options = [
+            f"confdir={self.confdir}",
+            f"meter_nats_url={nats_url}",
+            f"meter_spool_dir={run_dir / 'spool'}",
+            "meter_admin_listen=",
+            *sets,
+        ]
+        for option in options:
+            args += ["--set", option]
+        proxy = MeterProxy(args, port, run_dir / "spool", run_dir / "serve.log")
+        self.started.append(proxy)
+        proxy.start()
+        return proxy
+
+    def stop_all(self) -> None:
+        for proxy in self.started:
+            proxy.stop()
+
+
+@pytest.fixture
+def runner(tmp_path: Path, mitmproxy_confdir: Path) -> Iterator[Runner]:
+    r = Runner(tmp_path / "runs", mitmproxy_confdir)
+    try:
+        yield r
+    finally:
+        r.stop_all()
+
+
+@pytest.fixture
+def broker(nats_server: NatsServer) -> NatsServer:
+    asyncio.run(ensure_stream(nats_server.url))
+    return nats_server
+
+
+def envelopes(nats_url: str, customer: str, count: int, timeout: float = 20.0) -> list[Any]:
+    """The customer's envelopes on the stream, once there are `count` of them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [
+            (headers, json.loads(data))
+            for headers, data in asyncio.run(stream_messages(nats_url, STREAM))
+            if json.loads(data).get("customer_id") == customer
+        ]
+        if len(found) >= count or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
+def client(proxy: MeterProxy, customer: str) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url=f"{proxy.url}/v1",
+        api_key="sk-test-lean-0123456789",
+        max_retries=0,
+        default_headers={"x-tenant-id": "t_lean", "x-customer-id": customer},
+    )
+
+
+def test_a_chat_completion_through_the_lean_runner_lands_on_the_stream(
+    runner: Runner, demo_upstream: BackgroundDemo, broker: NatsServer
+) -> None:
+    proxy = runner.start(demo_upstream.url, broker.url)
+    customer = f"cus_{uuid.uuid4().hex[:8]}"
+    answer = client(proxy, customer).chat.completions.create(model="demo-chat", messages=CHAT)
+    streamed = client(proxy, customer).chat.completions.create(
+        model="demo-chat", messages=CHAT, stream=True
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert answer.usage is not None
+    assert text == answer.choices[0].message.content
+    found = envelopes(broker.url, customer, 2)
+    assert len(found) == 2
+    by_stream = {env["metadata"]["stream"]: (headers, env) for headers, env in found}
+    headers, env = by_stream[False]
+    assert headers["Nats-Msg-Id"] == env["metadata"]["request_id"]
+    assert env["metadata"]["tokens_used"] == answer.usage.total_tokens
+    assert env["metadata"]["tenant_id"] == "t_lean"
+    assert by_stream[True][1]["metadata"]["outcome"] == "complete"
+    assert by_stream[True][1]["metadata"]["usage_source"] == "reported"
+
+
+def test_options_given_with_set_reach_the_meter(
+    runner: Runner, demo_upstream: BackgroundDemo, broker: NatsServer
+) -> None:
+    proxy = runner.start(
+        demo_upstream.url,
+        broker.url,
+        "meter_customer_header=x-account",
+        "meter_price_micro_per_token=1000",
+    )
+    customer = f"cus_{uuid.uuid4().hex[:8]}"
+    openai.OpenAI(
+        base_url=f"{proxy.url}/v1",
+        api_key="sk-test",
+        max_retries=0,
+        default_headers={"x-account": customer},
+    ).chat.completions.create(model="demo-chat", messages=CHAT)
+    [(_, env)] = envelopes(broker.url, customer, 1)
+    assert env["amount_micro_omr"] == -1000 * env["metadata"]["tokens_used"]
+
+
+@pytest.mark.parametrize(
+    ("option", "says"),
+    [
+        ("meter_stream_usage=sometimes", "meter_stream_usage"),
+        ("flow_detail=2", "flow_detail"),  # mitmdump's flow printer is not loaded here
+    ],
+)
+def test_a_bad_or_unknown_option_stops_startup(tmp_path: Path, option: str, says: str) -> None:
+    args = [sys.executable, "-m", "edgemeter.serve", "--mode", "reverse:http://127.0.0.1:9"]
+    args += ["-p", str(free_port()), "--set", f"confdir={tmp_path}", "--set", option]
+    args += ["--set", f"meter_spool_dir={tmp_path / 'spool'}", "--set", "meter_admin_listen="]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode != 0
+    assert says in done.stdout + done.stderr
+
+
+def test_sigterm_publishes_what_is_spooled_and_exits_cleanly(
+    runner: Runner, demo_upstream: BackgroundDemo, stopped_nats_server: NatsServer
+) -> None:
+    # The broker is down while the requests are answered: the envelopes wait in the spool.
+    proxy = runner.start(demo_upstream.url, stopped_nats_server.url)
+    customer = f"cus_{uuid.uuid4().hex[:8]}"
+    for _ in range(3):
+        client(proxy, customer).chat.completions.create(model="demo-chat", messages=CHAT)
+    with Spool(proxy.spool_dir) as spool:
+        assert len(spool) == 3
+    stopped_nats_server.start()
+    asyncio.run(ensure_stream(stopped_nats_server.url))
+    assert proxy.stop() == 0
+    assert len(envelopes(stopped_nats_server.url, customer, 3, timeout=5)) == 3
+    with Spool(proxy.spool_dir) as spool:
+        assert len(spool) == 0
+
+
+def test_a_script_given_with_s_is_loaded_next_to_the_meter(
+    runner: Runner, demo_upstream: BackgroundDemo, broker: NatsServer, tmp_path: Path
+) -> None:
+    script = tmp_path / "tag.py"
+    script.write_text(
+        "class Tag:\n"
+        "    def responseheaders(self, flow):\n"
+        "        flow.response.headers['x-lean-script'] = 'yes'\n"
+        "addons = [Tag()]\n"
+    )
+    proxy = runner.start(demo_upstream.url, broker.url, extra=("-s", str(script)))
+    customer = f"cus_{uuid.uuid4().hex[:8]}"
+    raw = client(proxy, customer).chat.completions.with_raw_response.create(
+        model="demo-chat", messages=CHAT
+    )
+    assert raw.headers["x-lean-script"] == "yes"
+    assert len(envelopes(broker.url, customer, 1)) == 1
+
+
+# --- the hook cache -------------------------------------------------------------------------
+
+
+class Seen:
+    def __init__(self, name: str, log: list[str]) -> None:
+        self.name = name
+        self.log = log
+
+    def request(self, flow: Any) -> None:
+        self.log.append(self.name)
+
+
+class Broken:
+    def request(self, flow: Any) -> None:
+        raise RuntimeError("boom")
+
+
+class Parent:
+    """An addon with children, as the script loader is."""
+
+    def __init__(self) -> None:
+        self.addons: list[Any] = []
+
+
+async def test_an_event_reaches_only_the_addons_that_have_its_hook() -> None:
+    m = master.Master(None)
+    cache = HookCache(m)
+    log: list[str] = []
+    cache.add(Seen("a", log), Broken(), Seen("b", log))
+    await cache.handle_lifecycle(HttpRequestHook(tflow.tflow()))
+    # The broken addon's error is logged; the flow goes on to the next addon.
+    assert log == ["a", "b"]
+    assert [type(a).__name__ for a, _ in cache.hooked("request")] == ["Seen", "Broken", "Seen"]
+    assert cache.hooked("response") == []
+
+
+async def test_children_registered_later_get_events_too() -> None:
+    m = master.Master(None)
+    cache = HookCache(m)
+    log: list[str] = []
+    parent = Parent()
+    cache.add(parent)
+    await cache.trigger_event(HttpRequestHook(tflow.tflow()))
+    child = Seen("child", log)
+    parent.addons.append(child)
+    cache.register(child)  # how mitmproxy's script loader adds a script's addons
+    await cache.trigger_event(HttpRequestHook(tflow.tflow()))
+    cache.remove(child)
+    parent.addons.remove(child)
+    await cache.trigger_event(HttpRequestHook(tflow.tflow()))
+    assert log == ["child"]
+
+
+async def test_the_lean_master_carries_the_meter_and_not_mitmdumps_flow_printer() -> None:
+    from mitmproxy import options
+
+    m = LeanMaster(options.Options())
+    names = {type(a).__name__ for a in m.addons.chain}
+    assert {"Meter", "Proxyserver", "NextLayer", "TlsConfig", "Block"} <= names
+    assert "Dumper" not in names
+    assert isinstance(m.addons, HookCache)
+
+
+def test_the_meter_addon_is_found_where_edgemeter_addon_says(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The container image installs the package without the checkout: the addon file is
+    named by $EDGEMETER_ADDON."""
+    addon = tmp_path / "app" / "meter.py"
+    addon.parent.mkdir()
+    addon.write_bytes(serve.METER_ADDON.read_bytes())
+    monkeypatch.setenv("EDGEMETER_ADDON", str(addon))
+    meter = serve.meter_addon()
+    assert type(meter).__name__ == "Meter"
+    assert sys.modules[type(meter).__module__].__file__ == str(addon)
+    monkeypatch.setenv("EDGEMETER_ADDON", str(tmp_path / "missing.py"))
+    with pytest.raises(SystemExit, match="missing at"):
+        serve.meter_addon()
