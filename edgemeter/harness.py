@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -160,19 +160,31 @@ class MeterFactory:
     """Starts meters in front of an upstream, each with its own spool and log; stop_all()
     stops every one still running."""
 
-    def __init__(self, work_dir: Path, confdir: Path) -> None:
+    def __init__(
+        self,
+        work_dir: Path,
+        confdir: Path,
+        command: Sequence[str] = (str(MITMDUMP), "-s", str(METER_ADDON)),
+        name: str = "meter",
+    ) -> None:
         self.work_dir = work_dir
         self.confdir = confdir
+        # What runs the meter: mitmdump with the addon, or e.g. the lean runner.
+        self.command = list(command)
+        self.name = name
         self.started: list[MeterProxy] = []
 
-    def start(self, upstream: str, nats_url: str, *options: str) -> MeterProxy:
-        """`options` are extra `name=value` mitmproxy options (each becomes `--set name=value`)."""
-        run_dir = self.work_dir / f"meter{len(self.started)}"
+    def start(
+        self, upstream: str, nats_url: str, *options: str, extra: Sequence[str] = ()
+    ) -> MeterProxy:
+        """`options` are extra `name=value` mitmproxy options (each becomes `--set name=value`);
+        `extra`, more command-line arguments."""
+        run_dir = self.work_dir / f"{self.name}{len(self.started)}"
         run_dir.mkdir(parents=True)
         port = free_port()
         spool_dir = run_dir / "spool"
-        args = [str(MITMDUMP), "-s", str(METER_ADDON), "--mode", f"reverse:{upstream}"]
-        args += ["--listen-host", "127.0.0.1", "-p", str(port)]
+        args = [*self.command, "--mode", f"reverse:{upstream}"]
+        args += ["--listen-host", "127.0.0.1", "-p", str(port), *extra]
         given = {option.split("=", 1)[0]: option.split("=", 1)[1] for option in options}
         defaults = {
             "confdir": str(self.confdir),
@@ -185,7 +197,7 @@ class MeterFactory:
         for name, value in (defaults | given).items():
             args += ["--set", f"{name}={value}"]
         spool_dir = Path(given.get("meter_spool_dir", spool_dir))
-        proxy = MeterProxy(args, port, spool_dir, run_dir / "mitmdump.log")
+        proxy = MeterProxy(args, port, spool_dir, run_dir / f"{self.name}.log")
         self.started.append(proxy)
         proxy.start()
         return proxy

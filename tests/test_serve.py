@@ -21,7 +21,7 @@ from mitmproxy.test import tflow
 
 from edgemeter import serve
 from edgemeter.demo import BackgroundDemo
-from edgemeter.harness import ROOT, MeterProxy, NatsServer, free_port
+from edgemeter.harness import ROOT, MeterFactory, MeterProxy, NatsServer, free_port
 from edgemeter.serve import HookCache, LeanMaster
 from spool.store import Spool
 from spool.streams import ensure_stream, stream_messages
@@ -30,44 +30,12 @@ STREAM = "CATALYST_SME"
 CHAT: Any = [{"role": "user", "content": "hello world"}]
 
 
-class Runner:
-    """Starts lean runners; stop_all() stops (SIGTERM) every one still running."""
-
-    def __init__(self, work: Path, confdir: Path) -> None:
-        self.work = work
-        self.confdir = confdir
-        self.started: list[MeterProxy] = []
-
-    def start(
-        self, upstream: str, nats_url: str, *sets: str, extra: tuple[str, ...] = ()
-    ) -> MeterProxy:
-        run_dir = self.work / f"lean{len(self.started)}"
-        run_dir.mkdir(parents=True)
-        port = free_port()
-        args = [sys.executable, "-m", "edgemeter.serve", "--mode", f"reverse:{upstream}"]
-        args += ["--listen-host", "127.0.0.1", "-p", str(port), *extra]
-        options = [
-            f"confdir={self.confdir}",
-            f"meter_nats_url={nats_url}",
-            f"meter_spool_dir={run_dir / 'spool'}",
-            "meter_admin_listen=",
-            *sets,
-        ]
-        for option in options:
-            args += ["--set", option]
-        proxy = MeterProxy(args, port, run_dir / "spool", run_dir / "serve.log")
-        self.started.append(proxy)
-        proxy.start()
-        return proxy
-
-    def stop_all(self) -> None:
-        for proxy in self.started:
-            proxy.stop()
-
-
 @pytest.fixture
-def runner(tmp_path: Path, mitmproxy_confdir: Path) -> Iterator[Runner]:
-    r = Runner(tmp_path / "runs", mitmproxy_confdir)
+def runner(tmp_path: Path, mitmproxy_confdir: Path) -> Iterator[MeterFactory]:
+    """Lean runners (`python -m edgemeter.serve`), started like the mitmdump meters."""
+    r = MeterFactory(
+        tmp_path / "runs", mitmproxy_confdir, [sys.executable, "-m", "edgemeter.serve"], "lean"
+    )
     try:
         yield r
     finally:
@@ -104,7 +72,7 @@ def client(proxy: MeterProxy, customer: str) -> openai.OpenAI:
 
 
 def test_a_chat_completion_through_the_lean_runner_lands_on_the_stream(
-    runner: Runner, demo_upstream: BackgroundDemo, broker: NatsServer
+    runner: MeterFactory, demo_upstream: BackgroundDemo, broker: NatsServer
 ) -> None:
     proxy = runner.start(demo_upstream.url, broker.url)
     customer = f"cus_{uuid.uuid4().hex[:8]}"
@@ -127,7 +95,7 @@ def test_a_chat_completion_through_the_lean_runner_lands_on_the_stream(
 
 
 def test_options_given_with_set_reach_the_meter(
-    runner: Runner, demo_upstream: BackgroundDemo, broker: NatsServer
+    runner: MeterFactory, demo_upstream: BackgroundDemo, broker: NatsServer
 ) -> None:
     proxy = runner.start(
         demo_upstream.url,
@@ -163,7 +131,7 @@ def test_a_bad_or_unknown_option_stops_startup(tmp_path: Path, option: str, says
 
 
 def test_sigterm_publishes_what_is_spooled_and_exits_cleanly(
-    runner: Runner, demo_upstream: BackgroundDemo, stopped_nats_server: NatsServer
+    runner: MeterFactory, demo_upstream: BackgroundDemo, stopped_nats_server: NatsServer
 ) -> None:
     # The broker is down while the requests are answered: the envelopes wait in the spool.
     proxy = runner.start(demo_upstream.url, stopped_nats_server.url)
@@ -181,7 +149,7 @@ def test_sigterm_publishes_what_is_spooled_and_exits_cleanly(
 
 
 def test_a_script_given_with_s_is_loaded_next_to_the_meter(
-    runner: Runner, demo_upstream: BackgroundDemo, broker: NatsServer, tmp_path: Path
+    runner: MeterFactory, demo_upstream: BackgroundDemo, broker: NatsServer, tmp_path: Path
 ) -> None:
     script = tmp_path / "tag.py"
     script.write_text(
