@@ -41,6 +41,14 @@ _WARN_INTERVAL_S: Final = 30.0
 # Safety net: rescan the whole spool this often even without a wake-up.
 _IDLE_RESCAN_S: Final = 5.0
 _PAGE_SIZE: Final = 512
+# After a wake-up, wait this long so a trickle of commits gathers: one page read, one burst of
+# publishes and one delete per batch, instead of a whole cycle (~1.4 ms CPU) per envelope.
+_GATHER_S: Final = 0.02
+# Publishes start eagerly under mitmproxy's eager task factory: without a yield every so many,
+# dispatching a 512-envelope page holds the loop for milliseconds in one callback.
+_YIELD_EVERY: Final = 16
+# Turns of the loop the deleter waits for more acks to join its batch (see _flush_acked).
+_GATHER_TURNS: Final = 4
 _CONNECT_TIMEOUT_S: Final = 2
 
 
@@ -234,7 +242,9 @@ class Publisher:
         # them (read before the delete committed), and they must not go out a second time.
         self._deleted: set[str] = set()
         self._refused_keys: set[str] = set()
-        self._acked: list[str] = []
+        # Acked keys waiting for their delete, with the length of the bytes published (the
+        # spool's held-bytes account is kept from them, without reading them back).
+        self._acked: list[tuple[str, int]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._deleter: asyncio.Task[None] | None = None
         self._failed = False
@@ -528,7 +538,10 @@ class Publisher:
             # Cleared before reading: a commit after this point sets it again and is not missed.
             self._wake.clear()
             self._deleted.clear()
-            page = await asyncio.to_thread(self.spool.read_page, cursor, _PAGE_SIZE)
+            # A short page is the end of the spool: no second read to find it. The count read
+            # with it tells whether keys hide behind the cursor (see below).
+            page, spooled = await asyncio.to_thread(self.spool.scan, cursor, _PAGE_SIZE)
+            interrupted = False
             for key, data in page:
                 if (
                     key not in self._in_flight
@@ -538,17 +551,19 @@ class Publisher:
                     await self._slots.acquire()
                     if self._failed or not nc.is_connected:
                         self._slots.release()
+                        interrupted = True
                         break  # the cursor stays before this key
                     self._dispatch(js, key, data)
                     dispatched += 1
+                    if dispatched % _YIELD_EVERY == 0:
+                        await asyncio.sleep(0)
                 cursor = key
-            if page:
+            if interrupted or spooled is None:
                 continue
 
             # End of the spool for this scan. Keys can sort before the cursor: request ids are
             # minted when a request starts and spooled when it ends, and clocks go backwards.
             # The count tells whether any such key is hiding behind the cursor.
-            spooled = await asyncio.to_thread(len, self.spool)
             hidden = spooled - len(self._in_flight) - len(self._refused_keys)
             if hidden > 0 and not (from_start and dispatched == 0):
                 cursor, from_start, dispatched = "", True, 0
@@ -564,6 +579,8 @@ class Publisher:
                 await asyncio.wait_for(self._wake.wait(), _IDLE_RESCAN_S)
             if not self._wake.is_set():
                 cursor = ""  # nothing happened for a while: a full rescan is cheap
+            else:
+                await asyncio.sleep(_GATHER_S)
             from_start, dispatched = cursor == "", 0
 
     def _dispatch(self, js: JetStreamContext, key: str, data: bytes) -> None:
@@ -590,7 +607,7 @@ class Publisher:
                 self.stats.duplicates += 1
             self.stats.stream_missing = False
             self._backoff.reset()
-            self._acked.append(key)
+            self._acked.append((key, len(data)))
             if self._deleter is None or self._deleter.done():
                 self._deleter = asyncio.get_running_loop().create_task(self._flush_acked())
         except nats.js.errors.NoStreamResponseError:
@@ -634,9 +651,18 @@ class Publisher:
     async def _flush_acked(self) -> None:
         """Delete acked envelopes from the spool, many per transaction."""
         while self._acked:
-            batch, self._acked = self._acked, []
+            # Started by the first ack of a burst (eagerly, under mitmproxy's task factory): the
+            # acks right behind it join its batch, one delete for all. Bounded: while a backlog
+            # drains, acks arrive on every turn of the loop and the deletes must keep up.
+            for _ in range(_GATHER_TURNS):
+                gathered = len(self._acked)
+                await asyncio.sleep(0)
+                if len(self._acked) == gathered:
+                    break
+            acked, self._acked = self._acked, []
+            batch = [key for key, _ in acked]
             try:
-                await asyncio.to_thread(self.spool.delete, batch)
+                await asyncio.to_thread(self.spool.delete, batch, dict(acked))
                 self._deleted.update(batch)
             except Exception as exc:
                 # Already on the stream: if they come round again the broker dedupes them.

@@ -15,7 +15,7 @@ import sqlite3
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -335,6 +335,17 @@ class Spool:
 
     def read_page(self, after: str, limit: int) -> list[tuple[str, bytes]]:
         """Entries with key > after, in key order, at most limit of them."""
+        return self._read(after, limit)[0]
+
+    def scan(self, after: str, limit: int) -> tuple[list[tuple[str, bytes]], int | None]:
+        """read_page, and at the end of the spool (fewer rows than limit) how many envelopes it
+        holds, else None: the publisher gets both with one thread hand-off."""
+        page, rows = self._read(after, limit)
+        # By rows, not by the page: a row deleted between read_page's two reads shortens the
+        # page without being the end.
+        return page, (len(self) if rows < limit else None)
+
+    def _read(self, after: str, limit: int) -> tuple[list[tuple[str, bytes]], int]:
         cache = self._open_cache()
         try:
             rows = cache._sql(_PAGE_SQL, (after, limit)).fetchall()
@@ -347,20 +358,25 @@ class Spool:
                 if value is None:
                     continue  # deleted between the two reads
             page.append((key, bytes(value)))
-        return page
+        return page, len(rows)
 
-    def delete(self, keys: Iterable[str]) -> None:
+    def delete(self, keys: Iterable[str], sizes: Mapping[str, int] | None = None) -> None:
+        """Delete these keys (a missing key is a no-op). `sizes`, the lengths of their values as
+        the caller read them, spare a query that sums them for the held-bytes account."""
         cache = self._open_cache()
         keys = list(keys)
         freed = 0
         try:
             with cache.transact(retry=True):
-                for start in range(0, len(keys), 500):
-                    chunk = keys[start : start + 500]
-                    sql = f"{_BYTES_SQL} WHERE key IN ({','.join('?' * len(chunk))})"
-                    freed += int(cache._sql(sql, chunk).fetchone()[0])
+                if sizes is None:
+                    for start in range(0, len(keys), 500):
+                        chunk = keys[start : start + 500]
+                        sql = f"{_BYTES_SQL} WHERE key IN ({','.join('?' * len(chunk))})"
+                        freed += int(cache._sql(sql, chunk).fetchone()[0])
                 for key in keys:
-                    cache.delete(key, retry=True)
+                    # Only what was there is freed: another process may have deleted it first.
+                    if cache.delete(key, retry=True) and sizes is not None:
+                        freed += sizes.get(key, 0)
                 recount = time.monotonic() - self._last_recount >= _RECOUNT_INTERVAL_S
                 total = self._count_bytes(cache) if recount else None
         except (sqlite3.Error, diskcache.Timeout) as exc:

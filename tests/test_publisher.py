@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
 
 import certifi
@@ -301,20 +302,20 @@ class GatedSpool(Spool):
         self.deleting, self.let_delete = threading.Event(), threading.Event()
         self.page_read, self.resume = threading.Event(), threading.Event()
 
-    def read_page(self, after: str, limit: int) -> list[tuple[str, bytes]]:
-        page = super().read_page(after, limit)
+    def scan(self, after: str, limit: int) -> tuple[list[tuple[str, bytes]], int | None]:
+        page, spooled = super().scan(after, limit)
         if self.gate and any(key == self.held for key, _ in page):
             self.gate = False
             self.page_read.set()
             self.resume.wait(10)
-        return page
+        return page, spooled
 
-    def delete(self, keys: Iterable[str]) -> None:
+    def delete(self, keys: Iterable[str], sizes: Mapping[str, int] | None = None) -> None:
         keys = list(keys)
         if self.held in keys:
             self.deleting.set()
             self.let_delete.wait(10)
-        super().delete(keys)
+        super().delete(keys, sizes)
 
 
 async def test_a_page_read_before_a_delete_does_not_publish_that_key_again(
@@ -344,5 +345,49 @@ async def test_a_page_read_before_a_delete_does_not_publish_that_key_again(
     finally:
         spool.let_delete.set()
         spool.resume.set()
+        await publisher.stop(0)
+        spool.close()
+
+
+class CountingSpool(Spool):
+    """Counts the publisher's thread hand-offs into the spool: scans, counts and deletes."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.calls: collections.Counter[str] = collections.Counter()
+
+    def scan(self, after: str, limit: int) -> tuple[list[tuple[str, bytes]], int | None]:
+        self.calls["scan"] += 1
+        return super().scan(after, limit)
+
+    def __len__(self) -> int:
+        self.calls["len"] += 1
+        return super().__len__()
+
+    def delete(self, keys: Iterable[str], sizes: Mapping[str, int] | None = None) -> None:
+        self.calls["delete"] += 1
+        self.calls["sized"] += sizes is not None
+        super().delete(keys, sizes)
+
+
+async def test_a_short_page_ends_the_scan_without_a_second_read_or_count(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    await ensure_stream(nats_server.url)
+    spool = CountingSpool(tmp_path / "counted")
+    spool.open()
+    publisher = Publisher(spool, NatsConfig(servers=(nats_server.url,), subject=SUBJECT))
+    try:
+        keys = await spool_keys(spool, 5)
+        publisher.start()
+        await wait_until(lambda: publisher.stats.acked == 5 and not publisher._in_flight)
+        assert spool.calls["scan"] == 1  # was: a page, an empty page, then a count
+        assert spool.calls["len"] == 1  # the one inside the scan
+        assert spool.calls["delete"] >= 1
+        assert spool.calls["sized"] == spool.calls["delete"]
+        assert spool.held_bytes == 0  # kept from the sizes published, without a query
+        assert await publisher.stop(1) == 0
+        assert sorted(await msg_ids(nats_server.url)) == sorted(keys)
+    finally:
         await publisher.stop(0)
         spool.close()

@@ -49,6 +49,32 @@ def test_pages_follow_key_order_after_the_cursor(spool: Spool) -> None:
     assert spool.volume() > 0
 
 
+@pytest.mark.parametrize(
+    ("after", "limit", "keys", "count"),
+    [
+        ("", 2, ["k0", "k1"], None),  # a full page: maybe more behind it, no count
+        ("k1", 2, ["k2"], 3),  # a short page is the end: the count comes with it
+        ("k2", 2, [], 3),
+        ("", 3, ["k0", "k1", "k2"], None),
+    ],
+)
+def test_a_scan_counts_the_spool_only_at_its_end(
+    spool: Spool, after: str, limit: int, keys: list[str], count: int | None
+) -> None:
+    fill(spool, ["k0", "k1", "k2"])
+    page, spooled = spool.scan(after, limit)
+    assert [k for k, _ in page] == keys
+    assert spooled == count
+
+
+def test_deletes_free_the_sizes_given_for_keys_that_were_there(spool: Spool) -> None:
+    fill(spool, ["k1", "k2"])
+    held = spool.held_bytes
+    spool.delete(["k1", "gone"], {"k1": 11, "gone": 500})
+    assert spool.held_bytes == held - 11  # "gone" was not in the spool: nothing freed for it
+    assert [k for k, _ in spool.read_page("", 10)] == ["k2"]
+
+
 async def test_put_returns_once_the_envelope_is_committed(spool: Spool) -> None:
     await spool.put("0193-a", b"{}")
     assert spool.read_page("", 10) == [("0193-a", b"{}")]
