@@ -19,8 +19,11 @@ from edgemeter.errors import SettingsError
 StreamUsageMode = Literal["inject-strip", "inject", "off"]
 STREAM_USAGE_MODES: tuple[StreamUsageMode, ...] = ("inject-strip", "inject", "off")
 SpoolSync = Literal["normal", "full"]
+SPOOL_SYNCS: tuple[SpoolSync, ...] = ("normal", "full")
 SpoolFullPolicy = Literal["serve", "reject"]
+SPOOL_FULL_POLICIES: tuple[SpoolFullPolicy, ...] = ("serve", "reject")
 AttributionMode = Literal["headers", "keymap"]
+ATTRIBUTION_MODES: tuple[AttributionMode, ...] = ("headers", "keymap")
 
 _NATS_SCHEMES = frozenset({"nats", "tls", "ws", "wss"})
 # RFC 9110 token characters: what a header name may contain.
@@ -166,21 +169,21 @@ def parse_header_name(value: str, option: str) -> str:
     return value.lower()
 
 
+def parse_choice[C: str](value: str, choices: tuple[C, ...], option: str) -> C:
+    """`value` if it is one of `choices` (typed as the choice it is)."""
+    for choice in choices:
+        if value == choice:
+            return choice
+    listed = " or ".join(choices) if len(choices) == 2 else "one of " + ", ".join(choices)
+    raise SettingsError(f"must be {listed}", option=option, value=value)
+
+
 def parse_stream_usage(value: str, option: str = "meter_stream_usage") -> StreamUsageMode:
-    for mode in STREAM_USAGE_MODES:
-        if value == mode:
-            return mode
-    raise SettingsError(
-        f"must be one of {', '.join(STREAM_USAGE_MODES)}", option=option, value=value
-    )
+    return parse_choice(value, STREAM_USAGE_MODES, option)
 
 
 def parse_spool_sync(value: str, option: str = "meter_spool_sync") -> SpoolSync:
-    if value == "normal":
-        return "normal"
-    if value == "full":
-        return "full"
-    raise SettingsError("must be normal or full", option=option, value=value)
+    return parse_choice(value, SPOOL_SYNCS, option)
 
 
 def parse_spool_max_mb(value: int, option: str = "meter_spool_max_mb") -> int | None:
@@ -191,11 +194,7 @@ def parse_spool_max_mb(value: int, option: str = "meter_spool_max_mb") -> int | 
 
 
 def parse_on_spool_full(value: str, option: str = "meter_on_spool_full") -> SpoolFullPolicy:
-    if value == "serve":
-        return "serve"
-    if value == "reject":
-        return "reject"
-    raise SettingsError("must be serve or reject", option=option, value=value)
+    return parse_choice(value, SPOOL_FULL_POLICIES, option)
 
 
 def parse_listen(value: str, option: str = "meter_admin_listen") -> tuple[str, int] | None:
@@ -227,11 +226,7 @@ def parse_file(value: str, option: str) -> str:
 
 
 def parse_attribution(value: str, option: str = "meter_attribution") -> AttributionMode:
-    if value == "headers":
-        return "headers"
-    if value == "keymap":
-        return "keymap"
-    raise SettingsError("must be headers or keymap", option=option, value=value)
+    return parse_choice(value, ATTRIBUTION_MODES, option)
 
 
 def parse_keymap_file(value: str, mode: AttributionMode, option: str = "meter_keymap") -> str:
