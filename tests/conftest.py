@@ -4,7 +4,7 @@ the demo upstream and real mitmdump meters."""
 from __future__ import annotations
 
 import os
-from collections.abc import Generator, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +18,8 @@ from edgemeter.harness import (
     MeterFactory,
     NatsServer,
 )
+from spool.deadletter import DeadLetters
+from spool.publisher import NatsConfig, Publisher
 from spool.store import Spool
 
 SHARED = Path(os.environ.get("EDGEMETER_SHARED", ROOT.parent / "shared"))
@@ -145,3 +147,21 @@ def spool(tmp_path: Path) -> Iterator[Spool]:
         yield s
     finally:
         s.close()
+
+
+@pytest.fixture
+async def make_publisher(spool: Spool) -> AsyncIterator[Callable[..., Publisher]]:
+    """Publishers of the `spool` fixture to catalyst.usage.recorded (ack timeout 1 s unless
+    overridden), stopped after the test."""
+    made: list[Publisher] = []
+
+    def make(url: str, dead: DeadLetters | None = None, **overrides: object) -> Publisher:
+        options: dict[str, object] = {"publish_timeout_ms": 1000, **overrides}
+        config = NatsConfig(servers=(url,), subject="catalyst.usage.recorded", **options)  # type: ignore[arg-type]
+        publisher = Publisher(spool, config, dead)
+        made.append(publisher)
+        return publisher
+
+    yield make
+    for publisher in made:
+        await publisher.stop(0)

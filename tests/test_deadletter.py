@@ -11,7 +11,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import nats
@@ -244,21 +244,6 @@ def test_a_crash_mid_move_leaves_the_envelope_in_both_places_and_settle_finishes
 # -- the publisher against a real nats-server ---------------------------------------------------
 
 
-@pytest.fixture
-async def make_publisher(spool: Spool) -> AsyncIterator[Callable[..., Publisher]]:
-    made: list[Publisher] = []
-
-    def make(url: str, dead: DeadLetters | None) -> Publisher:
-        config = NatsConfig(servers=(url,), subject=SUBJECT, publish_timeout_ms=2000)
-        publisher = Publisher(spool, config, dead)
-        made.append(publisher)
-        return publisher
-
-    yield make
-    for publisher in made:
-        await publisher.stop(0)
-
-
 async def test_refused_envelopes_are_dead_lettered_and_the_rest_delivered(
     nats_server: NatsServer,
     spool: Spool,
@@ -272,7 +257,7 @@ async def test_refused_envelopes_are_dead_lettered_and_the_rest_delivered(
     await spool.put(over_server, envelope(over_server, pad=2 * 1024 * 1024))  # > max_payload
     first = [uuid7() for _ in range(20)]
     await asyncio.gather(*(spool.put(k, envelope(k)) for k in first))
-    publisher = make_publisher(nats_server.url, dead)
+    publisher = make_publisher(nats_server.url, dead, publish_timeout_ms=2000)
     publisher.start()
 
     await wait_until(lambda: publisher.stats.dead_lettered == 2 and len(spool) == 0)
@@ -312,7 +297,7 @@ async def test_a_requeue_from_another_process_reaches_the_running_publisher(
 ) -> None:
     await set_max_msg_size(nats_server.url, MAX_MSG, create=True)
     key = uuid7()
-    publisher = make_publisher(nats_server.url, dead)
+    publisher = make_publisher(nats_server.url, dead, publish_timeout_ms=2000)
     publisher.start()
     await spool.put(key, envelope(key, pad=4 * MAX_MSG))
     await wait_until(lambda: publisher.stats.dead_lettered == 1)
@@ -364,7 +349,9 @@ async def test_an_unwritable_dead_letter_area_keeps_the_envelope_spooled(
     big, small = uuid7(), uuid7()
     await spool.put(big, envelope(big, pad=4 * MAX_MSG))
     await spool.put(small, envelope(small))
-    publisher = make_publisher(nats_server.url, DeadLetters.of(spool.directory))
+    publisher = make_publisher(
+        nats_server.url, DeadLetters.of(spool.directory), publish_timeout_ms=2000
+    )
     publisher.start()
 
     await wait_until(lambda: publisher.stats.refused == 1 and publisher.stats.acked == 1)

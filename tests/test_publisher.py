@@ -7,7 +7,7 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import certifi
@@ -47,22 +47,6 @@ async def msg_ids(url: str) -> list[str]:
     return [
         (headers or {}).get("Nats-Msg-Id", "") for headers, _ in await stream_messages(url, STREAM)
     ]
-
-
-@pytest.fixture
-async def make_publisher(spool: Spool) -> AsyncIterator[Callable[..., Publisher]]:
-    made: list[Publisher] = []
-
-    def make(url: str, **overrides: object) -> Publisher:
-        options: dict[str, object] = {"publish_timeout_ms": 1000, **overrides}
-        config = NatsConfig(servers=(url,), subject=SUBJECT, **options)  # type: ignore[arg-type]
-        publisher = Publisher(spool, config)
-        made.append(publisher)
-        return publisher
-
-    yield make
-    for publisher in made:
-        await publisher.stop(0)
 
 
 async def test_a_prefilled_spool_drains_to_the_stream(
