@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import urlsplit, urlunsplit
 
 import nats.errors
 import nats.js.errors
@@ -25,6 +24,9 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from edgemeter.errors import PublishError, SpoolError
+
+# A server URL without its user-info, safe to log (one implementation for options and logs).
+from edgemeter.settings import redact_userinfo as redact_url
 from spool.deadletter import DeadLetters
 from spool.store import Spool
 
@@ -106,15 +108,6 @@ class PublisherStats:
             self.down_since = None
         elif self.down_since is None:
             self.down_since = time.monotonic()
-
-
-def redact_url(url: str) -> str:
-    """A server URL without its user-info, safe to log."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=f"***@{host}"))
 
 
 class _Backoff:
