@@ -4,12 +4,13 @@ a fingerprint of the API key that identifies the key without ever carrying it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar, overload
 
 from edgemeter.settings import Settings
 from edgemeter.usage import clean_name
@@ -29,6 +30,8 @@ _KEYED = re.compile(rf"^{KEYED_PREFIX}[0-9a-f]{{{FINGERPRINT_HEX_CHARS}}}$")
 # Where an envelope's tenant and customer came from (metadata.attribution).
 Source = Literal["headers", "keymap", "unknown_key"]
 
+_T = TypeVar("_T")
+
 
 @dataclass(frozen=True, slots=True)
 class Account:
@@ -46,6 +49,106 @@ class Attribution:
     source: Source
     # Headers whose values were refused (not a bounded printable id) and left out.
     refused: tuple[str, ...] = ()
+
+
+def header_names(settings: Settings, *extra: str) -> frozenset[str]:
+    """The lower-case names of the request headers `attribute` reads under these settings, and
+    `extra` ones: what `picked_headers` is to pick. Compute it once per configuration."""
+    names = {*_KEY_HEADERS, settings.tenant_header, settings.customer_header, *extra}
+    return frozenset(_lower(name) for name in names)
+
+
+class PickedHeaders(Mapping[str, str]):
+    """The values of some request headers, read like mitmproxy's `Headers`: names are
+    case-insensitive, `get` folds a repeated header into one value (", "-joined) and `get_all`
+    keeps them apart. Reading a header that was not picked raises ValueError (it would
+    otherwise read as absent, and bill a request to nobody)."""
+
+    __slots__ = ("_names", "_values")
+
+    def __init__(self, values: dict[str, list[str]], names: frozenset[str]) -> None:
+        self._values = values
+        self._names = names
+
+    def _all(self, name: str) -> list[str] | None:
+        values = self._values.get(name)
+        if values is None and name not in self._names:
+            lower = _lower(name)
+            if lower not in self._names:
+                raise ValueError(f"header {name!r} was not picked")
+            values = self._values.get(lower)
+        return values
+
+    def __getitem__(self, name: str) -> str:
+        values = self._all(name)
+        if values is None:
+            raise KeyError(name)
+        return values[0] if len(values) == 1 else ", ".join(values)
+
+    # Mapping.get and __contains__ would go through a KeyError for every absent header.
+    @overload
+    def get(self, name: str, /) -> str | None: ...
+    @overload
+    def get(self, name: str, /, default: str | _T) -> str | _T: ...
+    def get(self, name: str, /, default: object = None) -> object:
+        values = self._all(name)
+        if values is None:
+            return default
+        return values[0] if len(values) == 1 else ", ".join(values)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self._all(name) is not None
+
+    def get_all(self, name: str) -> list[str]:
+        """Every value of the header, in request order; [] when absent."""
+        return list(self._all(name) or ())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        # Never the values: an authorization header carries an API key.
+        return f"PickedHeaders({sorted(self._values)!r})"
+
+
+def picked_headers(fields: Iterable[tuple[bytes, bytes]], names: frozenset[str]) -> PickedHeaders:
+    """The headers named in `names` (see `header_names`) among a request's raw
+    `headers.fields`, decoded as mitmproxy decodes them. One pass over the fields, where each
+    `Headers.get` or `get_all` lower-cases every field name again."""
+    known = _wanted.get(names)
+    if known is None:
+        if len(_wanted) > 16:  # names are made once per configuration; this is just a bound
+            _wanted.clear()
+        lowered = frozenset(_lower(name) for name in names)
+        known = _wanted[names] = ({_native_bytes(name): name for name in lowered}, lowered)
+    wanted, lowered = known
+    values: dict[str, list[str]] = {}
+    for raw_name, raw_value in fields:
+        name = wanted.get(raw_name.lower())
+        if name is not None:
+            value = raw_value.decode("utf-8", "surrogateescape")
+            seen = values.get(name)
+            if seen is None:
+                values[name] = [value]
+            else:
+                seen.append(value)
+    return PickedHeaders(values, lowered)
+
+
+# Per names set: the byte names picked_headers compares field names with, and the names.
+_wanted: dict[frozenset[str], tuple[dict[bytes, str], frozenset[str]]] = {}
+
+
+def _native_bytes(name: str) -> bytes:
+    return name.encode("utf-8", "surrogateescape")
+
+
+def _lower(name: str) -> str:
+    # As mitmproxy compares header names: ASCII letters only, as bytes.lower() does.
+    return _native_bytes(name).lower().decode("utf-8", "surrogateescape")
 
 
 def header_id(headers: Mapping[str, str], name: str) -> str | None:
@@ -88,9 +191,16 @@ def fingerprint(key: str, secret: bytes = b"") -> str:
         return ""
     data = key.encode("utf-8", "surrogateescape")
     if secret:
-        digest = hmac.new(secret, data, hashlib.sha256).hexdigest()
-        return KEYED_PREFIX + digest[:FINGERPRINT_HEX_CHARS]
+        mac = _keyed(secret).copy()
+        mac.update(data)
+        return KEYED_PREFIX + mac.hexdigest()[:FINGERPRINT_HEX_CHARS]
     return hashlib.sha256(data).hexdigest()[:FINGERPRINT_HEX_CHARS]
+
+
+@functools.lru_cache(maxsize=4)
+def _keyed(secret: bytes) -> hmac.HMAC:
+    # The HMAC keyed once per secret, then copied per key: a third less than hmac.new.
+    return hmac.new(secret, digestmod=hashlib.sha256)
 
 
 def is_fingerprint(text: str, *, keyed: bool) -> bool:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -56,8 +57,26 @@ def _ms(start: float, end: float | None) -> int | None:
     return max(0, round((end - start) * 1000))
 
 
+# The last whole second rfc3339 formatted: envelopes are built in completion order, so most
+# share it with the one before (strftime costs ~2 µs, a hit ~0.2).
+_second: tuple[float, str] = (math.nan, "")
+# datetime rounds a timestamp to whole µs, half to even: a fraction below this stays in its
+# second, one above may round up into the next (left to datetime, never cached).
+_STAYS_IN_SECOND = 0.999999
+
+
 def rfc3339(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """The UTC time of a Unix timestamp to the second, as datetime formats it."""
+    global _second
+    whole = int(ts)
+    cached, text = _second
+    # The chained test also sends a negative fraction (int() truncates toward 0) to datetime.
+    if whole == cached and 0.0 <= ts - whole < _STAYS_IN_SECOND:
+        return text
+    text = datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if 0.0 <= ts - whole < _STAYS_IN_SECOND:
+        _second = (whole, text)
+    return text
 
 
 def build(facts: Facts, usage: Usage, price: Price) -> dict[str, Any]:
@@ -107,7 +126,15 @@ class _Absurd(Exception):
 def bounded_raw(raw: dict[str, Any]) -> dict[str, Any]:
     """The provider's usage object as it came, with NaN and infinities as null (a consumer's
     strict JSON decoder would reject the whole envelope); {} when it is nested deeper, holds
-    more values or encodes larger than the bounds above."""
+    more values or encodes larger than the bounds above. An object already within the bounds
+    (every usage object seen so far) is returned itself, not a copy."""
+    if type(raw) is dict and _values_within_bounds(raw):
+        return raw
+    return _bounded_copy(raw)
+
+
+def _bounded_copy(raw: dict[str, Any]) -> dict[str, Any]:
+    """bounded_raw's exact path: a plain copy within the bounds, or {}."""
     budget = [_MAX_RAW_VALUES]
 
     def plain(obj: Any, depth: int) -> Any:
@@ -133,6 +160,64 @@ def bounded_raw(raw: dict[str, Any]) -> dict[str, Any]:
     except (_Absurd, ValueError):
         return {}
     return clean if isinstance(clean, dict) else {}
+
+
+# Bounds of the ASCII-only JSON text of a value: one code point of a str can take up to 12
+# characters (an escaped surrogate pair), any other scalar (int below _INT_LIMIT, float) 24.
+_CHARS_PER_CODE_POINT = 12
+_INT_LIMIT = 10**18
+_SCALAR_CHARS = 24
+
+
+def _values_within_bounds(raw: dict[str, Any]) -> bool:
+    """Whether `raw` is a usage object of the usual shape (str keys; str, finite number, bool
+    or null values, or objects of those) that is certainly within the bounds: the 2 µs fast
+    path of bounded_raw. False just means "take the exact slow path"."""
+    size = 2
+    count = 1 + len(raw)
+    for key, value in raw.items():
+        if type(key) is not str:
+            return False
+        if type(value) is dict:
+            count += len(value)
+            inner = _flat_chars(value)
+            if inner < 0:
+                return False
+        else:
+            inner = _scalar_chars(value)
+            if inner < 0:
+                return False
+        size += _CHARS_PER_CODE_POINT * len(key) + 4 + inner
+    return size <= MAX_RAW_BYTES and count <= _MAX_RAW_VALUES
+
+
+def _flat_chars(obj: dict[Any, Any]) -> int:
+    """A bound of the JSON text of an object of scalars; -1 for any other object."""
+    size = 2
+    for key, value in obj.items():
+        if type(key) is not str:
+            return -1
+        inner = _scalar_chars(value)
+        if inner < 0:
+            return -1
+        size += _CHARS_PER_CODE_POINT * len(key) + 4 + inner
+    return size
+
+
+def _scalar_chars(value: Any) -> int:
+    """A bound of the JSON text of a str, finite number, bool or null; -1 for anything else
+    (subclasses included: they take the slow path)."""
+    kind = type(value)
+    if kind is str:
+        return _CHARS_PER_CODE_POINT * len(value) + 2
+    if kind is int:
+        return _SCALAR_CHARS if -_INT_LIMIT < value < _INT_LIMIT else -1
+    if kind is float:
+        # value - value is nan for NaN and the infinities, which the slow path makes null.
+        return _SCALAR_CHARS if value - value == 0.0 else -1
+    if kind is bool or value is None:
+        return _SCALAR_CHARS
+    return -1
 
 
 def encode(envelope: dict[str, Any]) -> bytes:

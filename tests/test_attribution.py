@@ -27,7 +27,9 @@ from edgemeter.attribution import (
     attribute,
     fingerprint,
     header_id,
+    header_names,
     is_fingerprint,
+    picked_headers,
     source_of,
 )
 from edgemeter.demo import BackgroundDemo
@@ -171,6 +173,89 @@ def test_keymap_mode_bills_the_keys_account_whatever_the_headers_say(
 )  # fmt: skip
 def test_the_envelopes_attribution_names_its_source(mode: str, customer: str, source: str) -> None:
     assert source_of(replace(settings(), attribution=mode), customer) == source  # type: ignore[arg-type]
+
+
+# -- picked headers: one pass over the raw fields, read as mitmproxy reads them ---------------
+
+FIELDS: list[list[tuple[bytes, bytes]]] = [
+    [],
+    [(b"host", b"localhost")],
+    [(b"Authorization", b"Bearer one"), (b"authorization", b"Bearer two"), (b"AUTHORIZATION", b"Bearer one")],
+    [(b"X-TENANT-ID", b"t_7"), (b"X-Customer-Id", b"cus_42"), (b"X-Request-ID", b"req-1"), (b"Content-Encoding", b"gzip")],
+    [(b"x-tenant-id", b"t_7"), (b"x-tenant-id", b"t_8"), (b"x-request-id", b"a"), (b"X-Request-Id", b"b")],
+    [(b"x-tenant-id", b"t\xc3\xa9"), (b"x-customer-id", b"\xff\xfecus"), (b"authorization", b"Bearer sk-\xe2\x82\xac\x80")],
+    [(b"x-api-key", b"\xc3"), (b"api-key", b"k\xed\xa0\x80"), (b"x-request-id", b"\xe2\x80\xae")],
+    [(b"x-tenant-id", b""), (b"authorization", b""), (b"x-customer-id", b""), (b"x-customer-id", b"c")],
+    [(b"x-customer-id", b"cus, cus_other"), (b"x-request-id", b"  padded  "), (b"x-tenant-id", b"t\tab")],
+    [(b"authorization", b"Bearer"), (b"authorization", b"bearer\tsk-tab"), (b"authorization", b"Basic dXNlcjpwYXNz")],
+    [(b"authorization", b"  BEARER   sk-spaced  "), (b"x-api-key", b"sk-spaced"), (b"api-key", b"azure-1")],
+    [(b"x-tenant-id", b"t" * 128), (b"x-customer-id", b"c" * 129), (b"x-request-id", b"r" * 10_000)],
+    [(b"X-T\xc9NANT-ID", b"not-a-tenant"), (b"x-tenant-id\x00", b"nor-this"), (b"x-org", b"o_1")],
+    [(b"x-api-key", KEY_A.encode()), (b"authorization", f"Bearer {KEY_UNKNOWN}".encode()), (b"X-Org", b"o_1"), (b"x-org", b"o_2")],
+]  # fmt: skip
+PICK_SETTINGS = {
+    "headers": settings(),
+    "custom header": settings(meter_tenant_header="X-Org"),
+    "keymap": keymap_settings(),
+}
+EXTRA = ("x-request-id", "content-encoding")
+
+
+@pytest.mark.parametrize("mode", PICK_SETTINGS)
+@pytest.mark.parametrize("fields", FIELDS, ids=range(len(FIELDS)))
+def test_picked_headers_read_as_mitmproxys_headers(
+    fields: list[tuple[bytes, bytes]], mode: str
+) -> None:
+    conf = PICK_SETTINGS[mode]
+    headers = http.Headers(fields)
+    names = header_names(conf, *EXTRA)
+    picked = picked_headers(headers.fields, names)
+    lookup = ACCOUNTS.get
+    assert attribute(picked, conf, lookup) == attribute(headers, conf, lookup)
+    assert api_keys(picked) == api_keys(headers)
+    for name in sorted(names):
+        for spelled in (name, name.upper()):
+            assert picked.get(spelled) == headers.get(spelled)
+            assert picked.get(spelled, "") == headers.get(spelled, "")
+            assert picked.get_all(spelled) == headers.get_all(spelled)
+            assert (spelled in picked) is (spelled in headers)
+            assert header_id(picked, spelled) == header_id(headers, spelled)
+    assert dict(picked) == {
+        name.lower(): headers[name] for name in headers if name.lower() in names
+    }
+
+
+def test_header_names_are_those_attribution_reads_and_the_extra_ones() -> None:
+    assert header_names(settings(meter_customer_header="X-Billed-To"), "X-Request-Id") == {
+        "authorization",
+        "x-api-key",
+        "api-key",
+        "x-tenant-id",
+        "x-billed-to",
+        "x-request-id",
+    }
+
+
+def test_reading_a_header_that_was_not_picked_is_refused() -> None:
+    picked = picked_headers([(b"x-forwarded-for", b"10.0.0.1")], header_names(settings()))
+    for read in (picked.get, picked.get_all, picked.__getitem__, picked.__contains__):
+        with pytest.raises(ValueError, match="'x-forwarded-for' was not picked"):
+            read("x-forwarded-for")
+    with pytest.raises(KeyError):
+        picked["x-api-key"]
+
+
+def test_picked_names_are_case_insensitive_as_well() -> None:
+    picked = picked_headers([(b"x-request-id", b"r1")], frozenset({"X-Request-Id"}))
+    assert picked.get("x-request-id") == picked.get("X-REQUEST-ID") == "r1"
+
+
+def test_picked_headers_never_show_their_values() -> None:
+    picked = picked_headers(
+        [(b"Authorization", f"Bearer {KEY_A}".encode())], header_names(settings())
+    )
+    assert repr(picked) == "PickedHeaders(['authorization'])"
+    assert KEY_A not in repr(picked) + str(picked)
 
 
 # -- options ----------------------------------------------------------------------------------

@@ -1,11 +1,16 @@
 from __future__ import annotations
 
 import json
+import math
+import random
 from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from edgemeter import envelope
 from edgemeter.envelope import MAX_RAW_BYTES, Facts, bounded_raw, build, encode, rfc3339
 from edgemeter.pricing import flat_price
 from edgemeter.usage import Usage
@@ -78,6 +83,41 @@ def test_rfc3339_is_utc_seconds() -> None:
     assert rfc3339(0.9) == "1970-01-01T00:00:00Z"
 
 
+def strftime_rfc3339(ts: float) -> str:
+    """What rfc3339 formatted before it cached the last second."""
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+SECOND_EDGES = [
+    0.0, 0.5, 0.9, 0.999999, 0.9999994, 0.9999995, 0.9999996, math.nextafter(1.0, 0.0), 1.0,
+    59.999, 60.0, 86_399.9999999, 86_400.0,
+    951_782_400.0, 951_868_799.9999997, 951_868_800.0,  # 2000-02-29, a leap day; 2000-03-01
+    1_709_164_800.25, 1_709_251_199.999999, 1_709_251_200.0,  # 2024-02-29 and the day after
+    1_795_000_000.0, 1_795_000_000.812, 1_795_000_000.9999995, math.nextafter(1_795_000_001.0, 0.0),
+    1_795_000_001.0, 4_102_444_799.9999996, 4_102_444_800.0,  # the last second of 2099, 2100
+    253_402_300_799.0, 1_800_000_000,  # the last second datetime formats; an int
+]  # fmt: skip
+
+
+def test_rfc3339_formats_every_timestamp_as_datetime_does() -> None:
+    rng = random.Random(7)
+    stamps = SECOND_EDGES + [rng.uniform(0, 4_102_444_800) for _ in range(2000)]
+    # Ascending (mostly cache hits, as envelopes come), each twice, then in any order.
+    bursts = [
+        ts + d for ts in stamps for d in (0.0, 0.0, 0.3, 0.0000004, -0.0000004) if ts + d >= 0
+    ]
+    for ts in sorted(bursts) + bursts:
+        assert rfc3339(ts) == strftime_rfc3339(ts), repr(ts)
+
+
+def test_rfc3339_fails_on_what_datetime_cannot_format() -> None:
+    for ts in (math.nan, math.inf, 1e20):
+        with pytest.raises((ValueError, OverflowError)):
+            strftime_rfc3339(ts)
+        with pytest.raises((ValueError, OverflowError)):
+            rfc3339(ts)
+
+
 @pytest.mark.parametrize(
     ("raw", "kept"),
     [
@@ -99,6 +139,117 @@ def test_usage_raw_is_kept_only_while_it_is_small_plain_json(
     if kept:
         # As it came, NaN as null.
         assert json.loads(encode({"r": bounded})) == json.loads(encode({"r": raw}))
+
+
+class Tokens(int):
+    pass
+
+
+class Named(str):
+    pass
+
+
+def nested(depth: int) -> dict[str, Any]:
+    """An object whose innermost value sits `depth` levels below it."""
+    obj: Any = 1
+    for level in range(depth):
+        obj = {f"l{level}": obj}
+    return dict(obj)
+
+
+TRICKY_RAW: list[Any] = [
+    {},
+    {"prompt_tokens": 1, "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": None}},
+    {"service_tier": "standard", "speed": 1.5, "zero": -0.0, "big": 1e308, "flag": True},
+    {"queue_time": float("nan")},
+    {"details": {"queue_time": float("nan")}},
+    {"a": float("inf"), "b": {"c": float("-inf")}},
+    {"x": [float("nan"), 1.5, [float("inf")]]},
+    nested(6),
+    nested(7),
+    {"a": [[[[[1]]]]]},
+    {"a": [[[[[[1]]]]]]},
+    {f"k{i}": i for i in range(511)},  # 512 values, the object itself included
+    {f"k{i}": i for i in range(512)},
+    {"d": {f"k{i}": i for i in range(510)}},
+    {"d": {f"k{i}": i for i in range(511)}},
+    {"note": "x" * 8181},  # {"note":"…"} is exactly MAX_RAW_BYTES
+    {"note": "x" * 8182},
+    {"note": "x" * 10_000},
+    {"emoji": "\U0001f600" * 680},  # 12 characters each once escaped
+    {"emoji": "\U0001f600" * 690},
+    {"control": "\x00" * 1300, "lone": "\ud800"},  # 6 characters each once escaped
+    {"control": "\x00" * 1300, "and": "\x01" * 100},
+    {1: 2, "a": {2: "x"}},
+    {"a": {None: 1}},
+    {"ok": True, "no": False, "nested": {"yes": True}},
+    {"list": [1, 2, 3], "objects": [{"input_tokens": 1}] * 20},
+    {"huge": 10**30, "negative": -(10**18), "edge": 10**18 - 1},
+    {"sub": Tokens(5), "name": Named("x")},
+    {"bytes": b"raw"},
+    {"set": {1, 2}},
+    {"tuple": (1, 2)},
+    [1, 2],
+    "not an object",
+]
+
+
+@pytest.mark.parametrize("raw", TRICKY_RAW, ids=range(len(TRICKY_RAW)))
+def test_the_fast_and_the_exact_path_of_bounded_raw_agree(raw: Any) -> None:
+    fast, exact = bounded_raw(raw), envelope._bounded_copy(raw)
+    assert fast == exact
+    assert encode({"r": fast}) == encode({"r": exact})
+    assert len(encode(fast)) <= MAX_RAW_BYTES
+
+
+def usage_shaped(rng: random.Random, depth: int = 0) -> dict[str, Any]:
+    """A usage-like object: mostly counts, some names, numbers, flags, nulls and sub-objects,
+    now and then a NaN, an infinity, a long string or a list."""
+    obj: dict[str, Any] = {}
+    for _ in range(rng.randint(0, 12)):
+        key = rng.choice(["prompt_tokens", "cached", "é", "\U0001f600", "", "k" * 40])
+        key += str(rng.randrange(100))
+        pick = rng.random()
+        if pick < 0.5:
+            value: Any = rng.randrange(-(10**19), 10**19) if pick < 0.02 else rng.randrange(10**6)
+        elif pick < 0.6:
+            value = rng.choice(
+                ["standard", "\u00e9" * rng.randrange(700), "x" * rng.randrange(9000)]
+            )
+        elif pick < 0.7:
+            value = rng.choice([0.5, -0.0, 1e308, float("nan"), float("inf")])
+        elif pick < 0.8:
+            value = rng.choice([True, False, None])
+        elif pick < 0.95 and depth < 2:
+            value = usage_shaped(rng, depth + 1)
+        else:
+            value = [rng.randrange(10)]
+        obj[key] = value
+    return obj
+
+
+def test_the_paths_agree_on_random_usage_shaped_objects() -> None:
+    rng = random.Random(5)
+    fast_taken = 0
+    for _ in range(3000):
+        raw = usage_shaped(rng)
+        fast, exact = bounded_raw(raw), envelope._bounded_copy(raw)
+        assert encode({"r": fast}) == encode({"r": exact}), raw
+        fast_taken += fast is raw
+    assert fast_taken > 300  # the comparison covered the fast path, not just the slow one
+
+
+def test_recorded_usage_objects_take_the_fast_path_as_they_are(recorded: Path) -> None:
+    usages = [
+        body["usage"]
+        for path in sorted(recorded.glob("*.json"))
+        if isinstance(body := json.loads(path.read_bytes()), dict)
+        and isinstance(body.get("usage"), dict)
+    ]
+    assert len(usages) >= 5
+    for usage in usages:
+        assert bounded_raw(usage) is usage
+        assert usage == envelope._bounded_copy(usage)
 
 
 @pytest.mark.parametrize(
