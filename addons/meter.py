@@ -10,7 +10,6 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Sequence
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -736,18 +735,18 @@ class Meter:
         return result.envelope
 
     @staticmethod
-    def _submit(spool: Spool, key: str, envelope: dict[str, Any]) -> Future[None]:
+    def _submit(spool: Spool, key: str, envelope: dict[str, Any]) -> asyncio.Future[None]:
         """Queue the envelope for the spool writer; a refusal comes back in the future."""
         try:
-            return spool.submit(key, envelope_mod.encode(envelope))
+            return spool.enqueue(key, envelope_mod.encode(envelope))
         except Exception as e:
-            failed: Future[None] = Future()
+            failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             failed.set_exception(e)
             return failed
 
-    async def _spool(self, future: Future[None], key: str, started: float) -> None:
+    async def _spool(self, future: asyncio.Future[None], key: str, started: float) -> None:
         try:
-            await asyncio.wrap_future(future)
+            await future
             self.histograms.added.observe(time.monotonic() - started)
         except Exception as e:
             # The customer's traffic is never broken by the meter: count, log, move on.

@@ -52,6 +52,10 @@ _YIELD_EVERY: Final = 16
 # Turns of the loop the deleter waits for more acks to join its batch (see _flush_acked).
 _GATHER_TURNS: Final = 4
 _CONNECT_TIMEOUT_S: Final = 2
+# Committed envelopes handed over in memory (Spool.listen) and not yet published: past this
+# many, they are dropped and read back from the spool instead (a broker outage must not grow
+# the process without bound; the spool has them all).
+_FRESH_MAX: Final = 4 * _PAGE_SIZE
 
 
 @dataclass(frozen=True)
@@ -248,6 +252,13 @@ class Publisher:
         self._settled: asyncio.Event | None = None
         self._connected: asyncio.Event | None = None
         self._slots: asyncio.Semaphore | None = None
+        # Commits handed over by the spool's writer (seq, entries), oldest first: once a scan
+        # has reached the end of the spool, these are everything new, and publishing them
+        # needs no read (see _pump). Dropped past _FRESH_MAX (then `_fresh_lost`).
+        self._fresh: collections.deque[tuple[int, list[tuple[str, bytes]]]] = collections.deque()
+        self._fresh_count = 0
+        self._fresh_lost = False
+        self._dispatched = 0  # counts publishes started, to yield to the loop every so many
 
     # -- public API -------------------------------------------------------------------------
 
@@ -256,7 +267,7 @@ class Publisher:
         if self._task is not None:
             return
         self._bind()
-        self.spool.on_commit = self._on_commit
+        self.spool.listen(self._committed)
         loop = asyncio.get_running_loop()
         self._task = loop.create_task(self._serve(final=False), name="edgemeter-publisher")
 
@@ -296,8 +307,7 @@ class Publisher:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(nc.close(), max(deadline - time.monotonic(), 0.5))
         self.stats.set_connected(False)
-        if self.spool.on_commit == self._on_commit:
-            self.spool.on_commit = None
+        self.spool.unlisten(self._committed)
         return await asyncio.to_thread(len, self.spool)
 
     # -- hooks ------------------------------------------------------------------------------
@@ -337,8 +347,29 @@ class Publisher:
         self._connected = asyncio.Event()
         self._slots = asyncio.Semaphore(self.config.max_in_flight)
 
-    def _on_commit(self, count: int) -> None:
-        self.notify()
+    def _committed(self, seq: int, entries: list[tuple[str, bytes]]) -> None:
+        """The spool committed these envelopes (called on the loop, see Spool.listen)."""
+        if self._fresh_count + len(entries) > _FRESH_MAX:
+            self._fresh.clear()
+            self._fresh_count = 0
+            self._fresh_lost = True
+        else:
+            self._fresh.append((seq, entries))
+            self._fresh_count += len(entries)
+        if self._wake is not None:
+            self._wake.set()
+
+    def _take_fresh(self) -> list[tuple[str, bytes]]:
+        taken = [entry for _, entries in self._fresh for entry in entries]
+        self._fresh.clear()
+        self._fresh_count = 0
+        return taken
+
+    def _drop_fresh(self, seq: int) -> None:
+        """Forget the commits a page read at `seq` already reflects."""
+        fresh = self._fresh
+        while fresh and fresh[0][0] <= seq:
+            self._fresh_count -= len(fresh.popleft()[1])
 
     def _warn(self, kind: str, message: str) -> None:
         """Count a broker problem and log it at WARNING, at most once per interval per kind."""
@@ -504,7 +535,10 @@ class Publisher:
     # publishing ---------------------------------------------------------------------------
 
     async def _pump(self, *, final: bool) -> bool:
-        """Publish spooled envelopes in key order.
+        """Publish spooled envelopes: first by scanning the spool in key order, until a scan
+        reaches its end with nothing left behind its cursor; from then on ("caught up") the
+        envelopes the spool's writer hands over as it commits them, without reading them back.
+        A failure, a hand-over that overflowed or a quiet interval sends it back to scanning.
 
         Returns False after a failure (the caller backs off, then rescans from the start), True
         when final and nothing publishable is left. Otherwise runs until cancelled.
@@ -517,6 +551,7 @@ class Publisher:
         cursor = ""
         from_start = True  # this scan began at the first key
         dispatched = 0  # envelopes dispatched in this scan
+        caught_up = False
         while True:
             if nc.is_closed or self._failed:
                 return False
@@ -530,51 +565,85 @@ class Publisher:
                 continue
             # Cleared before reading: a commit after this point sets it again and is not missed.
             self._wake.clear()
-            self._deleted.clear()
-            # A short page is the end of the spool: no second read to find it. The count read
-            # with it tells whether keys hide behind the cursor (see below).
-            page, spooled = await asyncio.to_thread(self.spool.scan, cursor, _PAGE_SIZE)
-            interrupted = False
-            for key, data in page:
-                if (
-                    key not in self._in_flight
-                    and key not in self._refused_keys
-                    and key not in self._deleted
-                ):
-                    await self._slots.acquire()
-                    if self._failed or not nc.is_connected:
-                        self._slots.release()
-                        interrupted = True
-                        break  # the cursor stays before this key
-                    self._dispatch(js, key, data)
-                    dispatched += 1
-                    if dispatched % _YIELD_EVERY == 0:
-                        await asyncio.sleep(0)
-                cursor = key
-            if interrupted or spooled is None:
-                continue
+            if self._fresh_lost:
+                self._fresh_lost = False
+                caught_up, cursor, from_start, dispatched = False, "", True, 0
+            if caught_up and not final:
+                if not await self._publish_all(js, nc, self._take_fresh()):
+                    # Taken from the hand-over, not published: the spool still has them.
+                    caught_up, cursor, from_start, dispatched = False, "", True, 0
+                    continue
+            else:
+                self._deleted.clear()
+                # A short page is the end of the spool: no second read to find it. The count
+                # read with it tells whether keys hide behind the cursor (see below).
+                scanned = await self.spool.scan_async(cursor, _PAGE_SIZE)
+                self._drop_fresh(scanned.seq)
+                interrupted = False
+                for key, data in scanned.page:
+                    if (
+                        key not in self._in_flight
+                        and key not in self._refused_keys
+                        and key not in self._deleted
+                    ):
+                        if not await self._publish_one(js, nc, key, data):
+                            interrupted = True
+                            break  # the cursor stays before this key
+                        dispatched += 1
+                    cursor = key
+                if interrupted or scanned.spooled is None:
+                    continue
 
-            # End of the spool for this scan. Keys can sort before the cursor: request ids are
-            # minted when a request starts and spooled when it ends, and clocks go backwards.
-            # The count tells whether any such key is hiding behind the cursor.
-            hidden = spooled - len(self._in_flight) - len(self._refused_keys)
-            if hidden > 0 and not (from_start and dispatched == 0):
-                cursor, from_start, dispatched = "", True, 0
-                continue
-            if final:
-                if not self._in_flight:
-                    return True
-                self._settled.clear()
-                await self._settled.wait()
-                cursor, from_start, dispatched = "", True, 0
-                continue
+                # End of the spool for this scan. Keys can sort before the cursor: request ids
+                # are minted when a request starts and spooled when it ends, and clocks go
+                # backwards. The count tells whether any such key is hiding behind the cursor.
+                hidden = scanned.spooled - len(self._in_flight) - len(self._refused_keys)
+                if hidden > 0 and not (from_start and dispatched == 0):
+                    cursor, from_start, dispatched = "", True, 0
+                    continue
+                if final:
+                    if not self._in_flight:
+                        return True
+                    self._settled.clear()
+                    await self._settled.wait()
+                    cursor, from_start, dispatched = "", True, 0
+                    continue
+                # Everything spooled up to this page's commit is published or publishing; the
+                # commits after it are in the hand-over.
+                caught_up = True
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), _IDLE_RESCAN_S)
             if not self._wake.is_set():
-                cursor = ""  # nothing happened for a while: a full rescan is cheap
+                # Nothing happened for a while: a full rescan is cheap, and finds rows another
+                # process (the operator's `edgemeter dead requeue`) added.
+                caught_up, cursor, from_start, dispatched = False, "", True, 0
             else:
                 await asyncio.sleep(_GATHER_S)
-            from_start, dispatched = cursor == "", 0
+                from_start, dispatched = cursor == "", 0
+
+    async def _publish_all(
+        self, js: JetStreamContext, nc: NATS, entries: list[tuple[str, bytes]]
+    ) -> bool:
+        """Dispatch the handed-over entries; False if interrupted (a failure, a disconnect)."""
+        for key, data in entries:
+            if key in self._in_flight or key in self._refused_keys:
+                continue
+            if not await self._publish_one(js, nc, key, data):
+                return False
+        return True
+
+    async def _publish_one(self, js: JetStreamContext, nc: NATS, key: str, data: bytes) -> bool:
+        """Start publishing one envelope once a slot is free; False if it cannot go now."""
+        assert self._slots is not None
+        await self._slots.acquire()
+        if self._failed or not nc.is_connected:
+            self._slots.release()
+            return False
+        self._dispatch(js, key, data)
+        self._dispatched += 1
+        if self._dispatched % _YIELD_EVERY == 0:
+            await asyncio.sleep(0)
+        return True
 
     def _dispatch(self, js: JetStreamContext, key: str, data: bytes) -> None:
         self._in_flight.add(key)
@@ -655,7 +724,7 @@ class Publisher:
             acked, self._acked = self._acked, []
             batch = [key for key, _ in acked]
             try:
-                await asyncio.to_thread(self.spool.delete, batch, dict(acked))
+                await self.spool.discard(batch, dict(acked))
                 self._deleted.update(batch)
             except Exception as exc:
                 # Already on the stream: if they come round again the broker dedupes them.

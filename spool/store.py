@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import diskcache
 
@@ -55,14 +55,124 @@ _RECOUNT_INTERVAL_S: Final = 5.0
 _PROBE_INTERVAL_S: Final = 1.0
 
 
+# Rows are written with one statement into diskcache's table instead of Cache.set (a SELECT,
+# an INSERT and a cull check per row, all in Python while holding the GIL the event loop needs):
+# the same row Cache.set writes for a str key and inline bytes (raw=1, mode=1, no file, no
+# expiry), diskcache's triggers keep its count and size settings. tests/test_store.py checks
+# diskcache's public API reads these rows back.
+_INSERT_SQL: Final = (
+    "INSERT INTO Cache(key, raw, store_time, expire_time, access_time, access_count, tag,"
+    " size, mode, filename, value) VALUES (?, 1, ?, NULL, ?, 0, NULL, 0, 1, NULL, ?)"
+    " ON CONFLICT(key, raw) DO UPDATE SET store_time = excluded.store_time,"
+    " access_time = excluded.access_time, value = excluded.value"
+)
+_DELETE_SQL: Final = "DELETE FROM Cache WHERE key = ? AND raw = 1"
+
+# A waiter for the writer thread's answer: a concurrent future (any thread), or an asyncio
+# future with its loop (settled there, one hand-off per batch and loop).
+_Waiter = concurrent.futures.Future[Any] | tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]"]
+
+
 @dataclass(slots=True)
 class _Write:
     key: str
     data: bytes
-    future: concurrent.futures.Future[None]
+    waiter: _Waiter
+
+
+@dataclass(slots=True)
+class _Delete:
+    keys: list[str]
+    sizes: Mapping[str, int]
+    waiter: _Waiter
+
+
+@dataclass(slots=True)
+class _Scan:
+    after: str
+    limit: int
+    waiter: _Waiter
+
+
+@dataclass(frozen=True, slots=True)
+class Scanned:
+    """A page read by the writer thread (`Spool.scan_async`): `spooled` as in `scan`, and
+    `seq`, the number of the last commit the page reflects (see `Spool.listen`)."""
+
+    page: list[tuple[str, bytes]]
+    spooled: int | None
+    seq: int
 
 
 _STOP: Final = object()
+
+
+class _Settlements:
+    """The answers of one writer batch: concurrent futures are settled in the writer thread,
+    asyncio futures and the listener's call go to their loop in one hand-off per loop."""
+
+    __slots__ = ("by_loop", "entries")
+
+    def __init__(self) -> None:
+        self.by_loop: dict[asyncio.AbstractEventLoop, list[Callable[[], None]]] = {}
+        self.entries: list[tuple[str, bytes]] = []
+
+    def add(self, waiter: _Waiter, result: Any) -> None:
+        if isinstance(waiter, concurrent.futures.Future):
+            if not waiter.done():
+                waiter.set_result(result)
+            return
+        loop, future = waiter
+        self.by_loop.setdefault(loop, []).append(lambda: _set(future, result, None))
+
+    def fail(self, waiter: _Waiter, exc: BaseException) -> None:
+        if isinstance(waiter, concurrent.futures.Future):
+            if not waiter.done():
+                waiter.set_exception(exc)
+            return
+        loop, future = waiter
+        self.by_loop.setdefault(loop, []).append(lambda: _set(future, None, exc))
+
+    def notify(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        callback: Callable[[int, list[tuple[str, bytes]]], None],
+        seq: int,
+        entries: list[tuple[str, bytes]],
+    ) -> None:
+        # First in the loop's list: the listener hears of a commit before anyone resumes.
+        self.by_loop.setdefault(loop, []).insert(0, lambda: _notify(callback, seq, entries))
+
+    def send(self) -> None:
+        for loop, calls in self.by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits there
+                loop.call_soon_threadsafe(_run_all, calls)
+
+
+def _set(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if future.done():  # cancelled by its waiter
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
+
+
+def _notify(
+    callback: Callable[[int, list[tuple[str, bytes]]], None],
+    seq: int,
+    entries: list[tuple[str, bytes]],
+) -> None:
+    try:
+        callback(seq, entries)
+    except Exception as exc:
+        log.warning("spool commit listener failed: %r", exc)
+        log.debug("spool commit listener failed", exc_info=True)
+
+
+def _run_all(calls: list[Callable[[], None]]) -> None:
+    for call in calls:
+        call()
 
 
 @dataclass(slots=True)
@@ -94,9 +204,14 @@ class Spool:
         self.sync_full = sync_full
         self.max_batch = max_batch
         self.max_bytes = max_bytes
-        self.on_commit: Callable[[int], None] | None = None
+        # (loop, callback) told of every commit of envelopes: see listen().
+        self._listener: (
+            tuple[asyncio.AbstractEventLoop, Callable[[int, list[tuple[str, bytes]]], None]] | None
+        ) = None
+        # Commits done by the writer thread (only it writes this).
+        self._seq = 0
         self._cache: diskcache.Cache | None = None
-        self._queue: queue.SimpleQueue[_Write | _Probe | object] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         # Envelope bytes committed or queued; guarded by _lock. An estimate between recounts.
         self._bytes = 0
         self._last_recount = 0.0
@@ -107,6 +222,10 @@ class Spool:
         # Guards the closed flag together with enqueueing, so nothing lands behind the stop marker.
         self._lock = threading.Lock()
         self._closed = False
+        # Envelopes enqueued on an event loop during its current turn (see enqueue); touched
+        # only by that loop's thread.
+        self._pending: dict[asyncio.AbstractEventLoop, list[_Write]] = {}
+        self._pending_bytes = 0
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -189,6 +308,52 @@ class Spool:
 
     def submit(self, key: str, data: bytes) -> concurrent.futures.Future[None]:
         """Queue one envelope for the writer thread; the future resolves once it is committed."""
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._enqueue(key, data, future)
+        return future
+
+    def enqueue(self, key: str, data: bytes) -> asyncio.Future[None]:
+        """`submit` for the event loop: an asyncio future, settled on this loop together with
+        the rest of its batch (one wake-up of the loop per commit, not one per envelope).
+
+        The envelopes a turn of the loop enqueues reach the writer together, at the end of
+        that turn: one hand-off (a lock, a queue put, a thread wake-up) per turn instead of
+        one per envelope, on the thread that serves every request."""
+        self._check(key, data)
+        loop = asyncio.get_running_loop()
+        if self._closed or self._cache is None:
+            raise SpoolError("spool is not open", path=str(self.directory))
+        held = self._bytes + self._pending_bytes
+        if self.max_bytes is not None and held >= self.max_bytes:
+            raise SpoolFullError("spool is full", path=str(self.directory), bytes=held)
+        future: asyncio.Future[None] = loop.create_future()
+        pending = self._pending.get(loop)
+        if pending is None:
+            pending = self._pending[loop] = []
+            loop.call_soon(self._hand_over, loop)
+        pending.append(_Write(key, data, (loop, future)))
+        self._pending_bytes += len(data)
+        return future
+
+    def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
+        writes = self._pending.pop(loop, [])
+        size = sum(len(write.data) for write in writes)
+        self._pending_bytes -= size
+        with self._lock:
+            if not self._closed and self._cache is not None:
+                self._bytes += size
+                self._queue.put(writes)
+                return
+        error = SpoolError("spool is not open", path=str(self.directory))
+        for write in writes:
+            _set(write.waiter[1], None, error)  # type: ignore[index]
+
+    async def put(self, key: str, data: bytes) -> None:
+        """Spool one envelope; returns once it is committed. Never blocks the event loop."""
+        await self.enqueue(key, data)
+
+    @staticmethod
+    def _check(key: str, data: bytes) -> None:
         # Exact types: diskcache pickles anything else (str subclasses, bytearray, ...).
         if type(key) is not str or not key:
             raise TypeError("spool keys must be non-empty str")
@@ -196,7 +361,9 @@ class Spool:
             raise TypeError(f"spool values must be bytes, not {type(data).__name__}")
         if len(data) > MAX_VALUE_SIZE:
             raise SpoolError("envelope too large for the spool", key=key, size=len(data))
-        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+    def _enqueue(self, key: str, data: bytes, waiter: _Waiter) -> None:
+        self._check(key, data)
         with self._lock:
             if self._closed or self._cache is None:
                 raise SpoolError("spool is not open", path=str(self.directory))
@@ -205,8 +372,47 @@ class Spool:
             if self.max_bytes is not None and self._bytes >= self.max_bytes:
                 raise SpoolFullError("spool is full", path=str(self.directory), bytes=self._bytes)
             self._bytes += len(data)
-            self._queue.put(_Write(key, data, future))
+            self._queue.put(_Write(key, data, waiter))
+
+    def listen(self, callback: Callable[[int, list[tuple[str, bytes]]], None] | None) -> None:
+        """Call `callback(seq, entries)` on the running loop after every commit of envelopes
+        (None: stop). `seq` numbers the commits; `scan_async` pages say which commit they
+        reflect, so a listener can tell the entries a page already holds from newer ones."""
+        with self._lock:
+            self._listener = (asyncio.get_running_loop(), callback) if callback else None
+
+    @property
+    def listening(self) -> bool:
+        """Whether a commit listener is set."""
+        return self._listener is not None
+
+    def unlisten(self, callback: Callable[[int, list[tuple[str, bytes]]], None]) -> None:
+        """Stop calling `callback`, if it is still the listener (a newer one stays)."""
+        with self._lock:
+            if self._listener is not None and self._listener[1] == callback:
+                self._listener = None
+
+    def discard(self, keys: Iterable[str], sizes: Mapping[str, int]) -> asyncio.Future[None]:
+        """`delete`, done by the writer thread in its next transaction (with the commits
+        queued beside it) instead of a second connection; settled on the running loop."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._request(_Delete(list(keys), sizes, (loop, future)))
         return future
+
+    def scan_async(self, after: str, limit: int) -> asyncio.Future[Scanned]:
+        """`scan`, done by the writer thread between commits, so the page reflects exactly the
+        commits numbered up to its `seq` (see `listen`)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Scanned] = loop.create_future()
+        self._request(_Scan(after, limit, (loop, future)))
+        return future
+
+    def _request(self, item: _Delete | _Scan) -> None:
+        with self._lock:
+            if self._closed or self._cache is None:
+                raise SpoolError("spool is not open", path=str(self.directory))
+            self._queue.put(item)
 
     @property
     def held_bytes(self) -> int:
@@ -231,10 +437,6 @@ class Spool:
                 self._queue.put(_Probe())
             return False
 
-    async def put(self, key: str, data: bytes) -> None:
-        """Spool one envelope; returns once it is committed. Never blocks the event loop."""
-        await asyncio.wrap_future(self.submit(key, data))
-
     def _write_loop(self) -> None:
         cache = self._cache
         assert cache is not None
@@ -243,13 +445,10 @@ class Spool:
             item = self._queue.get()
             if item is _STOP:
                 break
-            if isinstance(item, _Probe):
-                self._probe(cache)
-                continue
-            assert isinstance(item, _Write)
-            batch = [item]
+            batch = list(item) if isinstance(item, list) else [item]
             # Group commit: whatever queued up while the last transaction ran shares the next
-            # one, so the per-commit cost (a WAL sync) is paid once per batch, not per envelope.
+            # one, so the per-commit cost (a WAL append) is paid once per batch, not per
+            # envelope, and the loop is woken once for all of it.
             while len(batch) < self.max_batch:
                 try:
                     item = self._queue.get_nowait()
@@ -258,49 +457,90 @@ class Spool:
                 if item is _STOP:
                     stopping = True
                     break
-                if isinstance(item, _Probe):
-                    continue  # the batch's own commit answers the same question
-                assert isinstance(item, _Write)
-                batch.append(item)
-            self._commit(cache, batch)
+                if isinstance(item, list):
+                    batch += item
+                else:
+                    batch.append(item)
+            self._run(cache, batch)
         cache.close()
 
-    def _commit(self, cache: diskcache.Cache, batch: list[_Write]) -> None:
-        # Marking the futures running makes a late cancel() a no-op: a waiter that gave up
-        # must not stop its envelope from being written (it is still a billable request).
-        for write in batch:
-            write.future.set_running_or_notify_cancel()
+    def _run(self, cache: diskcache.Cache, batch: list[object]) -> None:
+        writes = [item for item in batch if isinstance(item, _Write)]
+        deletes = [item for item in batch if isinstance(item, _Delete)]
+        settle = _Settlements()
+        if writes or deletes:
+            self._commit(cache, writes, deletes, settle)
+        elif any(isinstance(item, _Probe) for item in batch):
+            # With writes, the batch's own commit answers the same question.
+            self._probe(cache)
+        for scan in (item for item in batch if isinstance(item, _Scan)):
+            try:
+                page, spooled = self.scan(scan.after, scan.limit)
+                settle.add(scan.waiter, Scanned(page, spooled, self._seq))
+            except Exception as exc:
+                settle.fail(scan.waiter, exc)
+        with self._lock:
+            listener = self._listener
+        entries = settle.entries
+        if listener is not None and entries:
+            settle.notify(listener[0], listener[1], self._seq, entries)
+        settle.send()
+
+    def _commit(
+        self,
+        cache: diskcache.Cache,
+        writes: list[_Write],
+        deletes: list[_Delete],
+        settle: _Settlements,
+    ) -> None:
+        for write in writes:
+            if isinstance(write.waiter, concurrent.futures.Future):
+                # Running: a late cancel() is a no-op; a waiter that gave up must not stop its
+                # envelope from being written (it is still a billable request).
+                write.waiter.set_running_or_notify_cancel()
+        items: list[_Write | _Delete] = [*writes, *deletes]
+        freed = 0
         try:
             with cache.transact(retry=True):
-                for write in batch:
-                    cache.set(write.key, write.data)
+                if writes:
+                    now = time.time()
+                    cache._con.executemany(
+                        _INSERT_SQL, [(write.key, now, now, write.data) for write in writes]
+                    )
+                for delete in deletes:
+                    for key in delete.keys:
+                        # Only what was there is freed: another process may have deleted it.
+                        if cache._con.execute(_DELETE_SQL, (key,)).rowcount:
+                            freed += delete.sizes.get(key, 0)
+                recount = bool(deletes) and (
+                    time.monotonic() - self._last_recount >= _RECOUNT_INTERVAL_S
+                )
+                total = self._count_bytes(cache) if recount else None
         except Exception as exc:
             error = SpoolError("spool write failed", path=str(self.directory), error=str(exc))
             error.__cause__ = exc
-            for write in batch:
-                if not write.future.done():
-                    write.future.set_exception(error)
+            for item in items:
+                settle.fail(item.waiter, error)
             with self._lock:
-                self._bytes -= sum(len(write.data) for write in batch)
+                self._bytes -= sum(len(write.data) for write in writes)
                 self._failed_at = time.monotonic()
                 self._probing = False
             # DEBUG: whoever waits on the futures reports it (the meter: one ERROR a minute
             # with the count), so a full disk under load does not flood the log from here too.
-            log.debug("spool write of %d envelopes failed: %s", len(batch), exc)
+            log.debug("spool write of %d envelopes failed: %s", len(writes), exc)
             return
-        if self._failed_at:
-            with self._lock:
-                self._failed_at = 0.0
-        for write in batch:
-            if not write.future.done():
-                write.future.set_result(None)
-        callback = self.on_commit
-        if callback is not None:
-            try:
-                callback(len(batch))
-            except Exception as exc:
-                log.warning("spool on_commit callback failed: %r", exc)
-                log.debug("spool on_commit callback failed", exc_info=True)
+        self._seq += 1
+        with self._lock:
+            self._failed_at = 0.0
+            if total is None:
+                self._bytes = max(self._bytes - freed, 0)
+            else:
+                # Writes still queued are not in the table yet: the recount is a floor.
+                self._bytes = max(total, self._bytes - freed)
+                self._last_recount = time.monotonic()
+        for item in items:
+            settle.add(item.waiter, None)
+        settle.entries = [(write.key, write.data) for write in writes]
 
     def _probe(self, cache: diskcache.Cache) -> None:
         try:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from pathlib import Path
@@ -456,7 +457,7 @@ async def test_a_stream_is_spooled_when_its_last_event_is_parsed_before_the_clie
     assert addon.flows[flow.id].early is None
     stream(body[last:])  # the last event: spooled before it is returned to mitmproxy
     envelope, future, _ = addon.flows[flow.id].early
-    future.result(timeout=10)
+    await asyncio.wait_for(future, 10)
     assert [e["metadata"]["request_id"] for e in spooled(addon)] == [
         envelope["metadata"]["request_id"]
     ]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -19,7 +18,8 @@ from nats.js.api import StorageType, StreamConfig
 from edgemeter.harness import NatsServer
 from edgemeter.ids import uuid7
 from spool import NatsConfig, Publisher, Spool, ensure_stream, stream_messages
-from spool.publisher import _Attempt
+from spool.publisher import _FRESH_MAX, _Attempt
+from spool.store import Scanned
 
 SUBJECT = "catalyst.usage.recorded"
 STREAM = "CATALYST_SME"
@@ -193,7 +193,7 @@ async def test_stop_with_the_broker_down_leaves_envelopes_spooled(
     assert await publisher.stop(drain_timeout=1.0) == 30
     assert time.monotonic() - began < 2.0
     assert len(spool) == 30
-    assert spool.on_commit is None
+    assert not spool.listening
 
 
 async def test_stop_drains_what_is_left_before_returning(
@@ -275,31 +275,43 @@ async def test_tls_keeps_the_server_name_check_on(spool: Spool) -> None:
 
 
 class GatedSpool(Spool):
-    """A spool whose delete of `held` waits for `let_delete`, and whose next page holding
-    `held` (once `gate` is set) is handed back only after `resume`: the window in which a
+    """A spool whose discard of `held` waits for `let_delete`, and whose next page holding
+    `held` (once `gate` is set) reaches the publisher only after `resume`: the window in which a
     page read before a delete committed reaches the pump after the delete finished."""
 
     def __init__(self, directory: Path, held: str) -> None:
         super().__init__(directory)
         self.held = held
         self.gate = False
-        self.deleting, self.let_delete = threading.Event(), threading.Event()
-        self.page_read, self.resume = threading.Event(), threading.Event()
+        self.deleting, self.let_delete = asyncio.Event(), asyncio.Event()
+        self.page_read, self.resume = asyncio.Event(), asyncio.Event()
 
-    def scan(self, after: str, limit: int) -> tuple[list[tuple[str, bytes]], int | None]:
-        page, spooled = super().scan(after, limit)
-        if self.gate and any(key == self.held for key, _ in page):
-            self.gate = False
-            self.page_read.set()
-            self.resume.wait(10)
-        return page, spooled
+    def scan_async(self, after: str, limit: int) -> asyncio.Future[Scanned]:
+        inner = super().scan_async(after, limit)
+        if not self.gate:
+            return inner
 
-    def delete(self, keys: Iterable[str], sizes: Mapping[str, int] | None = None) -> None:
+        async def relay() -> Scanned:
+            scanned = await inner
+            if any(key == self.held for key, _ in scanned.page):
+                self.gate = False
+                self.page_read.set()
+                await self.resume.wait()
+            return scanned
+
+        return asyncio.ensure_future(relay())
+
+    def discard(self, keys: Iterable[str], sizes: Mapping[str, int]) -> asyncio.Future[None]:
         keys = list(keys)
-        if self.held in keys:
+        if self.held not in keys:
+            return super().discard(keys, sizes)
+
+        async def held() -> None:
             self.deleting.set()
-            self.let_delete.wait(10)
-        super().delete(keys, sizes)
+            await self.let_delete.wait()
+            await super(GatedSpool, self).discard(keys, sizes)
+
+        return asyncio.ensure_future(held())
 
 
 async def test_a_page_read_before_a_delete_does_not_publish_that_key_again(
@@ -313,11 +325,13 @@ async def test_a_page_read_before_a_delete_does_not_publish_that_key_again(
     try:
         await spool.put(late, envelope(late))
         publisher.start()
-        await asyncio.to_thread(spool.deleting.wait, 10)  # acked; its delete has not committed
+        await asyncio.wait_for(spool.deleting.wait(), 10)  # acked; its delete has not committed
         spool.gate = True
-        # A key behind the cursor: the pump rescans from the start and reads `late` again.
+        # As after a hand-over that overflowed: the pump goes back to scanning from the start,
+        # and its page holds `late` again.
+        publisher._fresh_lost = True
         await spool.put(early, envelope(early))
-        assert await asyncio.to_thread(spool.page_read.wait, 10)
+        await asyncio.wait_for(spool.page_read.wait(), 10)
         spool.let_delete.set()
         await wait_until(lambda: late not in publisher._in_flight)  # the delete finished
         spool.resume.set()
@@ -334,7 +348,7 @@ async def test_a_page_read_before_a_delete_does_not_publish_that_key_again(
 
 
 class CountingSpool(Spool):
-    """Counts the publisher's thread hand-offs into the spool: scans, counts and deletes."""
+    """Counts the publisher's requests to the spool: scans, counts and deletes."""
 
     def __init__(self, directory: Path) -> None:
         super().__init__(directory)
@@ -348,10 +362,9 @@ class CountingSpool(Spool):
         self.calls["len"] += 1
         return super().__len__()
 
-    def delete(self, keys: Iterable[str], sizes: Mapping[str, int] | None = None) -> None:
-        self.calls["delete"] += 1
-        self.calls["sized"] += sizes is not None
-        super().delete(keys, sizes)
+    def discard(self, keys: Iterable[str], sizes: Mapping[str, int]) -> asyncio.Future[None]:
+        self.calls["discard"] += 1
+        return super().discard(keys, sizes)
 
 
 async def test_a_short_page_ends_the_scan_without_a_second_read_or_count(
@@ -367,11 +380,57 @@ async def test_a_short_page_ends_the_scan_without_a_second_read_or_count(
         await wait_until(lambda: publisher.stats.acked == 5 and not publisher._in_flight)
         assert spool.calls["scan"] == 1  # was: a page, an empty page, then a count
         assert spool.calls["len"] == 1  # the one inside the scan
-        assert spool.calls["delete"] >= 1
-        assert spool.calls["sized"] == spool.calls["delete"]
+        assert spool.calls["discard"] >= 1
         assert spool.held_bytes == 0  # kept from the sizes published, without a query
         assert await publisher.stop(1) == 0
         assert sorted(await msg_ids(nats_server.url)) == sorted(keys)
+    finally:
+        await publisher.stop(0)
+        spool.close()
+
+
+async def test_envelopes_committed_once_caught_up_are_published_without_reading_them_back(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    await ensure_stream(nats_server.url)
+    spool = CountingSpool(tmp_path / "counted")
+    spool.open()
+    publisher = Publisher(spool, NatsConfig(servers=(nats_server.url,), subject=SUBJECT))
+    try:
+        publisher.start()
+        await wait_until(lambda: spool.calls["scan"] == 1)  # the scan that found it empty
+        keys: list[str] = []
+        for _ in range(10):
+            keys += await spool_keys(spool, 30)
+            await asyncio.sleep(0.01)
+        await wait_until(lambda: publisher.stats.acked == 300 and len(spool) == 0)
+        assert spool.calls["scan"] == 1  # every one of them came from the writer's hand-over
+        assert publisher.stats.duplicates == 0
+        assert spool.held_bytes == 0
+        assert sorted(await msg_ids(nats_server.url)) == sorted(keys)
+    finally:
+        await publisher.stop(0)
+        spool.close()
+
+
+async def test_a_hand_over_past_its_bound_is_read_back_from_the_spool(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    await ensure_stream(nats_server.url)
+    nats_server.stop()
+    spool = CountingSpool(tmp_path / "counted")
+    spool.open()
+    publisher = Publisher(spool, NatsConfig(servers=(nats_server.url,), subject=SUBJECT))
+    try:
+        publisher.start()
+        keys = await spool_keys(spool, _FRESH_MAX + 100)  # while the broker is down
+        assert publisher._fresh_count <= _FRESH_MAX  # memory stays bounded
+        nats_server.start()
+        await wait_until(lambda: len(spool) == 0, timeout=30)
+        assert spool.calls["scan"] >= 1
+        assert publisher.stats.duplicates == 0
+        ids = await msg_ids(nats_server.url)
+        assert len(ids) == len(set(ids)) == len(keys)
     finally:
         await publisher.stop(0)
         spool.close()

@@ -80,9 +80,11 @@ async def test_put_returns_once_the_envelope_is_committed(spool: Spool) -> None:
     assert spool.read_page("", 10) == [("0193-a", b"{}")]
 
 
-def test_concurrent_submits_share_group_commits(spool: Spool) -> None:
-    commits: list[int] = []
-    spool.on_commit = commits.append
+async def test_concurrent_submits_share_group_commits_each_told_to_the_listener_once(
+    spool: Spool,
+) -> None:
+    commits: list[tuple[int, list[tuple[str, bytes]]]] = []
+    spool.listen(lambda seq, entries: commits.append((seq, entries)))
     futures = []
     lock = threading.Lock()
 
@@ -96,13 +98,20 @@ def test_concurrent_submits_share_group_commits(spool: Spool) -> None:
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()
+        await asyncio.to_thread(thread.join)
     for future in futures:
-        assert future.result(timeout=10) is None
+        await asyncio.wrap_future(future)
     assert len(spool) == 2000
-    assert sum(commits) == 2000
-    assert len(commits) < 2000  # some commits carried more than one envelope
-    assert max(commits) <= spool.max_batch
+    deadline = time.monotonic() + 10
+    while sum(len(entries) for _, entries in commits) < 2000 and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    told = [key for _, entries in commits for key, _ in entries]
+    assert sorted(told) == sorted(k for k, _ in spool.read_page("", 3000))  # each once
+    sizes = [len(entries) for _, entries in commits]
+    assert len(sizes) < 2000  # some commits carried more than one envelope
+    assert max(sizes) <= spool.max_batch
+    seqs = [seq for seq, _ in commits]
+    assert seqs == sorted(set(seqs))  # numbered in commit order
 
 
 async def test_many_awaiting_puts_all_commit(spool: Spool) -> None:
@@ -311,3 +320,75 @@ def test_a_disk_that_stops_taking_writes_fails_puts_until_a_probe_succeeds(
         assert spool.accepting
         spool.submit("after", b"y").result(timeout=10)
         assert [k for k, _ in spool.read_page("", 10)] == ["after", "before"]
+
+
+async def test_rows_it_writes_and_discards_are_the_rows_diskcache_writes(spool: Spool) -> None:
+    """The writer's direct SQL must leave what Cache.set / Cache.delete would: same columns,
+    and diskcache's own count and size settings kept by its triggers."""
+    await spool.put("0193-a", b"spooled")
+    cache = diskcache.Cache(str(spool.directory))
+    try:
+        cache.set("0193-b", b"by diskcache")
+        db = sqlite3.connect(spool.directory / "cache.db")
+        try:
+            columns = "raw, expire_time, access_count, tag, size, mode, filename, typeof(key)"
+            rows = db.execute(f"SELECT {columns} FROM Cache ORDER BY key").fetchall()
+        finally:
+            db.close()
+        assert len(rows) == 2 and rows[0] == rows[1]
+        assert cache.get("0193-a") == b"spooled"
+        assert len(cache) == 2 and cache.volume() > 0
+        held = spool.held_bytes
+        await spool.discard(["0193-a", "0193-gone"], {"0193-a": 7, "0193-gone": 99})
+        assert len(cache) == 1 and cache.get("0193-a") is None
+        assert spool.held_bytes == held - 7  # only what was there is freed
+        assert cache.check() == []  # diskcache finds nothing inconsistent
+    finally:
+        cache.close()
+
+
+async def test_a_scan_in_the_writer_says_which_commit_it_reflects(spool: Spool) -> None:
+    told: list[int] = []
+    spool.listen(lambda seq, entries: told.append(seq))
+    await spool.put("0193-a", b"{}")
+    first = await spool.scan_async("", 10)
+    await spool.put("0193-b", b"{}")
+    second = await spool.scan_async("", 10)
+    assert [k for k, _ in first.page] == ["0193-a"] and first.seq == told[0]
+    assert [k for k, _ in second.page] == ["0193-a", "0193-b"] and second.seq == told[1]
+    assert first.spooled == 1 and second.spooled == 2
+    spool.unlisten(lambda seq, entries: None)  # not the listener: it stays
+    assert spool.listening
+
+
+async def test_envelopes_enqueued_in_one_turn_of_the_loop_share_one_commit(spool: Spool) -> None:
+    told: list[int] = []
+    spool.listen(lambda seq, entries: told.append(len(entries)))
+    await asyncio.gather(*[spool.enqueue(f"0193-{i:03d}", b"{}") for i in range(100)])
+    assert told == [100]  # one hand-over to the writer, one transaction, one wake-up
+    assert len(spool) == 100
+
+
+async def test_an_envelope_enqueued_as_the_spool_closes_fails_instead_of_vanishing(
+    tmp_path: Path,
+) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    future = spool.enqueue("0193-a", b"{}")
+    spool.close()  # before the loop's turn ends and hands it over
+    with pytest.raises(SpoolError, match="not open"):
+        await future
+    with pytest.raises(SpoolError, match="not open"):
+        spool.enqueue("0193-b", b"{}")
+
+
+async def test_enqueue_refuses_once_queued_envelopes_fill_the_spool(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", max_bytes=1000)
+    spool.open()
+    try:
+        first = spool.enqueue("0193-a", b"x" * 1000)  # counted before it reaches the writer
+        with pytest.raises(SpoolFullError):
+            spool.enqueue("0193-b", b"{}")
+        await first
+    finally:
+        spool.close()
