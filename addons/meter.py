@@ -23,7 +23,13 @@ from mitmproxy import command, contentviews, ctx, exceptions, http
 from edgemeter import envelope as envelope_mod
 from edgemeter import include_usage
 from edgemeter.admin import AdminServer, Histograms, Snapshot, Thresholds, bind
-from edgemeter.attribution import attribute, header_id, source_of
+from edgemeter.attribution import (
+    attribute,
+    header_id,
+    header_names,
+    picked_headers,
+    source_of,
+)
 from edgemeter.decoding import DecodeError, decode_body
 from edgemeter.errors import MeterError, SettingsError, SpoolFullError
 from edgemeter.flowmeter import FlowMeter, Limits, Request
@@ -328,6 +334,9 @@ def nats_config(settings: Settings) -> NatsConfig:
 class Meter:
     def __init__(self) -> None:
         self.settings: Settings | None = None
+        # The request headers requestheaders reads, picked in one pass over the fields
+        # (mitmproxy's Headers lower-cases every field on every lookup).
+        self.header_names: frozenset[str] = frozenset()
         self.spool: Spool | None = None
         # Next to the spool; created only when the broker first refuses an envelope for good.
         self.dead_letters: DeadLetters | None = None
@@ -417,6 +426,7 @@ class Meter:
         if self.is_running and previous and previous.admin_listen != settings.admin_listen:
             self._rebind_admin(settings)
         self.settings, self.prices, self.keys = settings, prices, keys
+        self.header_names = header_names(settings, "x-request-id")
         if self.is_running and previous and nats_config(previous) != nats_config(settings):
             self._restart_publisher()
 
@@ -516,7 +526,7 @@ class Meter:
                 503, _SPOOL_FULL_BODY, {"content-type": "application/json", "retry-after": "5"}
             )
             return
-        headers = req.headers
+        headers = picked_headers(req.headers.fields, self.header_names)
         who = attribute(headers, settings, self.keys.lookup if self.keys else None)
         if who.source == "unknown_key":
             self.unknown_keys += 1
