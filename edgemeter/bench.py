@@ -1647,6 +1647,10 @@ def parse_args(argv: Sequence[str]) -> tuple[Config, argparse.Namespace]:
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 5)")
     parser.add_argument("--duration", type=float, help="seconds per non-streamed measurement")
     parser.add_argument(
+        "--concurrencies",
+        help="comma-separated concurrencies of the non-streamed rounds (default 1,16,64)",
+    )
+    parser.add_argument(
         "--phases",
         help="comma-separated subset of rounds,drain,memory,health,soak (default: all)",
     )
@@ -1677,6 +1681,14 @@ def parse_args(argv: Sequence[str]) -> tuple[Config, argparse.Namespace]:
         config.rounds = args.rounds
     if args.duration is not None:
         config.duration_s = args.duration
+    if args.concurrencies:
+        try:
+            levels = tuple(int(c) for c in args.concurrencies.split(",") if c.strip())
+        except ValueError:
+            levels = ()
+        if not levels or min(levels) < 1:
+            parser.error("--concurrencies: positive integers, comma-separated (e.g. 1,16)")
+        config.concurrencies = levels
     if args.soak_requests is not None:
         config.soak_requests = args.soak_requests
         config.soak_warmup = min(config.soak_warmup, args.soak_requests // 10)

@@ -18,6 +18,7 @@ from edgemeter.bench import (
     LoadSpec,
     _ratios,
     budgets,
+    parse_args,
     python_load,
     stream_events,
 )
@@ -128,3 +129,25 @@ def test_a_smoke_run_of_every_phase_produces_every_figure(tmp_path: Path) -> Non
     assert results["budgets"] and all(isinstance(b["met"], bool) for b in results["budgets"])
     assert "log_errors" not in results, results.get("log_errors")
     assert "| budget |" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "concurrencies", "phases"),
+    [
+        ([], (1, 16, 64), ("rounds", "drain", "memory", "health", "soak")),
+        (["--concurrencies", "16", "--phases", "rounds"], (16,), ("rounds",)),
+        (["--concurrencies", "1, 64"], (1, 64), ("rounds", "drain", "memory", "health", "soak")),
+    ],
+)
+def test_a_short_run_can_pick_its_concurrencies_and_phases(
+    argv: list[str], concurrencies: tuple[int, ...], phases: tuple[str, ...]
+) -> None:
+    config, _ = parse_args(argv)
+    assert config.concurrencies == concurrencies
+    assert config.phases == phases
+
+
+@pytest.mark.parametrize("bad", ["0", "x", ",", "16,-1"])
+def test_bad_concurrencies_are_refused(bad: str) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--concurrencies", bad])
