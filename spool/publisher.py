@@ -238,6 +238,7 @@ class Publisher:
         # Keys deleted since the pump began reading its current page: that page may still hold
         # them (read before the delete committed), and they must not go out a second time.
         self._deleted: set[str] = set()
+        self._scanning = False
         self._refused_keys: set[str] = set()
         # Acked keys waiting for their delete, with the length of the bytes published (the
         # spool's held-bytes account is kept from them, without reading them back).
@@ -575,22 +576,28 @@ class Publisher:
                     continue
             else:
                 self._deleted.clear()
-                # A short page is the end of the spool: no second read to find it. The count
-                # read with it tells whether keys hide behind the cursor (see below).
-                scanned = await self.spool.scan_async(cursor, _PAGE_SIZE)
-                self._drop_fresh(scanned.seq)
-                interrupted = False
-                for key, data in scanned.page:
-                    if (
-                        key not in self._in_flight
-                        and key not in self._refused_keys
-                        and key not in self._deleted
-                    ):
-                        if not await self._publish_one(js, nc, key, data):
-                            interrupted = True
-                            break  # the cursor stays before this key
-                        dispatched += 1
-                    cursor = key
+                self._scanning = True
+                try:
+                    # A short page is the end of the spool: no second read to find it. The
+                    # count read with it tells whether keys hide behind the cursor (below).
+                    scanned = await self.spool.scan_async(cursor, _PAGE_SIZE)
+                    self._drop_fresh(scanned.seq)
+                    interrupted = False
+                    for key, data in scanned.page:
+                        if (
+                            key not in self._in_flight
+                            and key not in self._refused_keys
+                            and key not in self._deleted
+                        ):
+                            if not await self._publish_one(js, nc, key, data):
+                                interrupted = True
+                                break  # the cursor stays before this key
+                            dispatched += 1
+                        cursor = key
+                finally:
+                    # Outside a scan nothing reads it: kept, it would grow by every envelope.
+                    self._scanning = False
+                    self._deleted.clear()
                 if interrupted or scanned.spooled is None:
                     continue
 
@@ -725,7 +732,8 @@ class Publisher:
             batch = [key for key, _ in acked]
             try:
                 await self.spool.discard(batch, dict(acked))
-                self._deleted.update(batch)
+                if self._scanning:
+                    self._deleted.update(batch)
             except Exception as exc:
                 # Already on the stream: if they come round again the broker dedupes them.
                 self._warn("spool", f"cannot delete published envelopes: {_describe(exc)}")

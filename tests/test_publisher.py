@@ -405,6 +405,8 @@ async def test_envelopes_committed_once_caught_up_are_published_without_reading_
             await asyncio.sleep(0.01)
         await wait_until(lambda: publisher.stats.acked == 300 and len(spool) == 0)
         assert spool.calls["scan"] == 1  # every one of them came from the writer's hand-over
+        # Nothing kept per envelope once published: a meter runs for months.
+        assert not publisher._deleted and not publisher._in_flight and not publisher._fresh
         assert publisher.stats.duplicates == 0
         assert spool.held_bytes == 0
         assert sorted(await msg_ids(nats_server.url)) == sorted(keys)
