@@ -575,7 +575,6 @@ class Publisher:
                     caught_up, cursor, from_start, dispatched = False, "", True, 0
                     continue
             else:
-                self._deleted.clear()
                 self._scanning = True
                 try:
                     # A short page is the end of the spool: no second read to find it. The
@@ -595,7 +594,8 @@ class Publisher:
                             dispatched += 1
                         cursor = key
                 finally:
-                    # Outside a scan nothing reads it: kept, it would grow by every envelope.
+                    # Only a scan reads it, so it starts empty; kept, it would grow by every
+                    # envelope published while caught up.
                     self._scanning = False
                     self._deleted.clear()
                 if interrupted or scanned.spooled is None:

@@ -6,7 +6,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
 
 import certifi
@@ -367,72 +367,69 @@ class CountingSpool(Spool):
         return super().discard(keys, sizes)
 
 
-async def test_a_short_page_ends_the_scan_without_a_second_read_or_count(
+@pytest.fixture
+async def counted(
     nats_server: NatsServer, tmp_path: Path
-) -> None:
-    await ensure_stream(nats_server.url)
+) -> AsyncIterator[tuple[CountingSpool, Publisher]]:
+    """A counting spool and its publisher (not started), both stopped after the test."""
     spool = CountingSpool(tmp_path / "counted")
     spool.open()
     publisher = Publisher(spool, NatsConfig(servers=(nats_server.url,), subject=SUBJECT))
     try:
-        keys = await spool_keys(spool, 5)
-        publisher.start()
-        await wait_until(lambda: publisher.stats.acked == 5 and not publisher._in_flight)
-        assert spool.calls["scan"] == 1  # was: a page, an empty page, then a count
-        assert spool.calls["len"] == 1  # the one inside the scan
-        assert spool.calls["discard"] >= 1
-        assert spool.held_bytes == 0  # kept from the sizes published, without a query
-        assert await publisher.stop(1) == 0
-        assert sorted(await msg_ids(nats_server.url)) == sorted(keys)
+        yield spool, publisher
     finally:
         await publisher.stop(0)
         spool.close()
+
+
+async def test_a_short_page_ends_the_scan_without_a_second_read_or_count(
+    nats_server: NatsServer, counted: tuple[CountingSpool, Publisher]
+) -> None:
+    await ensure_stream(nats_server.url)
+    spool, publisher = counted
+    keys = await spool_keys(spool, 5)
+    publisher.start()
+    await wait_until(lambda: publisher.stats.acked == 5 and not publisher._in_flight)
+    assert spool.calls["scan"] == 1  # was: a page, an empty page, then a count
+    assert spool.calls["len"] == 1  # the one inside the scan
+    assert spool.calls["discard"] >= 1
+    assert spool.held_bytes == 0  # kept from the sizes published, without a query
+    assert await publisher.stop(1) == 0
+    assert sorted(await msg_ids(nats_server.url)) == sorted(keys)
 
 
 async def test_envelopes_committed_once_caught_up_are_published_without_reading_them_back(
-    nats_server: NatsServer, tmp_path: Path
+    nats_server: NatsServer, counted: tuple[CountingSpool, Publisher]
 ) -> None:
     await ensure_stream(nats_server.url)
-    spool = CountingSpool(tmp_path / "counted")
-    spool.open()
-    publisher = Publisher(spool, NatsConfig(servers=(nats_server.url,), subject=SUBJECT))
-    try:
-        publisher.start()
-        await wait_until(lambda: spool.calls["scan"] == 1)  # the scan that found it empty
-        keys: list[str] = []
-        for _ in range(10):
-            keys += await spool_keys(spool, 30)
-            await asyncio.sleep(0.01)
-        await wait_until(lambda: publisher.stats.acked == 300 and len(spool) == 0)
-        assert spool.calls["scan"] == 1  # every one of them came from the writer's hand-over
-        # Nothing kept per envelope once published: a meter runs for months.
-        assert not publisher._deleted and not publisher._in_flight and not publisher._fresh
-        assert publisher.stats.duplicates == 0
-        assert spool.held_bytes == 0
-        assert sorted(await msg_ids(nats_server.url)) == sorted(keys)
-    finally:
-        await publisher.stop(0)
-        spool.close()
+    spool, publisher = counted
+    publisher.start()
+    await wait_until(lambda: spool.calls["scan"] == 1)  # the scan that found it empty
+    keys: list[str] = []
+    for _ in range(10):
+        keys += await spool_keys(spool, 30)
+        await asyncio.sleep(0.01)
+    await wait_until(lambda: publisher.stats.acked == 300 and len(spool) == 0)
+    assert spool.calls["scan"] == 1  # every one of them came from the writer's hand-over
+    # Nothing kept per envelope once published: a meter runs for months.
+    assert not publisher._deleted and not publisher._in_flight and not publisher._fresh
+    assert publisher.stats.duplicates == 0
+    assert spool.held_bytes == 0
+    assert sorted(await msg_ids(nats_server.url)) == sorted(keys)
 
 
 async def test_a_hand_over_past_its_bound_is_read_back_from_the_spool(
-    nats_server: NatsServer, tmp_path: Path
+    nats_server: NatsServer, counted: tuple[CountingSpool, Publisher]
 ) -> None:
     await ensure_stream(nats_server.url)
     nats_server.stop()
-    spool = CountingSpool(tmp_path / "counted")
-    spool.open()
-    publisher = Publisher(spool, NatsConfig(servers=(nats_server.url,), subject=SUBJECT))
-    try:
-        publisher.start()
-        keys = await spool_keys(spool, _FRESH_MAX + 100)  # while the broker is down
-        assert publisher._fresh_count <= _FRESH_MAX  # memory stays bounded
-        nats_server.start()
-        await wait_until(lambda: len(spool) == 0, timeout=30)
-        assert spool.calls["scan"] >= 1
-        assert publisher.stats.duplicates == 0
-        ids = await msg_ids(nats_server.url)
-        assert len(ids) == len(set(ids)) == len(keys)
-    finally:
-        await publisher.stop(0)
-        spool.close()
+    spool, publisher = counted
+    publisher.start()
+    keys = await spool_keys(spool, _FRESH_MAX + 100)  # while the broker is down
+    assert publisher._fresh_count <= _FRESH_MAX  # memory stays bounded
+    nats_server.start()
+    await wait_until(lambda: len(spool) == 0, timeout=30)
+    assert spool.calls["scan"] >= 1
+    assert publisher.stats.duplicates == 0
+    ids = await msg_ids(nats_server.url)
+    assert len(ids) == len(set(ids)) == len(keys)
