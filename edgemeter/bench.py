@@ -792,9 +792,11 @@ class Config:
 # The variants side by side. "plain" is mitmdump with no addon (with stream_large_bodies=1 for
 # the stream scenarios, or it would buffer them); "meter" is `mitmdump -s addons/meter.py`;
 # "lean" is `edgemeter serve`. lean-core (the lean runner without the meter) and lean-nobroker
-# (the meter with its broker unreachable: hooks and spool, no publishing) split the meter's cost.
+# (the meter with its broker unreachable: hooks and spool, no publishing) split the meter's cost;
+# meter-stock is the meter under mitmdump with mitmproxy's own dispatch (meter_fast_dispatch=false).
 VARIANTS = ("direct", "plain", "meter", "lean")
-DIAGNOSTIC_VARIANTS = ("lean-core", "lean-nobroker")
+DIAGNOSTIC_VARIANTS = ("lean-core", "lean-nobroker", "meter-stock")
+RATIO_VARIANTS = ("meter", "lean", *DIAGNOSTIC_VARIANTS)
 
 
 class Bench:
@@ -860,6 +862,9 @@ class Bench:
         if name.startswith("plain"):
             stream = ["--set", "stream_large_bodies=1"] if "stream" in name or probe else []
             args = self.proxy_args("mitmdump", port, *stream, *extra)
+        elif name == "meter-stock":
+            sets = [*self.meter_sets(name), "--set", "meter_fast_dispatch=false"]
+            args = self.proxy_args("mitmdump-meter", port, *sets, *extra)
         elif name.startswith("meter"):
             args = self.proxy_args("mitmdump-meter", port, *self.meter_sets(name), *extra)
         elif name == "lean-core":
@@ -993,6 +998,7 @@ class Bench:
                 names.append("lean-core")
             if sc.concurrency > 1:
                 names.append("lean-nobroker")
+            names.append("meter-stock")
         return names
 
     def rounds(self) -> None:
@@ -1340,7 +1346,7 @@ def _ratios(by_variant: dict[str, list[dict[str, Any]]], stream: bool) -> dict[s
     cpu = "cpu_us_per_chunk" if stream else "cpu_us_per_request"
     plain = by_variant.get("plain", [])
     out: dict[str, float | None] = {}
-    for variant in ("meter", "lean", "lean-core", "lean-nobroker"):
+    for variant in RATIO_VARIANTS:
         runs = by_variant.get(variant)
         if not runs:
             continue
@@ -1536,7 +1542,7 @@ def report(results: dict[str, Any]) -> str:
             "|---|---|---:|---:|---:|---:|",
         ]
         for sc, ratios in rounds["ratios"].items():
-            for variant in ("meter", "lean", "lean-core", "lean-nobroker"):
+            for variant in RATIO_VARIANTS:
                 if f"{variant}/plain cpu" not in ratios:
                     continue
                 lines.append(
@@ -1669,7 +1675,9 @@ def parse_args(argv: Sequence[str]) -> tuple[Config, argparse.Namespace]:
         help="non-streamed load: wrk if installed (auto), or the Python load generator",
     )
     parser.add_argument(
-        "--no-diagnostics", action="store_true", help="leave out lean-core and lean-nobroker"
+        "--no-diagnostics",
+        action="store_true",
+        help="leave out lean-core, lean-nobroker and meter-stock",
     )
     parser.add_argument(
         "--out",

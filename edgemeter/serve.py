@@ -15,16 +15,14 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
-import inspect
 import logging
 import os
 import sys
-import types
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mitmproxy import addonmanager, exceptions, flow, hooks, master, options
+from mitmproxy import master, options
 from mitmproxy.addons import (
     block,
     core,
@@ -40,6 +38,10 @@ from mitmproxy.addons import (
 )
 from mitmproxy.tools import cmdline
 from mitmproxy.tools import main as mitmproxy_main
+
+from edgemeter.dispatch import HookCache
+
+logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
 METER_ADDON = ROOT / "addons" / "meter.py"
@@ -77,80 +79,6 @@ def meter_addon() -> Any:
     sys.modules[spec.name] = module  # as an import would: dataclasses and pickling look there
     spec.loader.exec_module(module)
     return module.Meter()
-
-
-logger = logging.getLogger(__name__)
-Hooked = tuple[Any, Callable[..., Any]]
-
-
-class HookCache(addonmanager.AddonManager):
-    """mitmproxy's addon manager, but each event calls only the addons that implement it.
-
-    The stock manager walks every addon (and its children) for every event and every flow
-    update, entering a context manager and a coroutine per addon even when the addon has no
-    such hook. This one resolves the hooks of an event once and keeps the list until an addon
-    is registered or removed (scripts loading and reloading go through both). Errors are
-    handled as mitmproxy's safecall does: logged, and the flow goes on."""
-
-    def __init__(self, master: master.Master) -> None:
-        super().__init__(master)
-        self._hooks: dict[str, list[Hooked]] = {}
-
-    def register(self, addon: Any) -> Any:
-        self._hooks.clear()
-        try:
-            return super().register(addon)
-        finally:
-            self._hooks.clear()
-
-    def remove(self, addon: Any) -> None:
-        self._hooks.clear()
-        super().remove(addon)
-        self._hooks.clear()
-
-    def clear(self) -> None:
-        super().clear()
-        self._hooks.clear()
-
-    def hooked(self, name: str) -> list[Hooked]:
-        found = self._hooks.get(name)
-        if found is None:
-            found = []
-            for addon in addonmanager.traverse(self.chain):
-                func = getattr(addon, name, None)
-                if not func or isinstance(func, types.ModuleType):
-                    continue  # e.g. `from mitmproxy import log` in a script: not a hook
-                if not callable(func):
-                    raise exceptions.AddonManagerError(
-                        f"Addon handler {name} ({addon}) not callable"
-                    )
-                found.append((addon, func))
-            self._hooks[name] = found
-        return found
-
-    async def trigger_event(self, event: hooks.Hook) -> None:
-        hooked = self.hooked(event.name)
-        if not hooked:
-            return
-        args = event.args()
-        for _addon, func in hooked:
-            try:
-                result = func(*args)
-                if result is not None and inspect.isawaitable(result):
-                    await result
-            except exceptions.AddonHalt:
-                return
-            except exceptions.OptionsError:
-                raise
-            except Exception as e:
-                logger.error(f"Addon error: {e}", exc_info=True)
-
-    async def handle_lifecycle(self, event: hooks.Hook) -> None:
-        await self.trigger_event(event)
-        message = event.args()[0]
-        # Nothing in the lean runner shows flows: skip building update events nobody reads.
-        if isinstance(message, flow.Flow) and self.hooked("update"):
-            await self.trigger_event(hooks.UpdateHook([message]))
 
 
 class LeanMaster(master.Master):

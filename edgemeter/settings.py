@@ -67,6 +67,7 @@ class Settings:
     attribution: AttributionMode = "headers"
     keymap_file: str = ""
     fingerprint_secret: bytes = field(default=b"", repr=False)
+    fast_dispatch: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,6 +296,12 @@ def parse_settings(options: Mapping[str, object]) -> Settings:
             raise SettingsError("must be an integer", option=name, value=value)
         return value
 
+    def flag(name: str) -> bool:
+        value = options[name]
+        if not isinstance(value, bool):
+            raise SettingsError("must be true or false", option=name, value=value)
+        return value
+
     attribution = parse_attribution(text("meter_attribution"))
     return Settings(
         nats_servers=parse_nats_urls(text("meter_nats_url")),
@@ -343,4 +350,5 @@ def parse_settings(options: Mapping[str, object]) -> Settings:
         fingerprint_secret=parse_fingerprint_secret(
             text("meter_fingerprint_secret"), text("meter_fingerprint_secret_file")
         ),
+        fast_dispatch=flag("meter_fast_dispatch"),
     )

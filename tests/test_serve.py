@@ -15,14 +15,12 @@ from typing import Any
 
 import openai
 import pytest
-from mitmproxy import master
-from mitmproxy.proxy.layers.http._hooks import HttpRequestHook
-from mitmproxy.test import tflow
 
 from edgemeter import serve
 from edgemeter.demo import BackgroundDemo
+from edgemeter.dispatch import HookCache
 from edgemeter.harness import ROOT, MeterFactory, MeterProxy, NatsServer, free_port
-from edgemeter.serve import HookCache, LeanMaster
+from edgemeter.serve import LeanMaster
 from spool.store import Spool
 from spool.streams import ensure_stream, stream_messages
 
@@ -165,59 +163,6 @@ def test_a_script_given_with_s_is_loaded_next_to_the_meter(
     )
     assert raw.headers["x-lean-script"] == "yes"
     assert len(envelopes(broker.url, customer, 1)) == 1
-
-
-# --- the hook cache -------------------------------------------------------------------------
-
-
-class Seen:
-    def __init__(self, name: str, log: list[str]) -> None:
-        self.name = name
-        self.log = log
-
-    def request(self, flow: Any) -> None:
-        self.log.append(self.name)
-
-
-class Broken:
-    def request(self, flow: Any) -> None:
-        raise RuntimeError("boom")
-
-
-class Parent:
-    """An addon with children, as the script loader is."""
-
-    def __init__(self) -> None:
-        self.addons: list[Any] = []
-
-
-async def test_an_event_reaches_only_the_addons_that_have_its_hook() -> None:
-    m = master.Master(None)
-    cache = HookCache(m)
-    log: list[str] = []
-    cache.add(Seen("a", log), Broken(), Seen("b", log))
-    await cache.handle_lifecycle(HttpRequestHook(tflow.tflow()))
-    # The broken addon's error is logged; the flow goes on to the next addon.
-    assert log == ["a", "b"]
-    assert [type(a).__name__ for a, _ in cache.hooked("request")] == ["Seen", "Broken", "Seen"]
-    assert cache.hooked("response") == []
-
-
-async def test_children_registered_later_get_events_too() -> None:
-    m = master.Master(None)
-    cache = HookCache(m)
-    log: list[str] = []
-    parent = Parent()
-    cache.add(parent)
-    await cache.trigger_event(HttpRequestHook(tflow.tflow()))
-    child = Seen("child", log)
-    parent.addons.append(child)
-    cache.register(child)  # how mitmproxy's script loader adds a script's addons
-    await cache.trigger_event(HttpRequestHook(tflow.tflow()))
-    cache.remove(child)
-    parent.addons.remove(child)
-    await cache.trigger_event(HttpRequestHook(tflow.tflow()))
-    assert log == ["child"]
 
 
 async def test_the_lean_master_carries_the_meter_and_not_mitmdumps_flow_printer() -> None:
