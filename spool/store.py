@@ -53,6 +53,11 @@ _BYTES_SQL: Final = "SELECT COALESCE(SUM(LENGTH(value)), 0) FROM Cache"
 _RECOUNT_INTERVAL_S: Final = 5.0
 # After a failed commit, how long until a probe write may tell the disk is back.
 _PROBE_INTERVAL_S: Final = 1.0
+# Deletes of published envelopes (discard) wait up to this long for the next commit and ride
+# in its transaction: at a trickle of requests a transaction of its own per delete doubled the
+# writer's work. Past this many keys waiting, they go at once (a backlog draining).
+_DISCARD_DELAY_S: Final = 0.1
+_DISCARD_NOW_KEYS: Final = 256
 
 
 # Rows are written with one statement into diskcache's table instead of Cache.set (a SELECT,
@@ -105,6 +110,8 @@ class Scanned:
 
 
 _STOP: Final = object()
+# Wakes the writer for the deletes waiting (see discard); carries nothing itself.
+_FLUSH: Final = object()
 
 
 class _Settlements:
@@ -226,6 +233,10 @@ class Spool:
         # only by that loop's thread.
         self._pending: dict[asyncio.AbstractEventLoop, list[_Write]] = {}
         self._pending_bytes = 0
+        # Deletes waiting for a transaction to ride in (see discard); guarded by _lock.
+        self._discards: list[_Delete] = []
+        self._discard_keys = 0
+        self._discards_since = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -393,12 +404,39 @@ class Spool:
                 self._listener = None
 
     def discard(self, keys: Iterable[str], sizes: Mapping[str, int]) -> asyncio.Future[None]:
-        """`delete`, done by the writer thread in its next transaction (with the commits
-        queued beside it) instead of a second connection; settled on the running loop."""
+        """`delete`, done by the writer thread instead of a second connection, in the
+        transaction of the next commit if one comes within _DISCARD_DELAY_S (else in one of its
+        own then); settled on the running loop. A crash meanwhile leaves the envelopes to be
+        published again: the broker dedupes them by Nats-Msg-Id."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        self._request(_Delete(list(keys), sizes, (loop, future)))
+        item = _Delete(list(keys), sizes, (loop, future))
+        with self._lock:
+            if self._closed or self._cache is None:
+                raise SpoolError("spool is not open", path=str(self.directory))
+            if not self._discards:
+                self._discards_since = time.monotonic()
+            self._discards.append(item)
+            self._discard_keys += len(item.keys)
+            now = self._discard_keys >= _DISCARD_NOW_KEYS
+            if now:
+                self._queue.put(_FLUSH)
+        if not now:
+            loop.call_later(_DISCARD_DELAY_S, self._flush_discards)
         return future
+
+    def _flush_discards(self) -> None:
+        """Wake the writer for deletes that waited their time and found no commit to ride in."""
+        with self._lock:
+            if self._closed or not self._discards:
+                return
+            if time.monotonic() - self._discards_since >= _DISCARD_DELAY_S * 0.9:
+                self._queue.put(_FLUSH)
+
+    def _take_discards(self) -> list[_Delete]:
+        with self._lock:
+            taken, self._discards, self._discard_keys = self._discards, [], 0
+        return taken
 
     def scan_async(self, after: str, limit: int) -> asyncio.Future[Scanned]:
         """`scan`, done by the writer thread between commits, so the page reflects exactly the
@@ -461,7 +499,9 @@ class Spool:
                     batch += item
                 else:
                     batch.append(item)
-            self._run(cache, batch)
+            self._run(cache, batch + self._take_discards())
+        if discards := self._take_discards():
+            self._run(cache, list[object](discards))
         cache.close()
 
     def _run(self, cache: diskcache.Cache, batch: list[object]) -> None:

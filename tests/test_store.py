@@ -19,6 +19,7 @@ import diskcache
 import pytest
 
 from edgemeter.errors import SpoolError, SpoolFullError
+from spool import store
 from spool.store import Spool
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -140,6 +141,7 @@ def test_close_commits_everything_queued_and_is_idempotent(tmp_path: Path) -> No
 CRASHER = """
 import os, sys
 from pathlib import Path
+from spool import store
 from spool.store import Spool
 
 spool = Spool(Path(sys.argv[1]))
@@ -392,3 +394,55 @@ async def test_enqueue_refuses_once_queued_envelopes_fill_the_spool(tmp_path: Pa
         await first
     finally:
         spool.close()
+
+
+# -- deletes ride in commits ------------------------------------------------------------------
+
+
+@pytest.fixture
+def patient_discards(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Discards wait for a commit to ride in far longer than any test runs."""
+    monkeypatch.setattr(store, "_DISCARD_DELAY_S", 3600.0)
+
+
+async def test_a_discard_rides_in_the_next_commits_transaction(
+    spool: Spool, patient_discards: None
+) -> None:
+    await spool.put("0193-a", b"{}")
+    before = (await spool.scan_async("", 10)).seq
+    gone = spool.discard(["0193-a"], {"0193-a": 2})
+    await spool.put("0193-b", b"{}")
+    await asyncio.wait_for(gone, 10)
+    after = await spool.scan_async("", 10)
+    assert [k for k, _ in after.page] == ["0193-b"]
+    assert after.seq == before + 1  # one transaction wrote b and deleted a
+
+
+async def test_a_discard_with_no_commit_to_ride_in_goes_alone_after_a_moment(
+    spool: Spool,
+) -> None:
+    await spool.put("0193-a", b"{}")
+    before = (await spool.scan_async("", 10)).seq
+    await asyncio.wait_for(spool.discard(["0193-a"], {"0193-a": 2}), 10)
+    after = await spool.scan_async("", 10)
+    assert after.page == [] and after.seq == before + 1
+
+
+async def test_a_large_discard_goes_at_once(spool: Spool, patient_discards: None) -> None:
+    keys = [f"0193-{i:04d}" for i in range(store._DISCARD_NOW_KEYS)]
+    await asyncio.gather(*[spool.enqueue(key, b"{}") for key in keys])
+    await asyncio.wait_for(spool.discard(keys, dict.fromkeys(keys, 2)), 10)
+    assert len(spool) == 0
+
+
+async def test_close_does_the_discards_still_waiting(
+    tmp_path: Path, patient_discards: None
+) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    await spool.put("0193-a", b"{}")
+    gone = spool.discard(["0193-a"], {"0193-a": 2})
+    await asyncio.to_thread(spool.close)
+    await asyncio.wait_for(gone, 10)
+    with Spool(tmp_path / "spool") as reopened:
+        assert len(reopened) == 0
