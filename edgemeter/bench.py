@@ -724,7 +724,7 @@ class Config:
     stream_concurrency: int = 16
     stream_events: int = 50
     stream_interval_ms: int = 20
-    stream_duration_s: float = 3.0
+    stream_duration_s: float = 5.0
     # Time to first byte, one stream at a time (short streams: many samples per round).
     ttfb_events: int = 50
     ttfb_interval_ms: int = 2
