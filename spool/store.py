@@ -9,6 +9,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import math
 import os
 import queue
 import sqlite3
@@ -55,7 +56,8 @@ _RECOUNT_INTERVAL_S: Final = 5.0
 _PROBE_INTERVAL_S: Final = 1.0
 # Deletes of published envelopes (discard) wait up to this long for the next commit and ride
 # in its transaction: at a trickle of requests a transaction of its own per delete doubled the
-# writer's work. Past this many keys waiting, they go at once (a backlog draining).
+# writer's work. They wait only while envelopes are being written (a backlog draining has no
+# commits to ride in), and never for more than this many keys.
 _DISCARD_DELAY_S: Final = 0.1
 _DISCARD_NOW_KEYS: Final = 256
 
@@ -237,6 +239,8 @@ class Spool:
         self._discards: list[_Delete] = []
         self._discard_keys = 0
         self._discards_since = 0.0
+        # Monotonic time of the writer's last commit of envelopes (only it writes this).
+        self._written_at = -math.inf
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -414,11 +418,14 @@ class Spool:
         with self._lock:
             if self._closed or self._cache is None:
                 raise SpoolError("spool is not open", path=str(self.directory))
+            at = time.monotonic()
             if not self._discards:
-                self._discards_since = time.monotonic()
+                self._discards_since = at
             self._discards.append(item)
             self._discard_keys += len(item.keys)
-            now = self._discard_keys >= _DISCARD_NOW_KEYS
+            now = (
+                self._discard_keys >= _DISCARD_NOW_KEYS or at - self._written_at > _DISCARD_DELAY_S
+            )
             if now:
                 self._queue.put(_FLUSH)
         if not now:
@@ -570,6 +577,8 @@ class Spool:
             log.debug("spool write of %d envelopes failed: %s", len(writes), exc)
             return
         self._seq += 1
+        if writes:
+            self._written_at = time.monotonic()
         with self._lock:
             self._failed_at = 0.0
             if total is None:

@@ -435,6 +435,17 @@ async def test_a_large_discard_goes_at_once(spool: Spool, patient_discards: None
     assert len(spool) == 0
 
 
+async def test_a_discard_while_nothing_is_written_goes_at_once(
+    tmp_path: Path, patient_discards: None
+) -> None:
+    """A backlog draining after a restart has no commits to ride in."""
+    with Spool(tmp_path / "spool") as before:
+        fill(before, ["0193-a", "0193-b"])
+    with Spool(tmp_path / "spool") as spool:
+        await asyncio.wait_for(spool.discard(["0193-a"], {"0193-a": 2}), 10)
+        assert [k for k, _ in spool.read_page("", 10)] == ["0193-b"]
+
+
 async def test_close_does_the_discards_still_waiting(
     tmp_path: Path, patient_discards: None
 ) -> None:
