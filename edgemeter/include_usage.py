@@ -69,6 +69,14 @@ class EventSplitter:
         return len(self._buf)
 
     def feed(self, data: bytes) -> list[bytes]:
+        if (
+            not self._buf
+            and data[-2:] == b"\n\n"
+            and data.find(b"\n") == len(data) - 2 > 0  # b"\n\n" is two stray blank lines
+            and b"\r" not in data
+        ):
+            # One whole single-line event, as upstreams flush them: nothing to search or hold.
+            return [bytes(data)]
         buf = self._buf
         buf += data
         end = len(buf)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from edgemeter.usage import Api
@@ -40,7 +41,14 @@ def wire_body(path: Path) -> bytes:
 
 
 def chunked(body: bytes, size: int) -> list[bytes]:
+    """`size`-byte chunks; size 0: one chunk per SSE event (cut after each blank line), as
+    upstreams flush a stream."""
+    if size == 0:
+        return [piece for piece in _AFTER_BLANK_LINE.split(body) if piece]
     return [body[i : i + size] for i in range(0, len(body), size)]
+
+
+_AFTER_BLANK_LINE = re.compile(rb"(?<=\n\n)|(?<=\r\n\r\n)|(?<=\r\r)")
 
 
 def api_of(name: str) -> Api:

@@ -174,12 +174,15 @@ ROWS: list[Row] = [
 
 
 def _params() -> list[Any]:
-    """Each stream in 1-byte and 7-byte chunks (SSE events split everywhere); bodies once."""
+    """Each stream in 1-byte and 7-byte chunks (SSE events split everywhere) and one chunk per
+    event (as upstreams flush); bodies once."""
     params = []
     for row in ROWS:
-        sizes = [1, 7] if is_stream(Path(row.fixture)) else [7]
+        sizes = [1, 7, 0] if is_stream(Path(row.fixture)) else [7]
         for size in sizes:
-            suffix = f"{size}b" if is_stream(Path(row.fixture)) else "body"
+            suffix = (
+                ("events" if size == 0 else f"{size}b") if is_stream(Path(row.fixture)) else "body"
+            )
             params.append(pytest.param(row, size, id=f"{row.fixture}-{suffix}"))
     return params
 

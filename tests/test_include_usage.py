@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 
 import pytest
 from hypothesis import given
@@ -153,3 +154,20 @@ def test_the_splitter_gives_the_same_events_for_any_split(body: bytes, cuts: lis
     assert events == whole
     assert splitter.pending == len(rest)
     assert splitter.take() == rest
+
+
+@given(
+    body=st.lists(
+        st.sampled_from([b"data: x", b"data: {}", b"\n", b"\r", b"\r\n", b":c", b"event: e"]),
+        max_size=40,
+    ).map(b"".join)
+)
+def test_whole_events_in_a_chunk_split_as_byte_by_byte(body: bytes) -> None:
+    """Chunks of one whole event take a shortcut past the line search: it must agree with
+    feeding the same bytes one at a time."""
+    pieces = [p for p in re.split(rb"(?<=\n\n)|(?<=\r\n\r\n)|(?<=\r\r)", body) if p]
+    whole, byte_by_byte = EventSplitter(), EventSplitter()
+    got = [ev for piece in pieces for ev in whole.feed(piece)]
+    want = [ev for i in range(len(body)) for ev in byte_by_byte.feed(body[i : i + 1])]
+    assert got == want
+    assert whole.take() == byte_by_byte.take()

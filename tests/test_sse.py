@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 
 import pytest
 from hypothesis import given
@@ -55,6 +56,36 @@ def test_events_are_the_same_for_every_line_end(newline: bytes) -> None:
 def test_any_split_gives_the_same_events(cuts: list[int], newline: bytes) -> None:
     body = BODY.replace(b"\n", newline)
     assert decode(split_at(body, cuts)) == EVENTS
+
+
+@given(
+    body=st.lists(
+        st.sampled_from(
+            [
+                b"data: x",
+                b"data:y",
+                b"data: " + b"z" * 30,
+                b"\n",
+                b"\r",
+                b"\r\n",
+                b":c",
+                b"event: e",
+            ]
+        ),
+        max_size=40,
+    ).map(b"".join),
+    limit=st.integers(min_value=4, max_value=60),
+)
+def test_whole_events_in_a_chunk_each_decode_as_byte_by_byte(body: bytes, limit: int) -> None:
+    """Chunks of one whole event (how upstreams flush) take a shortcut: it must agree with the
+    line by line path, which a 1-byte chunk always takes."""
+    pieces = [p for p in re.split(rb"(?<=\n\n)|(?<=\r\n\r\n)|(?<=\r\r)", body) if p]
+    whole, byte_by_byte = SSEDecoder(limit), SSEDecoder(limit)
+    got = [ev for piece in pieces for ev in whole.feed(piece)]
+    want = [ev for i in range(len(body)) for ev in byte_by_byte.feed(body[i : i + 1])]
+    assert got == want
+    assert whole.overflowed == byte_by_byte.overflowed
+    assert whole.close() == byte_by_byte.close()
 
 
 def test_crlf_split_between_cr_and_lf_is_one_line_end() -> None:
