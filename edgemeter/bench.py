@@ -793,7 +793,7 @@ class Config:
 # the stream scenarios, or it would buffer them); "meter" is `mitmdump -s addons/meter.py`;
 # "lean" is `edgemeter serve`. lean-core (the lean runner without the meter) and lean-nobroker
 # (the meter with its broker unreachable: hooks and spool, no publishing) split the meter's cost;
-# meter-stock is the meter under mitmdump with mitmproxy's own dispatch (meter_fast_dispatch=false).
+# meter-stock is the meter under an untuned mitmdump (meter_tune_mitmproxy=false).
 VARIANTS = ("direct", "plain", "meter", "lean")
 DIAGNOSTIC_VARIANTS = ("lean-core", "lean-nobroker", "meter-stock")
 RATIO_VARIANTS = ("meter", "lean", *DIAGNOSTIC_VARIANTS)
@@ -863,7 +863,7 @@ class Bench:
             stream = ["--set", "stream_large_bodies=1"] if "stream" in name or probe else []
             args = self.proxy_args("mitmdump", port, *stream, *extra)
         elif name == "meter-stock":
-            sets = [*self.meter_sets(name), "--set", "meter_fast_dispatch=false"]
+            sets = [*self.meter_sets(name), "--set", "meter_tune_mitmproxy=false"]
             args = self.proxy_args("mitmdump-meter", port, *sets, *extra)
         elif name.startswith("meter"):
             args = self.proxy_args("mitmdump-meter", port, *self.meter_sets(name), *extra)

@@ -1,5 +1,5 @@
 """Event dispatch that asks only the addons implementing an event: the lean runner's addon
-manager, and what the meter installs into mitmdump's and mitmweb's (`meter_fast_dispatch`).
+manager, and what the meter installs into mitmdump's and mitmweb's (`meter_tune_mitmproxy`).
 
 mitmproxy's stock manager walks every addon and its children for every event of every flow,
 entering a context manager and a coroutine per addon even when it has no such hook. With

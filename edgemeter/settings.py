@@ -67,7 +67,7 @@ class Settings:
     attribution: AttributionMode = "headers"
     keymap_file: str = ""
     fingerprint_secret: bytes = field(default=b"", repr=False)
-    fast_dispatch: bool = True
+    tune_mitmproxy: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,5 +350,5 @@ def parse_settings(options: Mapping[str, object]) -> Settings:
         fingerprint_secret=parse_fingerprint_secret(
             text("meter_fingerprint_secret"), text("meter_fingerprint_secret_file")
         ),
-        fast_dispatch=flag("meter_fast_dispatch"),
+        tune_mitmproxy=flag("meter_tune_mitmproxy"),
     )

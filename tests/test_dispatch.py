@@ -1,10 +1,11 @@
 """Dispatch through a hook cache: the same hooks in the same order as mitmproxy's own addon
 manager, on a table of addon arrangements; kept current as addons come and go; installed into
-mitmdump by the meter (meter_fast_dispatch) and taken out again."""
+mitmdump by the meter (meter_tune_mitmproxy) and taken out again."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 import types
@@ -196,9 +197,7 @@ async def test_install_swaps_only_a_stock_manager_and_uninstall_puts_it_back() -
 # -- the meter installs it ---------------------------------------------------------------------
 
 
-async def test_the_meter_dispatches_through_the_cache_while_it_runs_and_not_after(
-    tmp_path: Path,
-) -> None:
+async def test_the_meter_tunes_mitmproxy_while_it_runs_and_not_after(tmp_path: Path) -> None:
     addon = Meter()
     with taddons.context(addon) as tctx:
         dead = f"nats://127.0.0.1:{free_port()}"
@@ -206,17 +205,27 @@ async def test_the_meter_dispatches_through_the_cache_while_it_runs_and_not_afte
             addon, meter_spool_dir=str(tmp_path), meter_nats_url=dead, meter_admin_listen=""
         )
         manager = tctx.master.addons
-        assert type(manager) is addonmanager.AddonManager  # configured, not yet running
-        addon.running()
-        assert type(manager) is InstalledHookCache
-        tctx.configure(addon, meter_fast_dispatch=False)
+        # Configured, not yet running: nothing is tuned. (The interpreter itself starts with a
+        # few hundred objects frozen.)
         assert type(manager) is addonmanager.AddonManager
-        tctx.configure(addon, meter_fast_dispatch=True)
-        assert type(manager) is InstalledHookCache
-        finished = addon.done()
-        assert type(manager) is addonmanager.AddonManager
-        assert finished is not None
-        await finished
+        untuned = gc.get_freeze_count()
+        try:
+            addon.running()
+            assert type(manager) is InstalledHookCache
+            assert gc.get_freeze_count() > untuned + 10_000
+            tctx.configure(addon, meter_tune_mitmproxy=False)
+            assert type(manager) is addonmanager.AddonManager
+            assert gc.get_freeze_count() <= untuned
+            tctx.configure(addon, meter_tune_mitmproxy=True)
+            assert type(manager) is InstalledHookCache
+            assert gc.get_freeze_count() > untuned + 10_000
+            finished = addon.done()
+            assert type(manager) is addonmanager.AddonManager
+            assert gc.get_freeze_count() <= untuned
+            assert finished is not None
+            await finished
+        finally:
+            gc.unfreeze()  # whatever happened, the rest of the suite runs unfrozen
 
 
 def test_mitmdump_with_the_meter_still_calls_a_script_loaded_after_it(
@@ -238,7 +247,7 @@ def test_mitmdump_with_the_meter_still_calls_a_script_loaded_after_it(
         proxy = meter_factory.start(
             demo_upstream.url,
             nats_server.url,
-            f"meter_fast_dispatch={fast}",
+            f"meter_tune_mitmproxy={fast}",
             extra=("-s", str(script)),
         )
         raw = openai.OpenAI(

@@ -31,7 +31,7 @@ def test_defaults_parse() -> None:
     assert s.paths == ("/v1/",)
     assert s.admin_listen == ("127.0.0.1", 9464)
     assert s.spool_dir == Path("/tmp/spool")
-    assert s.fast_dispatch is True
+    assert s.tune_mitmproxy is True
 
 
 def test_cluster_urls_are_split_and_trimmed() -> None:
@@ -60,7 +60,7 @@ def test_cluster_urls_are_split_and_trimmed() -> None:
         ("meter_admin_listen", "9464"),
         ("meter_admin_listen", "127.0.0.1:70000"),
         ("meter_nats_creds", "/nonexistent/creds"),
-        ("meter_fast_dispatch", "yes"),
+        ("meter_tune_mitmproxy", "yes"),
     ],
 )
 def test_a_bad_value_names_the_option_and_the_value(option: str, value: object) -> None:
