@@ -1013,9 +1013,17 @@ class Bench:
                 order = self.variants(sc)
                 # Rotate the order each round: no variant always runs first (or last).
                 order = order[r % len(order) :] + order[: r % len(order)]
-                for variant in order:
+                before: dict[str, Any] | None = None  # the last plain measurement
+                waiting: dict[str, Any] | None = None  # a variant waiting for the plain after it
+                for variant in bracketed(order):
                     figures = self.measure(variant, sc)
                     raw.setdefault(sc.name, {}).setdefault(variant, []).append(figures)
+                    if variant == "plain":
+                        if waiting is not None and before is not None:
+                            waiting["bracket"] = _bracket(before, figures)
+                        before, waiting = figures, None
+                    elif variant != "direct":
+                        waiting = figures
                     self.log(
                         f"round {r + 1}/{cfg.rounds} {sc.name:>10} {variant:>13}: {_brief(figures)}"
                     )
@@ -1341,16 +1349,40 @@ def _medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def bracketed(order: Sequence[str]) -> list[str]:
+    """The measurements of one scenario in one round: every variant compared with plain
+    mitmdump (all but plain and direct) between two plain measurements, so each is compared
+    with plain measured seconds before and after it, not minutes away while the shared
+    machine's speed drifts."""
+    out = ["plain"]
+    for variant in order:
+        if variant == "plain":
+            continue
+        out.append(variant)
+        if variant != "direct":
+            out.append("plain")
+    return out
+
+
+def _bracket(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float | None]:
+    """The mean of the two plain measurements around a variant's, figure by figure."""
+    out: dict[str, float | None] = {}
+    for key in ("rps", "p50_ms", "ttfb_p50_ms", "cpu_us_per_request", "cpu_us_per_chunk"):
+        a, b = before.get(key), after.get(key)
+        out[key] = (a + b) / 2 if a is not None and b is not None else None
+    return out
+
+
 def _ratios(by_variant: dict[str, list[dict[str, Any]]], stream: bool) -> dict[str, float | None]:
-    """Each figure of a variant against plain mitmdump's in the same round, then the median."""
+    """Each figure of a variant against the mean of the plain measurements just before and
+    after it (its bracket), then the median over rounds."""
     cpu = "cpu_us_per_chunk" if stream else "cpu_us_per_request"
-    plain = by_variant.get("plain", [])
     out: dict[str, float | None] = {}
     for variant in RATIO_VARIANTS:
         runs = by_variant.get(variant)
         if not runs:
             continue
-        pairs = list(zip(runs, plain, strict=False))
+        pairs = [(run, run["bracket"]) for run in runs if "bracket" in run]
 
         def ratio(key: str, pairs: list[Any] = pairs) -> float | None:
             return _median(

@@ -16,7 +16,9 @@ from edgemeter.bench import (
     BenchUpstream,
     Budget,
     LoadSpec,
+    _bracket,
     _ratios,
+    bracketed,
     budgets,
     parse_args,
     python_load,
@@ -63,17 +65,42 @@ def run(cpu: float, rps: float, p50: float, ttfb: float = 0.0) -> dict[str, Any]
     }
 
 
-def test_ratios_pair_the_runs_of_one_round_before_taking_the_median() -> None:
+def test_every_variant_is_measured_between_two_plain_measurements() -> None:
+    assert bracketed(["lean", "plain", "direct", "meter"]) == [
+        "plain",
+        "lean",
+        "plain",
+        "direct",
+        "meter",
+        "plain",
+    ]
+
+
+def test_ratios_take_each_run_against_its_bracket_then_the_median() -> None:
+    def bracketed_run(cpu: float, rps: float, p50: float, plain: dict[str, Any]) -> Any:
+        return run(cpu, rps, p50) | {"bracket": _bracket(plain, plain)}
+
     by_variant = {
-        "plain": [run(1000, 500, 2.0), run(2000, 250, 4.0), run(1000, 500, 2.0)],
-        "lean": [run(600, 800, 1.5), run(1200, 400, 3.0), run(700, 700, 1.6)],
+        "plain": [run(1000, 500, 2.0)] * 3,  # not paired by round: each run has its bracket
+        "lean": [
+            bracketed_run(600, 800, 1.5, run(1000, 500, 2.0)),
+            bracketed_run(1200, 400, 3.0, run(2000, 250, 4.0)),
+            bracketed_run(700, 700, 1.6, run(1000, 500, 2.0)),
+        ],
     }
     ratios = _ratios(by_variant, stream=False)
-    # Round by round 0.6, 0.6, 0.7: the noisy second round does not skew the median.
+    # Run by run 0.6, 0.6, 0.7: the slow moment of the second does not skew the median.
     assert ratios["lean/plain cpu"] == pytest.approx(0.6)
     assert ratios["lean/plain rps"] == pytest.approx(1.6)
     assert ratios["lean-plain p50_ms"] == pytest.approx(-0.5)
     assert "meter/plain cpu" not in ratios
+
+
+def test_a_bracket_is_the_mean_of_the_plain_runs_around_it() -> None:
+    bracket = _bracket(run(1000, 500, 2.0), run(1200, 300, 4.0))
+    assert bracket["cpu_us_per_request"] == 1100
+    assert bracket["rps"] == 400
+    assert bracket["p50_ms"] == 3.0
 
 
 @pytest.mark.parametrize(
