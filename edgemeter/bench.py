@@ -1568,7 +1568,8 @@ def report(results: dict[str, Any]) -> str:
                 )
         lines += [
             "",
-            "Ratios against plain mitmdump, pair by pair within each round, then the median:",
+            "Ratios against plain mitmdump: each run against the mean of the plain runs just "
+            "before and after it, then the median over rounds:",
             "",
             "| scenario | variant | CPU ratio | throughput ratio | added p50 ms | added TTFB ms |",
             "|---|---|---:|---:|---:|---:|",
