@@ -210,11 +210,13 @@ def test_a_running_meter_reports_health_readiness_and_metrics(
             model="demo-chat", messages=[{"role": "user", "content": "hi"}]
         )
 
-    def acked() -> bool:
+    def acked_and_deleted() -> bool:
+        # Deleted from the spool up to 100 ms after the ack (in the next commit's transaction).
         found = samples(get(admin_port, "/metrics").content)
-        return found.get(("edgemeter_publishes_total", (("error", ""), ("result", "acked")))) == 2
+        acked = found.get(("edgemeter_publishes_total", (("error", ""), ("result", "acked"))))
+        return acked == 2 and found.get(("edgemeter_spool_envelopes", ())) == 0
 
-    wait_for(acked)
+    wait_for(acked_and_deleted)
     found = samples(get(admin_port, "/metrics").content)
     key = (("api", "openai.chat"), ("outcome", "complete"), ("usage_source", "reported"))
     assert found[("edgemeter_metered_requests_total", key)] == 2
