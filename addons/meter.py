@@ -382,10 +382,9 @@ class Meter:
         self.shutting_down = False
         # Spool writes awaited right now (done() waits for them before the final drain).
         self._spooling = 0
-        # The addon manager this meter made dispatch through a hook cache, and whether it froze
-        # the garbage collector's view of startup objects (meter_tune_mitmproxy).
+        # The addon manager this meter tuned (meter_tune_mitmproxy): it made it dispatch through
+        # a hook cache, and froze the startup objects out of garbage collection with it.
         self._dispatching: Any = None
-        self._froze = False
 
     def load(self, loader: Any) -> None:
         for name, typespec, default, help_text in OPTIONS:
@@ -515,7 +514,6 @@ class Meter:
             # would walk (50-60 ms of CPU with the loop stopped, measured in mitmdump).
             gc.collect()
             gc.freeze()
-            self._froze = True
             logger.info(
                 "meter: mitmproxy now hands each event only to the addons implementing it, "
                 "and its startup objects are frozen out of garbage collection"
@@ -523,9 +521,7 @@ class Meter:
         elif not on and self._dispatching is not None:
             dispatch.uninstall(self._dispatching)
             self._dispatching = None
-            if self._froze:
-                gc.unfreeze()
-                self._froze = False
+            gc.unfreeze()
 
     def _start_publisher(self) -> None:
         assert self.settings is not None and self.spool is not None

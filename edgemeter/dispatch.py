@@ -81,9 +81,7 @@ class HookCache(addonmanager.AddonManager):
         return found
 
     async def trigger_event(self, event: hooks.Hook) -> None:
-        hooked = self._hooks.get(event.name)
-        if hooked is None:
-            hooked = self.hooked(event.name)
+        hooked = self.hooked(event.name)
         if not hooked:
             return
         args = event.args()
