@@ -731,7 +731,7 @@ class Publisher:
             acked, self._acked = self._acked, []
             batch = [key for key, _ in acked]
             try:
-                await self.spool.discard(batch, dict(acked))
+                await self.spool.discard(dict(acked))
                 if self._scanning:
                     self._deleted.update(batch)
             except Exception as exc:

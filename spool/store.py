@@ -89,8 +89,7 @@ class _Write:
 
 @dataclass(slots=True)
 class _Delete:
-    keys: list[str]
-    sizes: Mapping[str, int]
+    sizes: Mapping[str, int]  # the keys, with the lengths of the values published
     waiter: _Waiter
 
 
@@ -407,14 +406,16 @@ class Spool:
             if self._listener is not None and self._listener[1] == callback:
                 self._listener = None
 
-    def discard(self, keys: Iterable[str], sizes: Mapping[str, int]) -> asyncio.Future[None]:
-        """`delete`, done by the writer thread instead of a second connection, in the
-        transaction of the next commit if one comes within _DISCARD_DELAY_S (else in one of its
-        own then); settled on the running loop. A crash meanwhile leaves the envelopes to be
-        published again: the broker dedupes them by Nats-Msg-Id."""
+    def discard(self, sizes: Mapping[str, int]) -> asyncio.Future[None]:
+        """`delete` of the keys of `sizes` (the lengths of their values, which keep the
+        held-bytes account without reading them back), done by the writer thread instead of a
+        second connection, in the transaction of the next commit if one comes within
+        _DISCARD_DELAY_S (else in one of its own then); settled on the running loop. A crash
+        meanwhile leaves the envelopes to be published again: the broker dedupes them by
+        Nats-Msg-Id."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        item = _Delete(list(keys), sizes, (loop, future))
+        item = _Delete(sizes, (loop, future))
         with self._lock:
             if self._closed or self._cache is None:
                 raise SpoolError("spool is not open", path=str(self.directory))
@@ -422,7 +423,7 @@ class Spool:
             if not self._discards:
                 self._discards_since = at
             self._discards.append(item)
-            self._discard_keys += len(item.keys)
+            self._discard_keys += len(sizes)
             now = (
                 self._discard_keys >= _DISCARD_NOW_KEYS or at - self._written_at > _DISCARD_DELAY_S
             )
@@ -453,7 +454,7 @@ class Spool:
         self._request(_Scan(after, limit, (loop, future)))
         return future
 
-    def _request(self, item: _Delete | _Scan) -> None:
+    def _request(self, item: _Scan) -> None:
         with self._lock:
             if self._closed or self._cache is None:
                 raise SpoolError("spool is not open", path=str(self.directory))
@@ -555,10 +556,10 @@ class Spool:
                         _INSERT_SQL, [(write.key, now, now, write.data) for write in writes]
                     )
                 for delete in deletes:
-                    for key in delete.keys:
+                    for key, size in delete.sizes.items():
                         # Only what was there is freed: another process may have deleted it.
                         if cache._con.execute(_DELETE_SQL, (key,)).rowcount:
-                            freed += delete.sizes.get(key, 0)
+                            freed += size
                 recount = bool(deletes) and (
                     time.monotonic() - self._last_recount >= _RECOUNT_INTERVAL_S
                 )
@@ -649,23 +650,19 @@ class Spool:
             page.append((key, bytes(value)))
         return page, len(rows)
 
-    def delete(self, keys: Iterable[str], sizes: Mapping[str, int] | None = None) -> None:
-        """Delete these keys (a missing key is a no-op). `sizes`, the lengths of their values as
-        the caller read them, spare a query that sums them for the held-bytes account."""
+    def delete(self, keys: Iterable[str]) -> None:
+        """Delete these keys (a missing key is a no-op)."""
         cache = self._open_cache()
         keys = list(keys)
         freed = 0
         try:
             with cache.transact(retry=True):
-                if sizes is None:
-                    for start in range(0, len(keys), 500):
-                        chunk = keys[start : start + 500]
-                        sql = f"{_BYTES_SQL} WHERE key IN ({','.join('?' * len(chunk))})"
-                        freed += int(cache._sql(sql, chunk).fetchone()[0])
+                for start in range(0, len(keys), 500):
+                    chunk = keys[start : start + 500]
+                    sql = f"{_BYTES_SQL} WHERE key IN ({','.join('?' * len(chunk))})"
+                    freed += int(cache._sql(sql, chunk).fetchone()[0])
                 for key in keys:
-                    # Only what was there is freed: another process may have deleted it first.
-                    if cache.delete(key, retry=True) and sizes is not None:
-                        freed += sizes.get(key, 0)
+                    cache.delete(key, retry=True)
                 recount = time.monotonic() - self._last_recount >= _RECOUNT_INTERVAL_S
                 total = self._count_bytes(cache) if recount else None
         except (sqlite3.Error, diskcache.Timeout) as exc:

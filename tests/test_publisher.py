@@ -6,7 +6,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 
 import certifi
@@ -301,15 +301,14 @@ class GatedSpool(Spool):
 
         return asyncio.ensure_future(relay())
 
-    def discard(self, keys: Iterable[str], sizes: Mapping[str, int]) -> asyncio.Future[None]:
-        keys = list(keys)
-        if self.held not in keys:
-            return super().discard(keys, sizes)
+    def discard(self, sizes: Mapping[str, int]) -> asyncio.Future[None]:
+        if self.held not in sizes:
+            return super().discard(sizes)
 
         async def held() -> None:
             self.deleting.set()
             await self.let_delete.wait()
-            await super(GatedSpool, self).discard(keys, sizes)
+            await super(GatedSpool, self).discard(sizes)
 
         return asyncio.ensure_future(held())
 
@@ -362,9 +361,9 @@ class CountingSpool(Spool):
         self.calls["len"] += 1
         return super().__len__()
 
-    def discard(self, keys: Iterable[str], sizes: Mapping[str, int]) -> asyncio.Future[None]:
+    def discard(self, sizes: Mapping[str, int]) -> asyncio.Future[None]:
         self.calls["discard"] += 1
-        return super().discard(keys, sizes)
+        return super().discard(sizes)
 
 
 @pytest.fixture

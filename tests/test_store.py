@@ -68,14 +68,6 @@ def test_a_scan_counts_the_spool_only_at_its_end(
     assert spooled == count
 
 
-def test_deletes_free_the_sizes_given_for_keys_that_were_there(spool: Spool) -> None:
-    fill(spool, ["k1", "k2"])
-    held = spool.held_bytes
-    spool.delete(["k1", "gone"], {"k1": 11, "gone": 500})
-    assert spool.held_bytes == held - 11  # "gone" was not in the spool: nothing freed for it
-    assert [k for k, _ in spool.read_page("", 10)] == ["k2"]
-
-
 async def test_put_returns_once_the_envelope_is_committed(spool: Spool) -> None:
     await spool.put("0193-a", b"{}")
     assert spool.read_page("", 10) == [("0193-a", b"{}")]
@@ -341,7 +333,7 @@ async def test_rows_it_writes_and_discards_are_the_rows_diskcache_writes(spool: 
         assert cache.get("0193-a") == b"spooled"
         assert len(cache) == 2 and cache.volume() > 0
         held = spool.held_bytes
-        await spool.discard(["0193-a", "0193-gone"], {"0193-a": 7, "0193-gone": 99})
+        await spool.discard({"0193-a": 7, "0193-gone": 99})
         assert len(cache) == 1 and cache.get("0193-a") is None
         assert spool.held_bytes == held - 7  # only what was there is freed
         assert cache.check() == []  # diskcache finds nothing inconsistent
@@ -410,7 +402,7 @@ async def test_a_discard_rides_in_the_next_commits_transaction(
 ) -> None:
     await spool.put("0193-a", b"{}")
     before = (await spool.scan_async("", 10)).seq
-    gone = spool.discard(["0193-a"], {"0193-a": 2})
+    gone = spool.discard({"0193-a": 2})
     await spool.put("0193-b", b"{}")
     await asyncio.wait_for(gone, 10)
     after = await spool.scan_async("", 10)
@@ -423,7 +415,7 @@ async def test_a_discard_with_no_commit_to_ride_in_goes_alone_after_a_moment(
 ) -> None:
     await spool.put("0193-a", b"{}")
     before = (await spool.scan_async("", 10)).seq
-    await asyncio.wait_for(spool.discard(["0193-a"], {"0193-a": 2}), 10)
+    await asyncio.wait_for(spool.discard({"0193-a": 2}), 10)
     after = await spool.scan_async("", 10)
     assert after.page == [] and after.seq == before + 1
 
@@ -431,7 +423,7 @@ async def test_a_discard_with_no_commit_to_ride_in_goes_alone_after_a_moment(
 async def test_a_large_discard_goes_at_once(spool: Spool, patient_discards: None) -> None:
     keys = [f"0193-{i:04d}" for i in range(store._DISCARD_NOW_KEYS)]
     await asyncio.gather(*[spool.enqueue(key, b"{}") for key in keys])
-    await asyncio.wait_for(spool.discard(keys, dict.fromkeys(keys, 2)), 10)
+    await asyncio.wait_for(spool.discard(dict.fromkeys(keys, 2)), 10)
     assert len(spool) == 0
 
 
@@ -442,7 +434,7 @@ async def test_a_discard_while_nothing_is_written_goes_at_once(
     with Spool(tmp_path / "spool") as before:
         fill(before, ["0193-a", "0193-b"])
     with Spool(tmp_path / "spool") as spool:
-        await asyncio.wait_for(spool.discard(["0193-a"], {"0193-a": 2}), 10)
+        await asyncio.wait_for(spool.discard({"0193-a": 2}), 10)
         assert [k for k, _ in spool.read_page("", 10)] == ["0193-b"]
 
 
@@ -452,7 +444,7 @@ async def test_close_does_the_discards_still_waiting(
     spool = Spool(tmp_path / "spool")
     spool.open()
     await spool.put("0193-a", b"{}")
-    gone = spool.discard(["0193-a"], {"0193-a": 2})
+    gone = spool.discard({"0193-a": 2})
     await asyncio.to_thread(spool.close)
     await asyncio.wait_for(gone, 10)
     with Spool(tmp_path / "spool") as reopened:
