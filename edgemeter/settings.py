@@ -68,6 +68,7 @@ class Settings:
     keymap_file: str = ""
     fingerprint_secret: bytes = field(default=b"", repr=False)
     tune_mitmproxy: bool = True
+    publish_linger_ms: int = 250
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,6 +329,9 @@ def parse_settings(options: Mapping[str, object]) -> Settings:
         stream_usage=parse_stream_usage(text("meter_stream_usage")),
         publish_timeout_ms=parse_positive(
             number("meter_publish_timeout_ms"), "meter_publish_timeout_ms"
+        ),
+        publish_linger_ms=parse_non_negative(
+            number("meter_publish_linger_ms"), "meter_publish_linger_ms"
         ),
         shutdown_drain_ms=parse_non_negative(
             number("meter_shutdown_drain_ms"), "meter_shutdown_drain_ms"

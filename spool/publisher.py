@@ -8,12 +8,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import logging
 import random
 import ssl
 import time
 from asyncio import FIRST_COMPLETED
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -21,7 +22,7 @@ from typing import Any, Final
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
-from nats.js import JetStreamContext
+from nats.aio.msg import Msg
 
 from edgemeter.errors import PublishError, SpoolError
 
@@ -43,9 +44,9 @@ _WARN_INTERVAL_S: Final = 30.0
 # Safety net: rescan the whole spool this often even without a wake-up.
 _IDLE_RESCAN_S: Final = 5.0
 _PAGE_SIZE: Final = 512
-# After a wake-up, wait this long so a trickle of commits gathers: one page read, one burst of
-# publishes and one delete per batch, instead of a whole cycle (~1.4 ms CPU) per envelope.
-_GATHER_S: Final = 0.02
+# Envelopes handed over while lingering that cut the linger short: a batch this big gains
+# nothing from waiting longer.
+_LINGER_ENOUGH: Final = 256
 # Publishes start eagerly under mitmproxy's eager task factory: without a yield every so many,
 # dispatching a 512-envelope page holds the loop for milliseconds in one callback.
 _YIELD_EVERY: Final = 16
@@ -74,6 +75,9 @@ class NatsConfig:
     tls_hostname: str = ""  # server-name check stays ON by default
     max_in_flight: int = 256
     name: str = "edgemeter"
+    # After a wake-up, wait this long so a trickle of commits gathers into one batch: one burst
+    # of publishes, one read of their acks and one delete, instead of a cycle per envelope.
+    linger_ms: int = 250
 
     @property
     def tls_wanted(self) -> bool:
@@ -193,6 +197,10 @@ def check_creds_file(path: str) -> None:
         raise PublishError("not a NATS credentials file (user JWT and nkey seed)", path=path)
 
 
+# A publish waiting for its ack: the key, the bytes sent, when (monotonic).
+_Awaiting = tuple[str, bytes, float]
+
+
 class _Attempt:
     """One pass of a first connect over the configured servers."""
 
@@ -219,6 +227,8 @@ class Publisher:
             raise PublishError("no NATS server configured")
         if config.max_in_flight < 1:
             raise PublishError("max_in_flight must be at least 1", value=config.max_in_flight)
+        if config.linger_ms < 0:
+            raise PublishError("linger_ms must not be negative", value=config.linger_ms)
         self.spool = spool
         self.config = config
         self.dead_letters = dead_letters
@@ -227,10 +237,17 @@ class Publisher:
         # Called with the seconds from publish to ack of each acked envelope (metrics).
         self.on_ack: Callable[[float], None] | None = None
         self._timeout_s = config.publish_timeout_ms / 1000
+        self._linger_s = config.linger_ms / 1000
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._nc: NATS | None = None
-        self._js: JetStreamContext | None = None
+        # The client whose ack subscription is `_inbox`.*: acks come back there, matched by the
+        # last token of their subject (one subscription for all, as nats.go's async publish).
+        self._acks_for: NATS | None = None
+        self._inbox = ""
+        self._awaiting: dict[str, _Awaiting] = {}
+        self._token = 0
+        self._expiry: asyncio.TimerHandle | None = None
         self._backoff = _Backoff()
         # Keys read from the spool and not yet settled: being published, or acked and waiting
         # for their delete. The pump skips them, so no key is ever published twice at once.
@@ -250,6 +267,7 @@ class Publisher:
         self._suppressed: collections.Counter[str] = collections.Counter()
         # Loop-bound primitives are made in _bind(), inside the loop that uses them.
         self._wake: asyncio.Event | None = None
+        self._enough: asyncio.Event | None = None
         self._settled: asyncio.Event | None = None
         self._connected: asyncio.Event | None = None
         self._slots: asyncio.Semaphore | None = None
@@ -279,7 +297,13 @@ class Publisher:
         if loop is None or wake is None:
             return
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody to wake
-            loop.call_soon_threadsafe(wake.set)
+            loop.call_soon_threadsafe(self._wake_now)
+
+    def _wake_now(self) -> None:
+        """Wake the pump and cut its linger short: publish what is there now."""
+        for event in (self._wake, self._enough):
+            if event is not None:
+                event.set()
 
     async def stop(self, drain_timeout: float) -> int:
         """Stop, drain what the broker takes within drain_timeout, close; return how many remain."""
@@ -296,6 +320,12 @@ class Publisher:
         except TimeoutError:
             pass
         # Publishes still waiting for an ack stay spooled; the broker dedupes them next time.
+        for key, _, _ in list(self._awaiting.values()):
+            self._release(key, acked=False)
+        self._awaiting.clear()
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         for pending in list(self._tasks):
             pending.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -303,7 +333,7 @@ class Publisher:
         if self._deleter is not None:
             await self._deleter
         await self._flush_acked()
-        nc, self._nc, self._js = self._nc, None, None
+        nc, self._nc, self._acks_for = self._nc, None, None
         if nc is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(nc.close(), max(deadline - time.monotonic(), 0.5))
@@ -344,6 +374,7 @@ class Publisher:
             return
         self._loop = loop
         self._wake = asyncio.Event()
+        self._enough = asyncio.Event()
         self._settled = asyncio.Event()
         self._connected = asyncio.Event()
         self._slots = asyncio.Semaphore(self.config.max_in_flight)
@@ -359,6 +390,8 @@ class Publisher:
             self._fresh_count += len(entries)
         if self._wake is not None:
             self._wake.set()
+        if self._fresh_count >= _LINGER_ENOUGH and self._enough is not None:
+            self._enough.set()
 
     def _take_fresh(self) -> list[tuple[str, bytes]]:
         taken = [entry for _, entries in self._fresh for entry in entries]
@@ -466,7 +499,6 @@ class Publisher:
                 await asyncio.sleep(self._backoff.next())
                 continue
             self._nc = nc
-            self._js = nc.jetstream(timeout=self._timeout_s)
             self.stats.set_connected(True)
             assert self._connected is not None
             self._connected.set()
@@ -512,7 +544,7 @@ class Publisher:
             if self._nc is not nc:
                 return
             self.stats.set_connected(True)
-            for event in (self._connected, self._wake):
+            for event in (self._connected, self._wake, self._enough):
                 if event is not None:
                     event.set()
             log.info("reconnected to NATS at %s", _server_of(nc))
@@ -522,7 +554,7 @@ class Publisher:
                 return
             self.stats.set_connected(False)
             # Wake the pump so it notices the closed connection and starts over.
-            for event in (self._connected, self._wake):
+            for event in (self._connected, self._wake, self._enough):
                 if event is not None:
                     event.set()
 
@@ -544,9 +576,13 @@ class Publisher:
         Returns False after a failure (the caller backs off, then rescans from the start), True
         when final and nothing publishable is left. Otherwise runs until cancelled.
         """
-        nc, js = self._nc, self._js
-        assert nc is not None and js is not None
-        assert self._wake is not None and self._slots is not None
+        nc = self._nc
+        assert nc is not None
+        assert self._wake is not None and self._enough is not None and self._slots is not None
+        if self._acks_for is not nc:
+            self._inbox = nc.new_inbox()
+            await nc.subscribe(self._inbox + ".*", cb=self._on_ack)
+            self._acks_for = nc
         assert self._connected is not None and self._settled is not None
         self._failed = False
         cursor = ""
@@ -566,11 +602,12 @@ class Publisher:
                 continue
             # Cleared before reading: a commit after this point sets it again and is not missed.
             self._wake.clear()
+            self._enough.clear()
             if self._fresh_lost:
                 self._fresh_lost = False
                 caught_up, cursor, from_start, dispatched = False, "", True, 0
             if caught_up and not final:
-                if not await self._publish_all(js, nc, self._take_fresh()):
+                if not await self._publish_all(nc, self._take_fresh()):
                     # Taken from the hand-over, not published: the spool still has them.
                     caught_up, cursor, from_start, dispatched = False, "", True, 0
                     continue
@@ -588,7 +625,7 @@ class Publisher:
                             and key not in self._refused_keys
                             and key not in self._deleted
                         ):
-                            if not await self._publish_one(js, nc, key, data):
+                            if not await self._publish_one(nc, key, data):
                                 interrupted = True
                                 break  # the cursor stays before this key
                             dispatched += 1
@@ -625,93 +662,149 @@ class Publisher:
                 # process (the operator's `edgemeter dead requeue`) added.
                 caught_up, cursor, from_start, dispatched = False, "", True, 0
             else:
-                await asyncio.sleep(_GATHER_S)
+                await self._linger()
                 from_start, dispatched = cursor == "", 0
 
-    async def _publish_all(
-        self, js: JetStreamContext, nc: NATS, entries: list[tuple[str, bytes]]
-    ) -> bool:
+    async def _linger(self) -> None:
+        """Let a trickle of commits gather: up to linger_ms, or until a batch is big enough."""
+        assert self._enough is not None
+        if self._linger_s <= 0 or self._enough.is_set():
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._enough.wait(), self._linger_s)
+
+    async def _publish_all(self, nc: NATS, entries: list[tuple[str, bytes]]) -> bool:
         """Dispatch the handed-over entries; False if interrupted (a failure, a disconnect)."""
         for key, data in entries:
             if key in self._in_flight or key in self._refused_keys:
                 continue
-            if not await self._publish_one(js, nc, key, data):
+            if not await self._publish_one(nc, key, data):
                 return False
         return True
 
-    async def _publish_one(self, js: JetStreamContext, nc: NATS, key: str, data: bytes) -> bool:
-        """Start publishing one envelope once a slot is free; False if it cannot go now."""
+    async def _publish_one(self, nc: NATS, key: str, data: bytes) -> bool:
+        """Publish one envelope once a slot is free; its ack comes to _on_ack. False if it
+        cannot go now."""
         assert self._slots is not None
         await self._slots.acquire()
         if self._failed or not nc.is_connected:
             self._slots.release()
             return False
-        self._dispatch(js, key, data)
+        self._in_flight.add(key)
+        self.stats.in_flight += 1
+        self._token += 1
+        token = str(self._token)
+        self._awaiting[token] = (key, data, time.monotonic())
+        if self._expiry is None:
+            self._expiry = asyncio.get_running_loop().call_later(self._timeout_s, self._expire)
+        try:
+            # A new headers dict per call: nats-py adds keys to the dict it is given.
+            await nc.publish(
+                self.config.subject,
+                data,
+                reply=f"{self._inbox}.{token}",
+                headers={"Nats-Msg-Id": key},
+            )
+        except Exception as exc:
+            del self._awaiting[token]
+            if isinstance(exc, nats.errors.MaxPayloadError):
+                self._spawn(self._refuse(key, data, exc))
+                return True
+            self._release(key, acked=False)
+            # Connection closed, buffer full, ...: retry later.
+            self._fail("publish", f"publish failed: {_describe(exc)}")
+            return False
         self._dispatched += 1
         if self._dispatched % _YIELD_EVERY == 0:
             await asyncio.sleep(0)
         return True
 
-    def _dispatch(self, js: JetStreamContext, key: str, data: bytes) -> None:
-        self._in_flight.add(key)
-        self.stats.in_flight += 1
-        task = asyncio.get_running_loop().create_task(self._publish(js, key, data))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _publish(self, js: JetStreamContext, key: str, data: bytes) -> None:
-        assert self._slots is not None
-        acked = False
-        started = time.monotonic()
-        try:
-            # A new headers dict per call: nats-py adds keys to the dict it is given.
-            ack = await js.publish(
-                self.config.subject, data, headers={"Nats-Msg-Id": key}, timeout=self._timeout_s
-            )
-            acked = True
-            if self.on_ack is not None:
-                self.on_ack(time.monotonic() - started)
-            self.stats.acked += 1
-            if ack.duplicate:
-                self.stats.duplicates += 1
-            self.stats.stream_missing = False
-            self._backoff.reset()
-            self._acked.append((key, len(data)))
-            if self._deleter is None or self._deleter.done():
-                self._deleter = asyncio.get_running_loop().create_task(self._flush_acked())
-        except nats.js.errors.NoStreamResponseError:
+    async def _on_ack(self, msg: Msg) -> None:
+        """The broker's answer to one publish (nats-py's subscription task calls it)."""
+        awaiting = self._awaiting.pop(msg.subject.rpartition(".")[2], None)
+        if awaiting is None:
+            return  # given up on already (timed out, or stopped): it stays spooled
+        key, data, started = awaiting
+        if msg.headers and msg.headers.get("Status") == "503":
+            # No responders: what nats-py's js.publish reports as NoStreamResponseError.
+            self._release(key, acked=False)
             self.stats.stream_missing = True
             self._fail(
                 "no_stream",
                 f"no JetStream stream is bound to subject {self.config.subject!r}; "
                 "envelopes stay spooled until the consumer creates it",
             )
-        except nats.errors.TimeoutError:
-            # Maybe stored: the retry carries the same Nats-Msg-Id and the broker dedupes it.
-            self._fail("timeout", f"no ack from JetStream within {self._timeout_s:g}s")
-        except nats.errors.MaxPayloadError as exc:
-            await self._refused(key, data, exc)
-        except nats.js.errors.APIError as exc:
+            return
+        try:
+            reply = json.loads(msg.data)
+        except ValueError:
+            reply = None
+        if not isinstance(reply, dict):
+            self._release(key, acked=False)
+            self._fail("api", f"JetStream answered a publish with {msg.data[:80]!r}")
+            return
+        if (error := reply.get("error")) is not None:
+            exc = _api_error(error)
             if exc.err_code in _PERMANENT_API_ERRORS:
-                await self._refused(key, data, exc)
+                self._spawn(self._refuse(key, data, exc))
             else:
+                self._release(key, acked=False)
                 self._fail("api", f"JetStream refused a publish: {_describe(exc)}")
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # connection closed, buffer full, ...: retry later
-            self._fail("publish", f"publish failed: {_describe(exc)}")
+            return
+        if self.on_ack is not None:
+            self.on_ack(time.monotonic() - started)
+        self.stats.acked += 1
+        if reply.get("duplicate"):
+            self.stats.duplicates += 1
+        self.stats.stream_missing = False
+        self._backoff.reset()
+        self._release(key, acked=True)
+        self._acked.append((key, len(data)))
+        if self._deleter is None or self._deleter.done():
+            self._deleter = asyncio.get_running_loop().create_task(self._flush_acked())
+
+    def _expire(self) -> None:
+        """Give up on the publishes unacked for publish_timeout_ms: they stay spooled and go
+        again with the same Nats-Msg-Id, so the broker drops them if the first did land."""
+        self._expiry = None
+        now = time.monotonic()
+        expired = 0
+        for token, (key, _, started) in list(self._awaiting.items()):
+            if now - started < self._timeout_s:
+                # The oldest still waiting (tokens are in publish order) sets the next check.
+                loop = asyncio.get_running_loop()
+                self._expiry = loop.call_later(started + self._timeout_s - now, self._expire)
+                break
+            del self._awaiting[token]
+            self._release(key, acked=False)
+            expired += 1
+        if expired:
+            self._fail("timeout", f"no ack from JetStream within {self._timeout_s:g}s")
+
+    def _release(self, key: str, *, acked: bool) -> None:
+        """One publish is over. An acked key stays in _in_flight until its delete."""
+        assert self._slots is not None
+        if not acked:
+            self._in_flight.discard(key)
+            self._signal_settled()
+        self.stats.in_flight -= 1
+        self._slots.release()
+
+    async def _refuse(self, key: str, data: bytes, err: BaseException) -> None:
+        try:
+            await self._refused(key, data, err)
         finally:
-            if not acked:
-                self._in_flight.discard(key)
-                self._signal_settled()
-            self.stats.in_flight -= 1
-            self._slots.release()
+            self._release(key, acked=False)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _fail(self, kind: str, message: str) -> None:
         self._warn(kind, message)
         self._failed = True
-        if self._wake is not None:
-            self._wake.set()
+        self._wake_now()
 
     def _signal_settled(self) -> None:
         if self._settled is not None:
@@ -745,6 +838,22 @@ class Publisher:
 def _server_of(nc: NATS) -> str:
     url = nc.connected_url
     return redact_url(url.geturl()) if url is not None else "?"
+
+
+def _api_error(error: object) -> nats.js.errors.APIError:
+    """JetStream's error object as nats-py's APIError subclass; open-world: what is not a
+    known field, or not of its type, is left out."""
+    fields = error if isinstance(error, dict) else {}
+    known = {
+        name: fields[name]
+        for name, kind in (("code", int), ("err_code", int), ("description", str))
+        if isinstance(fields.get(name), kind)
+    }
+    try:
+        nats.js.errors.APIError.from_error({"code": None, **known})
+    except nats.js.errors.APIError as exc:
+        return exc
+    return nats.js.errors.APIError(**known)  # from_error always raises; kept for the types
 
 
 def _describe(exc: BaseException) -> str:

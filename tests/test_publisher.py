@@ -13,12 +13,13 @@ import certifi
 import nats
 import pytest
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js.api import StorageType, StreamConfig
 
 from edgemeter.harness import NatsServer
 from edgemeter.ids import uuid7
 from spool import NatsConfig, Publisher, Spool, ensure_stream, stream_messages
-from spool.publisher import _FRESH_MAX, _Attempt
+from spool.publisher import _FRESH_MAX, _LINGER_ENOUGH, _Attempt
 from spool.store import Scanned
 
 SUBJECT = "catalyst.usage.recorded"
@@ -412,6 +413,7 @@ async def test_envelopes_committed_once_caught_up_are_published_without_reading_
     assert spool.calls["scan"] == 1  # every one of them came from the writer's hand-over
     # Nothing kept per envelope once published: a meter runs for months.
     assert not publisher._deleted and not publisher._in_flight and not publisher._fresh
+    assert not publisher._awaiting
     assert publisher.stats.duplicates == 0
     assert spool.held_bytes == 0
     assert sorted(await msg_ids(nats_server.url)) == sorted(keys)
@@ -432,3 +434,98 @@ async def test_a_hand_over_past_its_bound_is_read_back_from_the_spool(
     assert publisher.stats.duplicates == 0
     ids = await msg_ids(nats_server.url)
     assert len(ids) == len(set(ids)) == len(keys)
+
+
+async def test_a_trickle_lingers_and_goes_as_one_batch_when_flushed(
+    nats_server: NatsServer, spool: Spool, make_publisher: Callable[..., Publisher]
+) -> None:
+    await ensure_stream(nats_server.url)
+    publisher = make_publisher(nats_server.url, linger_ms=3_600_000)
+    publisher.start()
+    await wait_until(lambda: publisher.stats.connected)
+    keys: list[str] = []
+    for _ in range(5):
+        keys += await spool_keys(spool, 1)
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)
+    assert publisher.stats.acked == 0  # an hour's linger: still gathering
+
+    publisher.notify()  # what meter.flush does: the linger ends now
+    await wait_until(lambda: len(spool) == 0)
+    assert await msg_ids(nats_server.url) == keys
+
+
+async def test_a_full_batch_ends_the_linger(
+    nats_server: NatsServer, spool: Spool, make_publisher: Callable[..., Publisher]
+) -> None:
+    await ensure_stream(nats_server.url)
+    publisher = make_publisher(nats_server.url, linger_ms=3_600_000)
+    publisher.start()
+    await wait_until(lambda: publisher.stats.connected)
+    await spool_keys(spool, 1)
+    await asyncio.sleep(0.2)
+    keys = await spool_keys(spool, _LINGER_ENOUGH)
+    await wait_until(lambda: publisher.stats.acked == _LINGER_ENOUGH + 1)
+    assert set(keys) <= set(await msg_ids(nats_server.url))
+
+
+async def test_an_ack_that_never_comes_times_out_and_the_retry_is_deduped(
+    nats_server: NatsServer, spool: Spool, make_publisher: Callable[..., Publisher]
+) -> None:
+    nc = await nats.connect(nats_server.url)
+    try:
+        # A stream that stores but never acks: every publish to it times out.
+        config = StreamConfig(
+            name=STREAM, subjects=["catalyst.>"], storage=StorageType.FILE, no_ack=True
+        )
+        await nc.jsm().add_stream(config)
+    finally:
+        await nc.close()
+    keys = await spool_keys(spool, 3)
+    publisher = make_publisher(nats_server.url, publish_timeout_ms=200)
+    publisher.start()
+
+    await wait_until(lambda: publisher.stats.errors["timeout"] >= 2)  # tried, and tried again
+    assert len(spool) == 3  # never acked: never deleted
+    assert publisher.stats.acked == 0
+    assert sorted(await msg_ids(nats_server.url)) == sorted(keys)  # stored once each
+    await publisher.stop(0)
+    assert not publisher._awaiting and publisher.stats.in_flight == 0
+
+
+@pytest.mark.parametrize(
+    ("answer", "kind"),
+    [
+        (b"not json", "api"),
+        (b"[1, 2]", "api"),
+        (b'{"error": {"code": 503, "err_code": 10077, "description": "busy"}}', "api"),
+        (b'{"error": "no object", "extra": 1}', "api"),
+        (b'{"error": {"code": 400, "err_code": 10054, "future": [1]}}', "refused"),
+    ],
+)
+async def test_a_foreign_answer_to_a_publish_is_an_error_and_the_envelope_stays(
+    nats_server: NatsServer,
+    spool: Spool,
+    make_publisher: Callable[..., Publisher],
+    answer: bytes,
+    kind: str,
+) -> None:
+    # No stream: a plain subscriber answers in JetStream's place.
+    nc = await nats.connect(nats_server.url)
+
+    async def respond(msg: Msg) -> None:
+        await nc.publish(msg.reply, answer)
+
+    await nc.subscribe(SUBJECT, cb=respond)
+    await nc.flush()
+    try:
+        keys = await spool_keys(spool, 1)
+        publisher = make_publisher(nats_server.url)
+        publisher.start()
+        await wait_until(lambda: publisher.stats.errors[kind] >= 1)
+        assert publisher.stats.acked == 0
+        assert [key for key, _ in spool.read_page("", 10)] == keys
+        await publisher.stop(0)
+        assert publisher.stats.in_flight == 0
+    finally:
+        await nc.close()

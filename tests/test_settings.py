@@ -57,6 +57,7 @@ def test_cluster_urls_are_split_and_trimmed() -> None:
         ("meter_spool_max_mb", -1),
         ("meter_on_spool_full", "drop"),
         ("meter_publish_timeout_ms", 0),
+        ("meter_publish_linger_ms", -1),
         ("meter_admin_listen", "9464"),
         ("meter_admin_listen", "127.0.0.1:70000"),
         ("meter_nats_creds", "/nonexistent/creds"),
