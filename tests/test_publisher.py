@@ -436,13 +436,20 @@ async def test_a_hand_over_past_its_bound_is_read_back_from_the_spool(
     assert len(ids) == len(set(ids)) == len(keys)
 
 
-async def test_a_trickle_lingers_and_goes_as_one_batch_when_flushed(
-    nats_server: NatsServer, spool: Spool, make_publisher: Callable[..., Publisher]
-) -> None:
+@pytest.fixture
+async def lingering(nats_server: NatsServer, make_publisher: Callable[..., Publisher]) -> Publisher:
+    """A connected publisher that lingers an hour: only a flush or a full batch ends it."""
     await ensure_stream(nats_server.url)
     publisher = make_publisher(nats_server.url, linger_ms=3_600_000)
     publisher.start()
     await wait_until(lambda: publisher.stats.connected)
+    return publisher
+
+
+async def test_a_trickle_lingers_and_goes_as_one_batch_when_flushed(
+    nats_server: NatsServer, spool: Spool, lingering: Publisher
+) -> None:
+    publisher = lingering
     keys: list[str] = []
     for _ in range(5):
         keys += await spool_keys(spool, 1)
@@ -456,12 +463,9 @@ async def test_a_trickle_lingers_and_goes_as_one_batch_when_flushed(
 
 
 async def test_a_full_batch_ends_the_linger(
-    nats_server: NatsServer, spool: Spool, make_publisher: Callable[..., Publisher]
+    nats_server: NatsServer, spool: Spool, lingering: Publisher
 ) -> None:
-    await ensure_stream(nats_server.url)
-    publisher = make_publisher(nats_server.url, linger_ms=3_600_000)
-    publisher.start()
-    await wait_until(lambda: publisher.stats.connected)
+    publisher = lingering
     await spool_keys(spool, 1)
     await asyncio.sleep(0.2)
     keys = await spool_keys(spool, _LINGER_ENOUGH)
