@@ -544,9 +544,9 @@ class Publisher:
             if self._nc is not nc:
                 return
             self.stats.set_connected(True)
-            for event in (self._connected, self._wake, self._enough):
-                if event is not None:
-                    event.set()
+            if self._connected is not None:
+                self._connected.set()
+            self._wake_now()
             log.info("reconnected to NATS at %s", _server_of(nc))
 
         async def closed_cb() -> None:
@@ -554,9 +554,9 @@ class Publisher:
                 return
             self.stats.set_connected(False)
             # Wake the pump so it notices the closed connection and starts over.
-            for event in (self._connected, self._wake, self._enough):
-                if event is not None:
-                    event.set()
+            if self._connected is not None:
+                self._connected.set()
+            self._wake_now()
 
         return {
             "error_cb": error_cb,
