@@ -29,7 +29,13 @@ _SKIP_KEYS = frozenset({"model", "role", "type", "stream", "id", "name", "tool_c
 def text_chars(data: bytes, family: str = "openai") -> int:
     """Characters of generated text in one SSE event's data or a whole response body;
     `family` is openai, anthropic or responses."""
-    return sum(len(m) for m in _TEXT[family].findall(data))
+    return len(b"".join(_TEXT[family].findall(data)))
+
+
+def text_pattern(family: str) -> re.Pattern[bytes]:
+    """The pattern behind `text_chars` (its one group is the text), for callers that count
+    event after event and keep it at hand."""
+    return _TEXT[family]
 
 
 def tokens(chars: int) -> int:

@@ -57,16 +57,14 @@ class EventSplitter:
     Each byte is scanned once however the stream is split; `pending` bytes (the unfinished
     event) are held until its blank line arrives, and `take` hands them over."""
 
-    __slots__ = ("_buf", "_line_start", "_scan")
+    __slots__ = ("_buf", "_line_start", "_scan", "pending")
 
     def __init__(self) -> None:
         self._buf = bytearray()
         self._scan = 0  # where the search for the next line end resumes
         self._line_start = 0
-
-    @property
-    def pending(self) -> int:
-        return len(self._buf)
+        # Bytes held: an attribute, not a property, since the stream callable reads it per chunk.
+        self.pending = 0
 
     def feed(self, data: bytes) -> list[bytes]:
         if (
@@ -96,13 +94,14 @@ class EventSplitter:
         if event_start:
             del buf[:event_start]
         self._scan, self._line_start = pos - event_start, line_start - event_start
+        self.pending = len(buf)
         return events
 
     def take(self) -> bytes:
         """The unfinished event's bytes; the splitter starts afresh."""
         rest = bytes(self._buf)
         self._buf.clear()
-        self._scan = self._line_start = 0
+        self._scan = self._line_start = self.pending = 0
         return rest
 
 

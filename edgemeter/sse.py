@@ -50,23 +50,43 @@ class SSEDecoder:
         self._size = 0
         self.overflowed = False
 
+    def whole(self, chunk: bytes) -> tuple[str, bytes] | None:
+        """`(event, data)` if `chunk` is one whole event of a `data:` line, optionally after an
+        `event:` line, and nothing is held from earlier chunks, as upstreams flush events: what
+        `feed` would make of it, without splitting, joining or holding. None: it takes `feed`."""
+        if (
+            self._size
+            or self._tail
+            or self._skip_lf
+            or self.overflowed
+            or chunk[-2:] != b"\n\n"
+            or len(chunk) > self._max
+            or b"\r" in chunk
+        ):
+            return None
+        end = len(chunk) - 2
+        first = chunk.find(b"\n")
+        if first == end:
+            if chunk[:5] != b"data:":
+                return None
+            value = chunk[5:end]
+            # A field's value loses one leading space (the WHATWG parsing rules, as in _line).
+            return "", value[1:] if value[:1] == b" " else value
+        if (
+            chunk[:6] != b"event:"
+            or chunk[first + 1 : first + 6] != b"data:"
+            or chunk.find(b"\n", first + 1) != end
+        ):
+            return None
+        name, value = chunk[6:first], chunk[first + 6 : end]
+        name = name[1:] if name[:1] == b" " else name
+        return name.decode("utf-8", "replace"), value[1:] if value[:1] == b" " else value
+
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         if self.overflowed or not chunk:
             return []
-        if (
-            not self._size
-            and not self._tail
-            and not self._skip_lf
-            and chunk[:5] == b"data:"
-            and chunk[-2:] == b"\n\n"
-            and chunk.find(b"\n") == len(chunk) - 2
-            and len(chunk) <= self._max
-            and b"\r" not in chunk
-        ):
-            # One whole `data:` event between events, as upstreams flush them: what the line
-            # by line path below makes of it, without splitting or joining anything.
-            value = chunk[5:-2]
-            return [SSEEvent("", value[1:] if value[:1] == b" " else value)]
+        if (event := self.whole(chunk)) is not None:
+            return [SSEEvent(*event)]
         if self._skip_lf:
             self._skip_lf = False
             if chunk[:1] == b"\n":

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from edgemeter.estimate import text_chars
+from edgemeter.estimate import text_chars, text_pattern
 from edgemeter.sse import SSEEvent
 
 Api = Literal[
@@ -215,6 +215,7 @@ class Extraction:
 
     __slots__ = (
         "_raw",
+        "_text",
         "api",
         "bad_model",
         "error",
@@ -245,6 +246,7 @@ class Extraction:
         self.output_chars = 0
         # Anthropic streams report usage in two halves; keep the merged raw object.
         self._raw: dict[str, Any] = {}
+        self._text = text_pattern(_TEXT_FAMILY.get(api, "openai"))
 
     # -- whole bodies -------------------------------------------------------------------------
 
@@ -279,13 +281,20 @@ class Extraction:
     # -- streams ------------------------------------------------------------------------------
 
     def event(self, ev: SSEEvent) -> None:
+        self.data(ev.data, ev.event)
+
+    def data(self, data: bytes, event: str = "") -> None:
+        """One event by its data and `event:` name: `event` without building an SSEEvent, for
+        the stream callable's path of whole events, where every call counts."""
         self.events += 1
-        data = ev.data
-        self.output_chars += text_chars(data, _TEXT_FAMILY.get(self.api, "openai"))
-        if self.api == "anthropic.messages":
-            self._anthropic_event(ev)
-        elif self.api == "openai.responses":
-            self._responses_event(ev)
+        # One C call for the text of the whole event: a generator over the matches would cost
+        # as much as the search itself.
+        self.output_chars += len(b"".join(self._text.findall(data)))
+        api = self.api
+        if api == "anthropic.messages":
+            self._anthropic_event(data, event)
+        elif api == "openai.responses":
+            self._responses_event(data, event)
         elif data == b"[DONE]":
             self.final = True
         elif self.model is None or _may_carry_usage(data) or b'"error"' in data:
@@ -309,14 +318,13 @@ class Extraction:
         if usage is not None:
             self._set(usage)
 
-    def _responses_event(self, ev: SSEEvent) -> None:
-        data = ev.data
+    def _responses_event(self, data: bytes, event: str) -> None:
         if self.events > 1 and not (b'"usage"' in data or b'"error"' in data or b"failed" in data):
             return
         obj = json_object(data)
         if obj is None:
             return
-        kind = _as_str(obj.get("type")) or ev.event
+        kind = _as_str(obj.get("type")) or event
         response = _as_dict(obj.get("response"))
         if response is not None:
             self._identity(response)
@@ -327,8 +335,7 @@ class Extraction:
         if kind in _RESPONSES_FINAL:
             self.final = True
 
-    def _anthropic_event(self, ev: SSEEvent) -> None:
-        data = ev.data
+    def _anthropic_event(self, data: bytes, event: str) -> None:
         if not (
             b"message_start" in data
             or b'"usage"' in data
@@ -339,7 +346,7 @@ class Extraction:
         obj = json_object(data)
         if obj is None:
             return
-        kind = _as_str(obj.get("type")) or ev.event
+        kind = _as_str(obj.get("type")) or event
         if kind == "message_start":
             message = _as_dict(obj.get("message")) or {}
             self._identity(message)

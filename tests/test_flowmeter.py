@@ -13,6 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edgemeter.flowmeter import FlowMeter
+from edgemeter.include_usage import EventSplitter, split_events
+from edgemeter.sse import SSEDecoder
 from edgemeter.usage import classify
 from tests.conftest import RECORDED
 from tests.corpus import api_of, wire_body
@@ -106,6 +108,62 @@ def test_stripping_is_independent_of_splits_and_keeps_the_usage(
     assert m.extraction.usage == whole.extraction.usage == reference(name, body)[0]
     # Top-level usage is what include_usage adds; Groq's x_groq.usage comes regardless and stays.
     assert not any(isinstance(obj.get("usage"), dict) for obj in data_objects(expected))
+
+
+def seen(m: FlowMeter) -> tuple[object, ...]:
+    ex = m.extraction
+    return (ex.usage, ex.model, ex.upstream_id, ex.error, ex.final, ex.events, ex.output_chars)
+
+
+STRIPPABLE = [n for n in STREAMS if api_of(n) in ("openai.chat", "openai.completions")]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    name_strip=st.one_of(
+        st.tuples(st.sampled_from(STREAMS), st.just(False)),
+        st.tuples(st.sampled_from(STRIPPABLE), st.just(True)),
+    ),
+    merge=st.lists(st.booleans(), max_size=80),
+    cuts=st.lists(st.integers(min_value=0), max_size=4),
+)
+def test_chunks_of_whole_events_among_any_others_meter_and_pass_on_as_one_body(
+    name_strip: tuple[str, bool], merge: list[bool], cuts: list[int]
+) -> None:
+    """Upstreams flush one event per chunk, which the callable takes without framing (see
+    FlowMeter._whole); among merged events and cuts anywhere it must agree with framing."""
+    name, strip = name_strip
+    body = wire_body(RECORDED / name)
+    events, rest = split_events(body)
+    ends = list(itertools.accumulate(len(e) for e in events))
+    kept = [end for i, end in enumerate(ends) if not (merge[i] if i < len(merge) else False)]
+    whole = meter_for(name, injected=strip)
+    whole.start_stream(200, "", strip=strip)
+    expected = feed_stream(whole, [body])
+    m = meter_for(name, injected=strip)
+    m.start_stream(200, "", strip=strip)
+    assert feed_stream(m, split(body, kept + cuts)) == expected
+    assert seen(m) == seen(whole)
+    assert rest == b"" or not body.endswith(b"\n\n")
+
+
+def test_chunks_of_whole_events_are_metered_without_framing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def framed(*args: object) -> None:
+        raise AssertionError("framed")
+
+    name = "openai-chat-stream-include-usage.chunks.txt"
+    events = split_events(wire_body(RECORDED / name))[0]
+    m = meter_for(name, injected=True)
+    m.start_stream(200, "", strip=True)
+    monkeypatch.setattr(SSEDecoder, "feed", framed)
+    monkeypatch.setattr(EventSplitter, "feed", framed)
+    sent = b"".join(
+        out if isinstance(out, bytes) else b"".join(out) for out in (m(e) for e in events)
+    )
+    assert m.extraction.final and m.extraction.usage is not None
+    assert b'"usage":{' not in sent and sent.endswith(b"data: [DONE]\n\n")
 
 
 def data_objects(body: bytes) -> list[dict[str, object]]:

@@ -158,3 +158,48 @@ def test_a_long_line_in_one_byte_chunks_yields_its_event() -> None:
     body = b"data: " + payload + b"\r\n\r\n"
     events = [ev for i in range(len(body)) for ev in decoder.feed(body[i : i + 1])]
     assert events == [SSEEvent("", payload)]
+
+
+@pytest.mark.parametrize(
+    ("chunk", "event"),
+    [
+        (b'data: {"a":1}\n\n', ("", b'{"a":1}')),
+        (b'data:{"a":1}\n\n', ("", b'{"a":1}')),
+        (b"data:  two spaces\n\n", ("", b" two spaces")),
+        (b"data:\n\n", ("", b"")),
+        (b"data: [DONE]\n\n", ("", b"[DONE]")),
+        (
+            b'event: message_stop\ndata: {"type":"message_stop"}\n\n',
+            ("message_stop", b'{"type":"message_stop"}'),
+        ),
+        (b"event:\xc3\xa9\ndata:x\n\n", ("\xe9", b"x")),
+        (b"event: \xff\ndata: x\n\n", ("\ufffd", b"x")),
+        # Anything else takes the line by line path.
+        (b"data: x\r\n\r\n", None),
+        (b"data: x\n", None),
+        (b"data: x\n\n\n", None),
+        (b"data: a\ndata: b\n\n", None),
+        (b"data: x\nevent: e\n\n", None),
+        (b"event: e\n\n", None),
+        (b"event: e\ndata\n\n", None),
+        (b": comment\n\n", None),
+        (b"id: 1\ndata: x\n\n", None),
+        (b"\n\n", None),
+    ],
+)
+def test_whole_takes_one_whole_event_as_feed_would_and_nothing_else(
+    chunk: bytes, event: tuple[str, bytes] | None
+) -> None:
+    assert SSEDecoder().whole(chunk) == event
+    if event is not None:
+        assert SSEDecoder().feed(chunk) == [SSEEvent(*event)]
+
+
+def test_whole_refuses_a_chunk_once_anything_is_held() -> None:
+    event = b"data: x\n\n"
+    for held in (b"data: unfinished", b"data: line\n", b"data: x\r"):
+        decoder = SSEDecoder()
+        decoder.feed(held)
+        assert decoder.whole(event) is None
+    small = SSEDecoder(max_event_bytes=8)
+    assert small.whole(event) is None  # 9 bytes: the limit is feed's to enforce
