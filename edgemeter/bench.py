@@ -741,6 +741,10 @@ class Config:
     health_variants: tuple[str, ...] = ("plain", "meter", "lean")
     # The soak runs on a lean runner of its own; off: on the one the rounds measured.
     soak_fresh: bool = True
+    # Every round after the first starts its proxies afresh: one process's CPU per chunk sits a
+    # few percent off another's of the same code, for its whole life, so one set of processes
+    # for every round would put that offset, not the code, into every round's ratio.
+    fresh_rounds: bool = True
     diagnostics: bool = True
     load_tool: str = "auto"
     phases: tuple[str, ...] = ("rounds", "drain", "memory", "health", "soak")
@@ -1008,7 +1012,15 @@ class Bench:
         for name in names:
             self.warm(self.procs[name])
         raw: dict[str, dict[str, list[dict[str, Any]]]] = {}
+        pids: list[dict[str, int]] = []
         for r in range(cfg.rounds):
+            if r and cfg.fresh_rounds:
+                self.log(f"round {r + 1}/{cfg.rounds}: starting the proxies afresh")
+                self.stop(names)
+                self.start(names)
+                for name in names:
+                    self.warm(self.procs[name])
+            pids.append({n: self.procs[n].pid for n in names})
             for sc in cfg.scenarios():
                 order = self.variants(sc)
                 # Rotate the order each round: no variant always runs first (or last).
@@ -1033,6 +1045,7 @@ class Bench:
             "median": {sc: {v: _medians(runs) for v, runs in by.items()} for sc, by in raw.items()},
             "ratios": {sc.name: _ratios(raw[sc.name], sc.stream) for sc in cfg.scenarios()},
             "rss_mib_after_rounds": rss,
+            "pids": pids,
         }
 
     # -- phase 2: spool drain ----------------------------------------------------------------

@@ -178,3 +178,21 @@ def test_a_short_run_can_pick_its_concurrencies_and_phases(
 def test_bad_concurrencies_are_refused(bad: str) -> None:
     with pytest.raises(SystemExit):
         parse_args(["--concurrencies", bad])
+
+
+def test_each_round_measures_proxies_started_afresh(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    args = ["--smoke", "--rounds", "2", "--phases", "rounds", "--concurrencies", "1"]
+    done = subprocess.run(
+        [sys.executable, "-m", "edgemeter.bench", *args, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rounds = json.loads(out.read_text())["rounds"]
+    first, second = rounds["pids"]
+    assert set(first) == set(second) == {"plain", "plain-stream", "meter", "lean"}
+    assert all(first[name] != second[name] for name in first)
+    assert len(rounds["raw"]["c1"]["meter"]) == len(rounds["raw"]["c1"]["lean"]) == 2
