@@ -745,6 +745,10 @@ class Config:
     # few percent off another's of the same code, for its whole life, so one set of processes
     # for every round would put that offset, not the code, into every round's ratio.
     fresh_rounds: bool = True
+    # Streamed scenarios run each variant and plain mitmdump at the same time (see
+    # measure_beside_plain) instead of one after the other: the machine's speed moved plain's
+    # own CPU per chunk by up to 20 % between neighbouring 5 s runs, more than the budget.
+    streams_beside_plain: bool = True
     diagnostics: bool = True
     load_tool: str = "auto"
     phases: tuple[str, ...] = ("rounds", "drain", "memory", "health", "soak")
@@ -950,24 +954,56 @@ class Bench:
             proc: Proc | None = None
             port = self.upstream_port
         else:
-            name = "plain-stream" if variant == "plain" and sc.stream else variant
-            proc = self.procs[name]
+            proc = self._proc_of(variant, sc)
             port = proc.port
         duration = self.config.stream_duration_s if sc.stream else self.config.duration_s
         before = cpu_seconds(proc.pid) if proc else 0.0
+        started = time.time()
         figures = self.load(port, sc, duration)
+        figures["window"] = (started, time.time())
         if proc is not None:
-            proc.check_alive()
-            cpu = cpu_seconds(proc.pid) - before
-            figures["cpu_s"] = cpu
-            figures["cpu_us_per_request"] = (
-                cpu / figures["requests"] * 1e6 if figures["requests"] else None
-            )
-            # Chunks as the upstream sends them: events, the usage event and [DONE].
-            chunks = figures["requests"] * (sc.events + 2) if sc.stream else 0
-            figures["cpu_us_per_chunk"] = cpu / chunks * 1e6 if chunks else None
-            figures["rss_mib"] = rss_mib(proc.pid)
+            self._add_cpu(figures, proc, cpu_seconds(proc.pid) - before, sc)
         return figures
+
+    def measure_beside_plain(
+        self, variant: str, sc: Scenario
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """A streamed scenario through `variant` and through plain mitmdump at the same time,
+        each with its own clients: (plain's figures, the variant's). The upstream paces streams,
+        so neither proxy's load depends on the other's speed, and both see the same machine."""
+        procs = [self._proc_of("plain", sc), self._proc_of(variant, sc)]
+        duration = self.config.stream_duration_s
+        specs = [
+            LoadSpec(p.port, sc.concurrency, duration, True, sc.events, sc.interval_ms)
+            for p in procs
+        ]
+
+        async def both() -> list[dict[str, Any]]:
+            return list(await asyncio.gather(*(python_load(spec) for spec in specs)))
+
+        before = [cpu_seconds(p.pid) for p in procs]
+        started = time.time()
+        runs = asyncio.run(both())
+        window = (started, time.time())
+        for proc, figures, cpu0 in zip(procs, runs, before, strict=True):
+            figures["window"] = window
+            self._add_cpu(figures, proc, cpu_seconds(proc.pid) - cpu0, sc)
+        return runs[0], runs[1]
+
+    def _proc_of(self, variant: str, sc: Scenario) -> Proc:
+        return self.procs["plain-stream" if variant == "plain" and sc.stream else variant]
+
+    @staticmethod
+    def _add_cpu(figures: dict[str, Any], proc: Proc, cpu: float, sc: Scenario) -> None:
+        proc.check_alive()
+        figures["cpu_s"] = cpu
+        figures["cpu_us_per_request"] = (
+            cpu / figures["requests"] * 1e6 if figures["requests"] else None
+        )
+        # Chunks as the upstream sends them: events, the usage event and [DONE].
+        chunks = figures["requests"] * (sc.events + 2) if sc.stream else 0
+        figures["cpu_us_per_chunk"] = cpu / chunks * 1e6 if chunks else None
+        figures["rss_mib"] = rss_mib(proc.pid)
 
     # -- phase 1: interleaved rounds ---------------------------------------------------------
 
@@ -1025,6 +1061,9 @@ class Bench:
                 order = self.variants(sc)
                 # Rotate the order each round: no variant always runs first (or last).
                 order = order[r % len(order) :] + order[: r % len(order)]
+                if sc.stream and cfg.streams_beside_plain:
+                    self._beside_plain(r, sc, order, raw.setdefault(sc.name, {}))
+                    continue
                 before: dict[str, Any] | None = None  # the last plain measurement
                 waiting: dict[str, Any] | None = None  # a variant waiting for the plain after it
                 for variant in bracketed(order):
@@ -1041,12 +1080,32 @@ class Bench:
                     )
         rss = {n: rss_mib(p.pid) for n, p in self.procs.items() if n in names}
         self.results["rounds"] = {
+            "streams_beside_plain": cfg.streams_beside_plain,
             "raw": raw,
             "median": {sc: {v: _medians(runs) for v, runs in by.items()} for sc, by in raw.items()},
             "ratios": {sc.name: _ratios(raw[sc.name], sc.stream) for sc in cfg.scenarios()},
             "rss_mib_after_rounds": rss,
             "pids": pids,
         }
+
+    def _beside_plain(
+        self, r: int, sc: Scenario, order: list[str], raw: dict[str, list[dict[str, Any]]]
+    ) -> None:
+        """One round of a streamed scenario: each variant side by side with plain (see
+        measure_beside_plain), compared with the plain run of the same seconds."""
+        head = f"round {r + 1}/{self.config.rounds} {sc.name:>10}"
+        for variant in order:
+            if variant == "plain":
+                continue
+            if variant == "direct":
+                figures = self.measure(variant, sc)
+            else:
+                plain, figures = self.measure_beside_plain(variant, sc)
+                figures["bracket"] = _bracket(plain, plain)
+                raw.setdefault("plain", []).append(plain)
+                self.log(f"{head} {'plain':>13}: {_brief(plain)}")
+            raw.setdefault(variant, []).append(figures)
+            self.log(f"{head} {variant:>13}: {_brief(figures)}")
 
     # -- phase 2: spool drain ----------------------------------------------------------------
 

@@ -156,6 +156,15 @@ def test_a_smoke_run_of_every_phase_produces_every_figure(tmp_path: Path) -> Non
     assert results["budgets"] and all(isinstance(b["met"], bool) for b in results["budgets"])
     assert "log_errors" not in results, results.get("log_errors")
     assert "| budget |" in done.stdout
+    # Streams: each variant measured in the very seconds of a plain run, side by side.
+    raw = results["rounds"]["raw"]
+    for scenario in ("stream-c1", "stream-c4"):
+        plain = {tuple(run["window"]) for run in raw[scenario]["plain"]}
+        assert all(tuple(run["window"]) in plain for run in raw[scenario]["meter"])
+        assert all(tuple(run["window"]) in plain for run in raw[scenario]["lean"])
+    assert tuple(raw["c1"]["meter"][0]["window"]) not in {
+        tuple(run["window"]) for run in raw["c1"]["plain"]
+    }
 
 
 @pytest.mark.parametrize(
