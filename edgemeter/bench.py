@@ -1638,10 +1638,15 @@ def report(results: dict[str, Any]) -> str:
                     f"{_fmt(m['p99_ms'], 2)} | {ttfb} | {_fmt(m[cpu], 1 if stream else 0)} | "
                     f"{_fmt(m['rss_mib'])} |"
                 )
+        paired = (
+            "; streams against the plain run of the same seconds, side by side"
+            if rounds.get("streams_beside_plain")
+            else ""
+        )
         lines += [
             "",
             "Ratios against plain mitmdump: each run against the mean of the plain runs just "
-            "before and after it, then the median over rounds:",
+            f"before and after it{paired}, then the median over rounds:",
             "",
             "| scenario | variant | CPU ratio | throughput ratio | added p50 ms | added TTFB ms |",
             "|---|---|---:|---:|---:|---:|",
