@@ -91,7 +91,6 @@ class FlowMeter:
         "injected",
         "limits",
         "on_final",
-        "quick",
         "request",
         "request_body",
         "splitter",
@@ -112,8 +111,6 @@ class FlowMeter:
         self.first_byte_at: float | None = None
         self.decoder: SSEDecoder | None = None
         self.decode: Decoder | None = None
-        # An uncompressed stream: a chunk that is one whole event can skip framing (see _whole).
-        self.quick = False
         # The meter added include_usage to the request (see include_usage.inject).
         self.injected = False
         # Remove that usage from the client's stream; then events are passed on whole.
@@ -152,7 +149,6 @@ class FlowMeter:
         if self.strip:
             self.splitter = EventSplitter()
         self.decoded_out = self.strip and self.decode is not None
-        self.quick = self.decode is None
         return self.decoded_out
 
     def __call__(self, chunk: bytes) -> bytes | list[bytes]:
@@ -160,7 +156,7 @@ class FlowMeter:
         if self.first_byte_at is None and chunk:
             self.first_byte_at = time.time()
         if (
-            self.quick
+            self.decode is None  # an uncompressed stream, whose chunk may be one whole event
             and not (self.broken or self.stopped)
             and (self.splitter is None or not self.splitter.pending)
             and self.decoder is not None
@@ -181,8 +177,7 @@ class FlowMeter:
             ex = self.extraction
             ex.data(event[1], event[0])
             if ex.final and self.on_final is not None:
-                callback, self.on_final = self.on_final, None
-                callback(self)
+                self._finalized()
             if self.strip and b'"usage"' in chunk:
                 sent = strip_event(chunk)
                 return [sent] if sent else []
@@ -218,8 +213,13 @@ class FlowMeter:
         if self.decoder.overflowed:
             self._stop("oversize_event")
         if self.extraction.final and self.on_final is not None:
-            callback, self.on_final = self.on_final, None
-            callback(self)
+            self._finalized()
+
+    def _finalized(self) -> None:
+        """The last event is parsed: on_final, once."""
+        assert self.on_final is not None
+        callback, self.on_final = self.on_final, None
+        callback(self)
 
     def _warn(self, what: str, e: Exception) -> None:
         logger.warning(
