@@ -943,7 +943,7 @@ class Bench:
 
     def load(self, port: int, sc: Scenario, duration_s: float, **extra: Any) -> dict[str, Any]:
         if sc.stream or self.wrk is None:
-            spec = LoadSpec(port, sc.concurrency, duration_s, sc.stream, sc.events, sc.interval_ms)
+            spec = _load_spec(port, sc, duration_s)
             for k, v in extra.items():
                 setattr(spec, k, v)
             return asyncio.run(python_load(spec))
@@ -972,11 +972,7 @@ class Bench:
         each with its own clients: (plain's figures, the variant's). The upstream paces streams,
         so neither proxy's load depends on the other's speed, and both see the same machine."""
         procs = [self._proc_of("plain", sc), self._proc_of(variant, sc)]
-        duration = self.config.stream_duration_s
-        specs = [
-            LoadSpec(p.port, sc.concurrency, duration, True, sc.events, sc.interval_ms)
-            for p in procs
-        ]
+        specs = [_load_spec(p.port, sc, self.config.stream_duration_s) for p in procs]
 
         async def both() -> list[dict[str, Any]]:
             return list(await asyncio.gather(*(python_load(spec) for spec in specs)))
@@ -1419,6 +1415,10 @@ def _medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out["errors"] = sum(r["errors"] + r["non2xx"] for r in runs)
     out["tool"] = runs[0]["tool"]
     return out
+
+
+def _load_spec(port: int, sc: Scenario, duration_s: float) -> LoadSpec:
+    return LoadSpec(port, sc.concurrency, duration_s, sc.stream, sc.events, sc.interval_ms)
 
 
 def bracketed(order: Sequence[str]) -> list[str]:
