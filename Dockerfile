@@ -1,4 +1,4 @@
-# The edgemeter sidecar: `mitmdump -s addons/meter.py` in reverse mode, as user 10001, on a
+# The edgemeter sidecar: mitmdump with the meter in reverse mode, as user 10001, on a
 # read-only root filesystem. The only writable path is the volume /var/lib/edgemeter: the spool
 # and mitmproxy's confdir (its CA) are made inside it at the first start.
 # Build: docker build -t edgemeter . ; settings: EDGEMETER_* and MITMPROXY_* environment
@@ -41,11 +41,9 @@ RUN groupadd --system --gid 10001 edgemeter \
         --no-create-home --shell /usr/sbin/nologin edgemeter \
     && install -d -o 10001 -g 10001 -m 0700 /var/lib/edgemeter
 COPY --from=builder /opt/venv /opt/venv
-COPY addons/meter.py /app/addons/meter.py
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    EDGEMETER_ADDON=/app/addons/meter.py \
     EDGEMETER_SPOOL_DIR=/var/lib/edgemeter/spool \
     MITMPROXY_CONFDIR=/var/lib/edgemeter/mitmproxy \
     EDGEMETER_LISTEN_PORT=8086 \

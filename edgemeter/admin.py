@@ -8,56 +8,22 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Awaitable, Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from typing import Final
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from edgemeter.errors import MeterError
+from edgemeter.errors import AdminError
+from edgemeter.metering.usage import TOKEN_KINDS
+from edgemeter.stats import Histograms, Snapshot
 
 logger = logging.getLogger(__name__)
 
 _MAX_REQUEST_LINE: Final = 4096
 _READ_TIMEOUT_S: Final = 5.0
-TOKEN_KINDS: Final = ("input", "cached_input", "cache_write", "output", "reasoning")
-
-# Milliseconds to seconds: publishes take a few ms locally, seconds when the broker struggles.
-_PUBLISH_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
-# The write-ahead wait before a response's last byte: ~0.1 ms normally, more under disk pressure.
-_ADDED_BUCKETS: Final = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1)
-
-
-class AdminError(MeterError):
-    """The admin endpoint cannot listen where it was asked to."""
-
-
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    """Everything /readyz and /metrics report, read at one instant."""
-
-    metered: Mapping[tuple[str, str, str], int]
-    unmetered: Mapping[str, int]
-    anomalies: Mapping[str, int]
-    tokens: Mapping[str, int]
-    amount_micro: int
-    currency: str
-    rejected: int
-    unknown_keys: int
-    spool_failures: Mapping[str, int]
-    spool_writable: bool
-    spool_envelopes: int
-    spool_bytes: int
-    spool_oldest_age_s: float | None
-    dead_letters: int
-    acked: int
-    duplicates: int
-    publish_errors: Mapping[str, int]
-    broker_connected: bool
-    broker_down_s: float | None
-    stream_missing: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,29 +52,6 @@ def readiness(snapshot: Snapshot, thresholds: Thresholds) -> list[str]:
             f"oldest spooled envelope is {age:.0f}s old (limit {thresholds.spool_age_s}s)"
         )
     return reasons
-
-
-@dataclass
-class Histograms:
-    """The two distributions the meter observes as it goes (everything else is a snapshot)."""
-
-    publish: Histogram = field(
-        default_factory=lambda: Histogram(
-            "edgemeter_publish_latency_seconds",
-            "Time from publishing an envelope to the broker's ack.",
-            buckets=_PUBLISH_BUCKETS,
-            registry=None,
-        )
-    )
-    added: Histogram = field(
-        default_factory=lambda: Histogram(
-            "edgemeter_added_latency_seconds",
-            "Time a response's end waits for its envelope to be committed to the spool "
-            "(the latency the meter adds to a metered request).",
-            buckets=_ADDED_BUCKETS,
-            registry=None,
-        )
-    )
 
 
 class _SnapshotCollector(Collector):

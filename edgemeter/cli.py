@@ -31,10 +31,10 @@ from rich.live import Live
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from edgemeter.attribution import fingerprint
-from edgemeter.container import meter_variable
-from edgemeter.errors import MeterError, SettingsError, SpoolError
+from edgemeter.errors import BrokerError, MeterError, SettingsError
 from edgemeter.ids import uuid7_ms
+from edgemeter.metering.attribution import fingerprint
+from edgemeter.options import variable_of
 from edgemeter.settings import (
     default_spool_dir,
     parse_file,
@@ -43,6 +43,7 @@ from edgemeter.settings import (
     parse_subject,
 )
 from spool.deadletter import DeadLetter, DeadLetters
+from spool.errors import SpoolError, describe
 from spool.publisher import NatsConfig, Publisher, auth_options, new_client, redact_url
 from spool.store import Spool
 
@@ -261,10 +262,6 @@ DEFAULT_PUBLISH_TIMEOUT_MS: Final = 5000
 DEFAULT_CONNECT_TIMEOUT_S: Final = 3.0
 
 
-class BrokerError(MeterError):
-    """The broker cannot be reached, or no JetStream stream takes the subject."""
-
-
 def _nats_options() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group(
@@ -276,7 +273,7 @@ def _nats_options() -> argparse.ArgumentParser:
 
     def add(flag: str, option: str, metavar: str, what: str) -> None:
         # `what` names the variable as {var}: the help says where a value comes from.
-        group.add_argument(flag, metavar=metavar, help=what.format(var=meter_variable(option)))
+        group.add_argument(flag, metavar=metavar, help=what.format(var=variable_of(option)))
 
     add(
         "--nats-url",
@@ -327,7 +324,7 @@ def nats_config(args: argparse.Namespace, env: Mapping[str, str]) -> NatsConfig:
         given = getattr(args, flag.removeprefix("--").replace("-", "_"), None)
         if given is not None:
             return str(given), flag
-        variable = meter_variable(option)
+        variable = variable_of(option)
         if variable in env:
             return env[variable], variable
         return default, option
@@ -335,7 +332,7 @@ def nats_config(args: argparse.Namespace, env: Mapping[str, str]) -> NatsConfig:
     def secret(flag: str, option: str) -> str:
         path = getattr(args, flag.removeprefix("--").replace("-", "_"))
         if path is None:
-            return env.get(meter_variable(option), "")
+            return env.get(variable_of(option), "")
         return read_secret_file(parse_file(path, flag), flag)
 
     timeout_text, timeout_source = str(DEFAULT_PUBLISH_TIMEOUT_MS), "meter_publish_timeout_ms"
@@ -396,11 +393,11 @@ async def connect(config: NatsConfig, timeout: float) -> NATS:
     async def error_cb(exc: Exception) -> None:
         # nats-py's default callback logs ERROR with a traceback on every failed attempt.
         if not nc.is_connected:
-            reasons.append(_describe(exc))
+            reasons.append(describe(exc))
             if len(reasons) >= len(config.servers):
                 refused.set()
         else:
-            log.warning("NATS: %s", _describe(exc))
+            log.warning("NATS: %s", describe(exc))
 
     kwargs: dict[str, Any] = {
         "name": config.name,
@@ -428,7 +425,7 @@ async def connect(config: NatsConfig, timeout: float) -> NATS:
     except Exception as exc:  # the timeout, a refusal, or what nats-py gave up with
         with contextlib.suppress(Exception):
             await nc.close()
-        reason = reasons[-1] if reasons else _describe(exc)
+        reason = reasons[-1] if reasons else describe(exc)
         if isinstance(exc, TimeoutError) and not reasons:
             reason = f"no answer within {timeout:g}s"
         servers = ", ".join(redact_url(s) for s in config.servers)
@@ -548,7 +545,7 @@ async def broker_state(config: NatsConfig, timeout: float) -> BrokerState:
     state = BrokerState([redact_url(s) for s in config.servers], config.subject)
     try:
         nc = await connect(config, timeout)
-    except MeterError as exc:
+    except (MeterError, SpoolError) as exc:
         state.error = str(exc)
         return state
     try:
@@ -571,7 +568,7 @@ async def broker_state(config: NatsConfig, timeout: float) -> BrokerState:
     except nats.errors.NoRespondersError:
         state.error = "JetStream is not enabled on this server"
     except (nats.errors.Error, TimeoutError) as exc:
-        state.error = f"JetStream did not answer: {_describe(exc)}"
+        state.error = f"JetStream did not answer: {describe(exc)}"
     finally:
         with contextlib.suppress(Exception):
             await nc.close()
@@ -1091,7 +1088,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args, io)
     except SystemExit as exc:  # argparse: --help (0) and usage errors (2)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    except MeterError as exc:
+    except (MeterError, SpoolError) as exc:
         io.error(str(exc))
         return EXIT_FAILED
     except BrokenPipeError:
@@ -1151,11 +1148,6 @@ def _age(seconds: float) -> str:
         if s >= size:
             return f"{s // size}{unit} {s % size // sub_size}{sub}"
     return f"{s // 60}m {s % 60}s" if s >= 60 else f"{s}s"
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _amount(micro: int) -> str:

@@ -1,9 +1,9 @@
 """The container image's entrypoint: turns EDGEMETER_* and MITMPROXY_* environment variables into
-mitmproxy options, checks them, and execs mitmdump with the meter addon; and its health check.
+mitmproxy options, checks them, and execs the runner with the meter; and its health check.
 
 Rule: a meter option `meter_<name>` is `EDGEMETER_<NAME>`; any mitmproxy option `<name>` of the
 runner is `MITMPROXY_<NAME>`; EDGEMETER_UPSTREAM, EDGEMETER_LISTEN_HOST and EDGEMETER_LISTEN_PORT
-set the reverse-proxy mode and the listener. Everything is derived from the addon's OPTIONS table
+set the reverse-proxy mode and the listener. Everything is derived from the meter's option table
 and from mitmproxy's own option list at run time, so a new option gets its variable by itself.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import difflib
-import importlib.util
 import json
 import logging
 import os
@@ -20,34 +19,27 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from edgemeter.errors import MeterError, SettingsError
+from edgemeter.errors import ContainerError, SettingsError
+from edgemeter.options import DEFAULTS, OPTIONS, VARIABLE_PREFIX, Option
 from edgemeter.settings import parse_listen, parse_settings
 
-METER_PREFIX = "EDGEMETER_"
+METER_PREFIX = VARIABLE_PREFIX
 PROXY_PREFIX = "MITMPROXY_"
 RUNNER_VARIABLE = "EDGEMETER_RUNNER"
-ADDON_VARIABLE = "EDGEMETER_ADDON"
 ADMIN_VARIABLE = "EDGEMETER_ADMIN_LISTEN"
-# mitmweb is the same proxy with a web UI to debug in; serve the lean runner (edgemeter.serve),
-# which loads the meter itself.
+# mitmweb is the same proxy with a web UI to debug in; serve the lean runner (edgemeter.serve).
+# Each gets the meter by import (edgemeter.serve), never from a script file.
 RUNNERS = ("mitmdump", "mitmweb", "serve")
 EXIT_USAGE = 2
 # Carries the checked arguments from the entrypoint to the interpreter it execs (main()).
 HANDOFF_VARIABLE = "_EDGEMETER_CONTAINER_ARGS"
-# An addon's mitmproxy options: (name, type, default, help), as in addons/meter.py.
-OptionRow = tuple[str, Any, Any, str]
 
 # Values of these options are credentials: an error message never repeats them.
 _SECRET_WORDS = ("password", "token", "passphrase", "secret", "auth")
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off"})
-
-
-class ContainerError(MeterError):
-    """An environment variable of the image that cannot be used."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,11 +90,6 @@ _PROXY_SETTINGS = (
 )
 
 
-def meter_variable(option: str) -> str:
-    """`meter_nats_url` → `EDGEMETER_NATS_URL`."""
-    return METER_PREFIX + option.removeprefix("meter_").upper()
-
-
 def proxy_variable(option: str) -> str:
     """`confdir` → `MITMPROXY_CONFDIR`."""
     return PROXY_PREFIX + option.upper()
@@ -115,24 +102,24 @@ def kind_of(typespec: Any) -> str:
 
 
 def settings_table(
-    meter_options: Iterable[OptionRow], proxy_options: Mapping[str, ProxyOption]
+    meter_options: Iterable[Option], proxy_options: Mapping[str, ProxyOption]
 ) -> dict[str, Setting]:
-    """Every variable the image reads, from the addon's OPTIONS and the runner's own options
+    """Every variable the image reads, from the meter's OPTIONS and the runner's own options
     (`proxy_options`)."""
     table: dict[str, Setting] = {}
 
     def add(setting: Setting) -> None:
-        if setting.variable in table or setting.variable in (RUNNER_VARIABLE, ADDON_VARIABLE):
+        if setting.variable in table or setting.variable == RUNNER_VARIABLE:
             raise ContainerError("two settings share a variable", variable=setting.variable)
         table[setting.variable] = setting
 
-    for name, typespec, default, _help in meter_options:
-        add(Setting(meter_variable(name), name, kind_of(typespec), default, meter=True))
+    for meter in meter_options:
+        add(Setting(meter.variable, meter.name, kind_of(meter.type), meter.default, meter=True))
     for variable, option, template in _PROXY_SETTINGS:
         own = proxy_options.get(option, ProxyOption("str", ""))
         add(Setting(variable, option, own.kind, own.default, template, choices=own.choices))
     for option, own in sorted(proxy_options.items()):
-        # The meter addon is given with -s; MITMPROXY_SCRIPTS adds more (see plan()).
+        # MITMPROXY_SCRIPTS adds addons beside the meter (see plan()).
         add(Setting(proxy_variable(option), option, own.kind, own.default, choices=own.choices))
     return table
 
@@ -144,30 +131,6 @@ def parse_runner(env: Mapping[str, str]) -> str:
             f"must be one of {', '.join(RUNNERS)}", variable=RUNNER_VARIABLE, value=runner
         )
     return runner
-
-
-def addon_path(env: Mapping[str, str]) -> Path:
-    """The meter addon script: $EDGEMETER_ADDON (the image sets it), else the checkout's."""
-    given = env.get(ADDON_VARIABLE, "")
-    path = Path(given) if given else Path(__file__).resolve().parent.parent / "addons" / "meter.py"
-    if not path.is_file():
-        raise ContainerError(
-            "the meter addon is not there", variable=ADDON_VARIABLE, value=str(path)
-        )
-    return path
-
-
-def load_meter_options(addon: Path) -> tuple[OptionRow, ...]:
-    """The OPTIONS table of the addon script: the one list of meter options."""
-    spec = importlib.util.spec_from_file_location("_edgemeter_container_addon", addon)
-    if spec is None or spec.loader is None:
-        raise ContainerError(
-            "cannot load the meter addon", variable=ADDON_VARIABLE, value=str(addon)
-        )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    options: tuple[OptionRow, ...] = tuple(module.OPTIONS)
-    return options
 
 
 def proxy_options(runner: str) -> dict[str, ProxyOption]:
@@ -280,12 +243,10 @@ def _set_names(args: Sequence[str]) -> set[str]:
 def plan(
     env: Mapping[str, str],
     table: Mapping[str, Setting],
-    addon: Path,
     extra: Sequence[str] = (),
-    runner: str = RUNNERS[0],
 ) -> Plan:
-    """The runner's arguments for this environment: `-s <addon>` (serve loads the meter itself),
-    one `--set` per option given, then `extra` (the container's command). Raises ContainerError
+    """The runner's arguments for this environment (the runner adds the meter itself): one
+    `--set` per option given, then `extra` (the container's command). Raises ContainerError
     naming the variable."""
     given = {name: env[name] for name in sorted(env) if name in table}
     by_option: dict[str, list[str]] = {}
@@ -302,7 +263,7 @@ def plan(
             "not set: the URL of the gateway to meter, e.g. http://127.0.0.1:3000",
             variable="EDGEMETER_UPSTREAM",
         )
-    args = [] if runner == "serve" else ["-s", str(addon)]
+    args: list[str] = []
     meter_values: dict[str, Any] = {}
     for name, text in given.items():
         setting = table[name]
@@ -334,7 +295,7 @@ def plan(
         for name in sorted(env)
         if name.startswith((METER_PREFIX, PROXY_PREFIX))
         and name not in table
-        and name not in (RUNNER_VARIABLE, ADDON_VARIABLE)
+        and name != RUNNER_VARIABLE
     ]
     return Plan(args + list(extra), list(given), ignored)
 
@@ -358,14 +319,14 @@ def suggestion(name: str, table: Iterable[str]) -> str:
     return f" (did you mean {close[0]}?)" if close else ""
 
 
-def env_table(meter_options: Iterable[OptionRow]) -> str:
+def env_table(meter_options: Iterable[Option]) -> str:
     """The documented mapping (docs/CONTAINER.md): Markdown, one row per variable."""
     rows = ["| variable | option | type | default |", "|---|---|---|---|"]
     for variable, option, template in _PROXY_SETTINGS:
         rows.append(f"| `{variable}` | `{option}` (`{template.format('VALUE')}`) | | |")
-    for name, typespec, default, _help in meter_options:
-        shown = f"`{default}`" if default != "" else '`""`'
-        rows.append(f"| `{meter_variable(name)}` | `{name}` | {kind_of(typespec)} | {shown} |")
+    for meter in meter_options:
+        shown = f"`{meter.default}`" if meter.default != "" else '`""`'
+        rows.append(f"| `{meter.variable}` | `{meter.name}` | {kind_of(meter.type)} | {shown} |")
     return "\n".join(rows)
 
 
@@ -388,53 +349,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_handed_off(handoff)
     extra = list(sys.argv[1:] if argv is None else argv)
     env = os.environ
+    if extra == ["--env-table"]:
+        print(env_table(OPTIONS))
+        return 0
     try:
-        addon = addon_path(env)
-        meter_options = load_meter_options(addon)
-        if extra == ["--env-table"]:
-            print(env_table(meter_options))
-            return 0
         runner = parse_runner(env)
-        if runner == "serve":
-            _check_serve_finds(addon)
-        table = settings_table(meter_options, proxy_options(runner))
-        run = plan(env, table, addon, extra, runner)
+        table = settings_table(OPTIONS, proxy_options(runner))
+        run = plan(env, table, extra)
     except ContainerError as e:
         _say(describe(e))
         return EXIT_USAGE
     for name in run.ignored:
         _say(f"warning: {name} is not a setting and is ignored{suggestion(name, table)}")
-    _say(f"{runner} with {addon}, set from the environment: {', '.join(run.given) or 'nothing'}")
+    _say(f"{runner} with the meter, set from the environment: {', '.join(run.given) or 'nothing'}")
     sys.stdout.flush()
     # The arguments travel in the environment, not on the command line: /proc/<pid>/cmdline is
     # readable by every process that can see this one, the environment only by its own user,
     # and it holds the same credentials already. The new interpreter starts clean of the
-    # addon module and the masters the checks loaded.
+    # masters the checks built.
     os.execve(
         sys.executable,
         [sys.executable, "-m", "edgemeter.container"],
-        dict(env) | {HANDOFF_VARIABLE: json.dumps([runner, *run.args]), ADDON_VARIABLE: str(addon)},
+        dict(env) | {HANDOFF_VARIABLE: json.dumps([runner, *run.args])},
     )
 
 
 def _run_handed_off(handoff: str) -> int:
+    from edgemeter import serve
+
     runner, *args = json.loads(handoff)
     if runner == "serve":
-        from edgemeter import serve
-
         return serve.main(args)
-    from mitmproxy.tools import main as mitmproxy_main
-
-    getattr(mitmproxy_main, runner)(args)
-    return 0
-
-
-def _check_serve_finds(addon: Path) -> None:
-    """serve loads the meter from $EDGEMETER_ADDON (the handed-off environment carries it)."""
-    if not addon.is_file():
-        raise ContainerError(
-            f"serve finds no meter addon at {addon}", variable=ADDON_VARIABLE, value=str(addon)
-        )
+    return serve.run_mitmproxy(runner, args)
 
 
 def healthcheck(env: Mapping[str, str] | None = None, timeout: float = 5.0) -> int:
@@ -442,8 +388,7 @@ def healthcheck(env: Mapping[str, str] | None = None, timeout: float = 5.0) -> i
     env = os.environ if env is None else env
     listen = env.get(ADMIN_VARIABLE)
     if listen is None:
-        options = {row[0]: row[2] for row in load_meter_options(addon_path(env))}
-        listen = str(options["meter_admin_listen"])
+        listen = str(DEFAULTS["meter_admin_listen"])
     try:
         parsed = parse_listen(listen, ADMIN_VARIABLE)
     except SettingsError as e:

@@ -1,6 +1,21 @@
-"""The one error family of edgemeter: a base error with short messages and structured fields.
+"""Every error edgemeter raises on purpose: one family with short messages and structured fields
+(`fields`), so callers catch `MeterError` and log or show `str(e)`.
 
-Callers catch `MeterError`; each subclass names the component that failed.
+    MeterError
+    ├── SettingsError          an option value that cannot be used (fields: option, value)
+    ├── ContainerError         an environment variable of the image (fields: variable, value)
+    ├── PriceTableError        a price table file (meter_prices) that is not a valid table
+    ├── KeyMapError            a key map file (meter_keymap) that is not a valid key map
+    ├── InvalidUsage           a usage object whose counts are not counts (also a ValueError)
+    ├── DecodeError            a body the meter does not decode: not parsed, never changed
+    │   ├── UnsupportedEncoding    an encoding (chain) the meter cannot decode (also a ValueError)
+    │   ├── CorruptEncoding        bytes that are not valid in the declared encoding
+    │   ├── DecompressionLimit     decoded output outgrew its ratio: a compression bomb
+    │   └── BodyTooLarge           decoded past the size it may be parsed at
+    ├── AdminError             the admin endpoint cannot listen where it was asked to
+    └── BrokerError            (edgemeter CLI) no broker, or no stream takes the subject
+
+The spool and publisher below the meter have their own family (`spool.errors.SpoolError`).
 """
 
 from __future__ import annotations
@@ -22,20 +37,48 @@ class MeterError(Exception):
 
 
 class SettingsError(MeterError):
-    """An option value that cannot be used."""
+    """An option value that cannot be used; a secret's value is left out of `fields`."""
 
 
-class SpoolError(MeterError):
-    """The on-disk spool cannot be opened or written."""
-
-
-class SpoolFullError(SpoolError):
-    """The spool holds `meter_spool_max_mb` of envelopes already: nothing more is taken."""
-
-
-class PublishError(MeterError):
-    """A publish to JetStream failed; the envelope stays spooled."""
+class ContainerError(MeterError):
+    """An environment variable of the image that cannot be used."""
 
 
 class PriceTableError(MeterError):
     """A price table file (`meter_prices`) that cannot be read or is not a valid table."""
+
+
+class KeyMapError(MeterError):
+    """A key map file (`meter_keymap`) that cannot be read or is not a valid key map."""
+
+
+class InvalidUsage(MeterError, ValueError):
+    """A usage object whose counts are not non-negative integers of a sane size."""
+
+
+class DecodeError(MeterError):
+    """A body the meter does not decode (fully): it is then not parsed, never changed."""
+
+
+class UnsupportedEncoding(DecodeError, ValueError):
+    """An encoding (or a chain of them) the meter cannot decode."""
+
+
+class CorruptEncoding(DecodeError):
+    """Bytes that are not valid in the declared encoding."""
+
+
+class DecompressionLimit(DecodeError):
+    """Decoded output outgrew MAX_RATIO times the input: a compression bomb."""
+
+
+class BodyTooLarge(DecodeError):
+    """A decoded body larger than the size it may be parsed at (meter_max_body_mb)."""
+
+
+class AdminError(MeterError):
+    """The admin endpoint cannot listen where it was asked to."""
+
+
+class BrokerError(MeterError):
+    """The broker cannot be reached, or no JetStream stream takes the subject."""

@@ -1,5 +1,6 @@
-"""The lean runner (`edgemeter serve`): mitmproxy's proxy core with only the addons a metering
-reverse proxy needs, plus the meter; the fastest way to run it (see docs/PERFORMANCE.md).
+"""The runners: the lean runner (`edgemeter serve`), mitmproxy's proxy core with only the addons a
+metering reverse proxy needs plus the meter, the fastest (docs/PERFORMANCE.md); and mitmdump or
+mitmweb with the meter added by import, as the container image runs them.
 
 mitmdump loads about 40 addons and every one of them is asked about every event of every flow;
 most of them (flow printing, replay, map/modify, save, ...) have nothing to do in front of an
@@ -13,13 +14,9 @@ are unknown here and stop startup.
 from __future__ import annotations
 
 import argparse
-import gc
-import importlib.util
 import logging
-import os
 import sys
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from mitmproxy import master, options
@@ -39,12 +36,11 @@ from mitmproxy.addons import (
 from mitmproxy.tools import cmdline
 from mitmproxy.tools import main as mitmproxy_main
 
-from edgemeter.dispatch import HookCache
+from edgemeter import hookcache
+from edgemeter.addon import Meter
 
 logger = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parent.parent
-METER_ADDON = ROOT / "addons" / "meter.py"
 NO_METER = "--no-meter"
 
 
@@ -65,22 +61,6 @@ def lean_addons() -> list[Any]:
     ]
 
 
-def meter_addon() -> Any:
-    """The meter of addons/meter.py, the very addon `mitmdump -s addons/meter.py` loads; where
-    the package is installed without the checkout (the container image), $EDGEMETER_ADDON
-    names the file."""
-    path = Path(os.environ.get("EDGEMETER_ADDON") or METER_ADDON)
-    if not path.is_file():
-        raise SystemExit(f"edgemeter serve: the meter addon is missing at {path}")
-    spec = importlib.util.spec_from_file_location("edgemeter_meter_addon", path)
-    if spec is None or spec.loader is None:
-        raise SystemExit(f"edgemeter serve: cannot load the meter addon at {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # as an import would: dataclasses and pickling look there
-    spec.loader.exec_module(module)
-    return module.Meter()
-
-
 class LeanMaster(master.Master):
     """A master with the lean addons and the meter (the class attribute decides)."""
 
@@ -90,12 +70,12 @@ class LeanMaster(master.Master):
         super().__init__(opts, with_termlog=False)
         # Swapped before any addon is added; the stock manager's options listener goes with it.
         self.options.changed.disconnect(self.addons._configure_all)
-        self.addons = HookCache(self)
+        self.addons = hookcache.HookCache(self)
         self._termlog_addon = termlog.TermLog()
         self.addons.add(self._termlog_addon)
         self.addons.add(*lean_addons())
         if self.with_meter:
-            self.addons.add(meter_addon())
+            self.addons.add(Meter())
 
     async def running(self) -> None:
         await super().running()
@@ -105,11 +85,7 @@ class LeanMaster(master.Master):
             # ERROR during startup, this stops the process (errorcheck), as a bad value does.
             unknown = ", ".join(sorted(self.options.deferred))
             logger.error(f"unknown options (not declared by the lean runner's addons): {unknown}")
-        # Startup leaves ~half a million long-lived objects (modules, options, certificates);
-        # every full collection would walk them all, stalling the loop for tens of milliseconds.
-        # Frozen, they are skipped: collections only see what the traffic creates.
-        gc.collect()
-        gc.freeze()
+        hookcache.freeze()
 
 
 class CoreMaster(LeanMaster):
@@ -139,6 +115,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.remove(NO_METER)
         master_cls = CoreMaster
     mitmproxy_main.run(master_cls, make_parser, args)
+    return 0
+
+
+def metered[M: master.Master](master_cls: type[M]) -> type[M]:
+    """`master_cls` with the meter added last, as `-s addons/meter.py` would add it."""
+
+    class Metered(master_cls):  # type: ignore[valid-type,misc]
+        def __init__(self, opts: options.Options, *args: Any, **kwargs: Any) -> None:
+            super().__init__(opts, *args, **kwargs)
+            self.addons.add(Meter())
+
+    Metered.__name__ = Metered.__qualname__ = f"Metered{master_cls.__name__}"
+    return Metered
+
+
+def _dump_filters(args: argparse.Namespace) -> dict[str, str]:
+    """mitmdump's own handling of trailing filter expressions (mitmproxy.tools.main.mitmdump)."""
+    if not args.filter_args:
+        return {}
+    expression = " ".join(args.filter_args)
+    return dict(save_stream_filter=expression, readfile_filter=expression, dumper_filter=expression)
+
+
+def run_mitmproxy(tool: str, args: Sequence[str]) -> int:
+    """mitmdump or mitmweb, with their flags, options and addons, plus the meter."""
+    extra: Callable[[Any], dict[str, str]] | None = None
+    if tool == "mitmweb":
+        from mitmproxy.tools.web.master import WebMaster
+
+        master_cls: type[master.Master] = metered(WebMaster)
+        make_parser = cmdline.mitmweb
+    else:
+        from mitmproxy.tools.dump import DumpMaster
+
+        master_cls, make_parser, extra = metered(DumpMaster), cmdline.mitmdump, _dump_filters
+    mitmproxy_main.run(master_cls, make_parser, list(args), extra)
     return 0
 
 

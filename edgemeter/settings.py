@@ -5,7 +5,6 @@ Each parser raises `SettingsError` naming the option and the value, so a bad val
 
 from __future__ import annotations
 
-import fnmatch
 import os
 import re
 from collections.abc import Mapping
@@ -15,6 +14,11 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from edgemeter.errors import SettingsError
+from edgemeter.metering.attribution import Mode as AttributionMode
+from edgemeter.metering.attribution import Spec as AttributionSpec
+from edgemeter.metering.prices import CURRENCY
+from edgemeter.metering.usage import CountRule
+from spool.publisher import NatsConfig, redact_url
 
 StreamUsageMode = Literal["inject-strip", "inject", "off"]
 STREAM_USAGE_MODES: tuple[StreamUsageMode, ...] = ("inject-strip", "inject", "off")
@@ -22,14 +26,12 @@ SpoolSync = Literal["normal", "full"]
 SPOOL_SYNCS: tuple[SpoolSync, ...] = ("normal", "full")
 SpoolFullPolicy = Literal["serve", "reject"]
 SPOOL_FULL_POLICIES: tuple[SpoolFullPolicy, ...] = ("serve", "reject")
-AttributionMode = Literal["headers", "keymap"]
 ATTRIBUTION_MODES: tuple[AttributionMode, ...] = ("headers", "keymap")
 
 _NATS_SCHEMES = frozenset({"nats", "tls", "ws", "wss"})
 # RFC 9110 token characters: what a header name may contain.
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _SUBJECT_TOKEN = re.compile(r"^[^\s*>.]+$")
-_CURRENCY = re.compile(r"^[A-Z]{3}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,17 +72,10 @@ class Settings:
     tune_mitmproxy: bool = True
     publish_linger_ms: int = 250
 
-
-@dataclass(frozen=True, slots=True)
-class CountRule:
-    """A route whose OpenAI-shaped usage follows Anthropic's token convention."""
-
-    path_prefix: str
-    model_glob: str
-
-    def matches(self, path: str, model: str) -> bool:
-        return path.startswith(self.path_prefix) and fnmatch.fnmatchcase(
-            model.lower(), self.model_glob
+    @property
+    def attribution_spec(self) -> AttributionSpec:
+        return AttributionSpec(
+            self.attribution, self.tenant_header, self.customer_header, self.fingerprint_secret
         )
 
 
@@ -103,27 +98,15 @@ def parse_nats_urls(value: str, option: str = "meter_nats_url") -> tuple[str, ..
             parts.port  # noqa: B018 - raises ValueError for a non-numeric or out-of-range port
         except ValueError:
             # What stands where the port should be may be a password whose '@' was forgotten.
-            shown = redact_userinfo(url).rsplit(":", 1)[0] + ":***"
+            shown = redact_url(url).rsplit(":", 1)[0] + ":***"
             raise SettingsError("bad port in NATS URL", option=option, value=shown) from None
         if parts.scheme not in _NATS_SCHEMES or not parts.hostname:
             raise SettingsError(
                 "not a NATS URL (expected nats://host:port)",
                 option=option,
-                value=redact_userinfo(url),
+                value=redact_url(url),
             )
     return urls
-
-
-def redact_userinfo(url: str) -> str:
-    """The URL with its user-info (`user:password@`) replaced by `***@`, fit for a message."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        scheme, rest = "", url
-    end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
-    netloc = rest[:end]
-    if "@" in netloc:
-        netloc = "***@" + netloc.rsplit("@", 1)[1]
-    return f"{scheme}{sep}{netloc}{rest[end:]}"
 
 
 def parse_subject(value: str, option: str = "meter_subject") -> str:
@@ -158,7 +141,7 @@ def parse_positive(value: int, option: str) -> int:
 
 
 def parse_currency(value: str, option: str = "meter_currency") -> str:
-    if not _CURRENCY.match(value):
+    if not CURRENCY.match(value):
         raise SettingsError(
             "currency must be an ISO 4217 code (three capitals)", option=option, value=value
         )
@@ -355,4 +338,21 @@ def parse_settings(options: Mapping[str, object]) -> Settings:
             text("meter_fingerprint_secret"), text("meter_fingerprint_secret_file")
         ),
         tune_mitmproxy=flag("meter_tune_mitmproxy"),
+    )
+
+
+def nats_config(settings: Settings) -> NatsConfig:
+    """What the publisher needs of the settings (compared to restart it on a change)."""
+    return NatsConfig(
+        servers=settings.nats_servers,
+        subject=settings.subject,
+        publish_timeout_ms=settings.publish_timeout_ms,
+        linger_ms=settings.publish_linger_ms,
+        creds_file=settings.nats_creds,
+        token=settings.nats_token,
+        user=settings.nats_user,
+        password=settings.nats_password,
+        tls_ca_file=settings.nats_tls_ca,
+        tls_cert_file=settings.nats_tls_cert,
+        tls_key_file=settings.nats_tls_key,
     )

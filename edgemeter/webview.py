@@ -9,8 +9,8 @@ from typing import Any, Final
 
 from mitmproxy import contentviews, http
 
-from edgemeter.sse import SSEDecoder
-from edgemeter.usage import Extraction, classify
+from edgemeter.metering.sse import SSEDecoder
+from edgemeter.metering.usage import Extraction, classify
 
 MARK_REPORTED: Final = ":moneybag:"
 MARK_ESTIMATED: Final = ":heavy_dollar_sign:"

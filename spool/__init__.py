@@ -1,18 +1,25 @@
-"""The durable spool of usage envelopes and the JetStream publisher that drains it."""
+"""The durable spool of usage envelopes and the JetStream publisher that drains it: a lower layer
+that knows nothing of edgemeter (envelopes are bytes under a key, published with Nats-Msg-Id).
+"""
 
 from __future__ import annotations
 
+from spool.deadletter import DeadLetter, DeadLetters
+from spool.errors import PublishError, SpoolError, SpoolFullError, describe
 from spool.publisher import NatsConfig, Publisher, PublisherStats, redact_url
 from spool.store import MAX_VALUE_SIZE, Spool
-from spool.streams import ensure_stream, stream_messages
 
 __all__ = [
     "MAX_VALUE_SIZE",
+    "DeadLetter",
+    "DeadLetters",
     "NatsConfig",
+    "PublishError",
     "Publisher",
     "PublisherStats",
     "Spool",
-    "ensure_stream",
+    "SpoolError",
+    "SpoolFullError",
+    "describe",
     "redact_url",
-    "stream_messages",
 ]

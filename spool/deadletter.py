@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
-from edgemeter.errors import SpoolError
+from spool.errors import SpoolError
 from spool.store import Spool
 
 if sys.platform != "win32":

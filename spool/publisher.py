@@ -24,11 +24,9 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from edgemeter.errors import PublishError, SpoolError
-
 # A server URL without its user-info, safe to log (one implementation for options and logs).
-from edgemeter.settings import redact_userinfo as redact_url
 from spool.deadletter import DeadLetters
+from spool.errors import PublishError, SpoolError, describe
 from spool.store import Spool
 
 log = logging.getLogger(__name__)
@@ -57,6 +55,18 @@ _CONNECT_TIMEOUT_S: Final = 2
 # many, they are dropped and read back from the spool instead (a broker outage must not grow
 # the process without bound; the spool has them all).
 _FRESH_MAX: Final = 4 * _PAGE_SIZE
+
+
+def redact_url(url: str) -> str:
+    """The URL with its user-info (`user:password@`) replaced by `***@`, fit for a message."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
+    netloc = rest[:end]
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    return f"{scheme}{sep}{netloc}{rest[end:]}"
 
 
 @dataclass(frozen=True)
@@ -212,7 +222,7 @@ class _Attempt:
 
     def failure(self, exc: Exception) -> None:
         self.errors += 1
-        self.reason = _describe(exc)
+        self.reason = describe(exc)
         if self.errors >= self.servers:
             self.failed.set()
 
@@ -359,12 +369,12 @@ class Publisher:
                 log.error(
                     "broker refused envelope %s for good, moved it to the dead-letter area: %s",
                     key,
-                    _describe(err),
+                    describe(err),
                 )
                 return
         # Without a dead-letter area it stays spooled and is skipped until the process restarts.
         self._refused_keys.add(key)
-        log.error("broker refused envelope %s for good, skipping it: %s", key, _describe(err))
+        log.error("broker refused envelope %s for good, skipping it: %s", key, describe(err))
 
     # -- internals --------------------------------------------------------------------------
 
@@ -435,7 +445,7 @@ class Publisher:
             except SpoolError as exc:
                 self._warn("spool", f"cannot read the spool: {exc}")
             except Exception as exc:  # the task must outlive any surprise
-                self._warn("internal", f"publisher error: {_describe(exc)}")
+                self._warn("internal", f"publisher error: {describe(exc)}")
                 log.debug("publisher error", exc_info=True)
             await asyncio.sleep(self._backoff.next())
 
@@ -493,7 +503,7 @@ class Publisher:
                 with contextlib.suppress(Exception):
                     await nc.close()
                 # The error callback saw the cause; a timeout only says the window ran out.
-                reason = attempt.reason or _describe(exc)
+                reason = attempt.reason or describe(exc)
                 where = ", ".join(redact_url(s) for s in servers)
                 self._warn("connect", f"cannot connect to NATS at {where}: {reason}")
                 await asyncio.sleep(self._backoff.next())
@@ -529,7 +539,7 @@ class Publisher:
             if self._nc is not nc:
                 attempt.failure(exc)  # still connecting: _connect reports it if it gives up
                 return
-            self._warn("broker", f"NATS: {_describe(exc)}")
+            self._warn("broker", f"NATS: {describe(exc)}")
 
         async def disconnected_cb() -> None:
             if self._nc is not nc:
@@ -712,7 +722,7 @@ class Publisher:
                 return True
             self._release(key, acked=False)
             # Connection closed, buffer full, ...: retry later.
-            self._fail("publish", f"publish failed: {_describe(exc)}")
+            self._fail("publish", f"publish failed: {describe(exc)}")
             return False
         self._dispatched += 1
         if self._dispatched % _YIELD_EVERY == 0:
@@ -749,7 +759,7 @@ class Publisher:
                 self._spawn(self._refuse(key, data, exc))
             else:
                 self._release(key, acked=False)
-                self._fail("api", f"JetStream refused a publish: {_describe(exc)}")
+                self._fail("api", f"JetStream refused a publish: {describe(exc)}")
             return
         if self.on_ack is not None:
             self.on_ack(time.monotonic() - started)
@@ -829,7 +839,7 @@ class Publisher:
                     self._deleted.update(batch)
             except Exception as exc:
                 # Already on the stream: if they come round again the broker dedupes them.
-                self._warn("spool", f"cannot delete published envelopes: {_describe(exc)}")
+                self._warn("spool", f"cannot delete published envelopes: {describe(exc)}")
             finally:
                 self._in_flight.difference_update(batch)
                 self._signal_settled()
@@ -854,11 +864,6 @@ def _api_error(error: object) -> nats.js.errors.APIError:
     except nats.js.errors.APIError as exc:
         return exc
     return nats.js.errors.APIError(**known)  # from_error always raises; kept for the types
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 __all__ = ["NatsConfig", "Publisher", "PublisherStats", "redact_url"]

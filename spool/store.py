@@ -23,7 +23,7 @@ from typing import Any, Final
 
 import diskcache
 
-from edgemeter.errors import SpoolError, SpoolFullError
+from spool.errors import SpoolError, SpoolFullError
 
 log = logging.getLogger(__name__)
 

@@ -10,17 +10,17 @@ from pathlib import Path
 import pytest
 from mitmproxy.test import taddons
 
-from addons.meter import Meter
-from edgemeter.demo import BackgroundDemo, DemoUpstream
-from edgemeter.harness import (
+from edgemeter.addon import Meter
+from spool.deadletter import DeadLetters
+from spool.publisher import NatsConfig, Publisher
+from spool.store import Spool
+from tools.demo_upstream import BackgroundDemo, DemoUpstream
+from tools.harness import (
     LIVE_PROXIES,
     ROOT,
     MeterFactory,
     NatsServer,
 )
-from spool.deadletter import DeadLetters
-from spool.publisher import NatsConfig, Publisher
-from spool.store import Spool
 
 SHARED = Path(os.environ.get("EDGEMETER_SHARED", ROOT.parent / "shared"))
 RECORDED = SHARED / "fixtures" / "recorded"

@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from edgemeter.usage import Api
+from edgemeter.metering.usage import Api
 
 
 def is_stream(path: Path) -> bool:

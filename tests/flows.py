@@ -8,9 +8,9 @@ from typing import Any
 from mitmproxy import http
 from mitmproxy.test import tflow, tutils
 
-from addons.meter import Meter
-from edgemeter.flowmeter import DEFAULT_LIMITS, FlowMeter, Limits, Request
-from edgemeter.usage import Api
+from edgemeter.addon import Meter
+from edgemeter.metering.flow import DEFAULT_LIMITS, FlowMeter, Limits, Request
+from edgemeter.metering.usage import Api
 from tests.corpus import chunked
 
 KEY = "sk-live-0123456789abcdef"

@@ -23,9 +23,9 @@ from edgemeter.admin import (
     readiness,
     render_metrics,
 )
-from edgemeter.demo import BackgroundDemo
-from edgemeter.harness import MeterFactory, NatsServer, free_port
-from spool.streams import ensure_stream
+from tools.demo_upstream import BackgroundDemo
+from tools.harness import MeterFactory, NatsServer, free_port
+from tools.streams import ensure_stream
 
 SNAPSHOT = Snapshot(
     metered={("openai.chat", "complete", "reported"): 3},

@@ -17,11 +17,14 @@ import pytest
 from mitmproxy import exceptions, http
 from mitmproxy.test import taddons
 
-from addons.meter import OPTIONS, Meter
 from edgemeter import cli
-from edgemeter.attribution import (
+from edgemeter.addon import Meter
+from edgemeter.errors import SettingsError
+from edgemeter.ids import uuid7
+from edgemeter.metering.attribution import (
     Account,
     Attribution,
+    Source,
     api_key,
     api_keys,
     attribute,
@@ -30,12 +33,10 @@ from edgemeter.attribution import (
     header_names,
     is_fingerprint,
     picked_headers,
-    source_of,
 )
-from edgemeter.demo import BackgroundDemo
-from edgemeter.errors import SettingsError
-from edgemeter.harness import MeterFactory, MeterProxy, NatsServer
-from edgemeter.ids import uuid7
+from edgemeter.metering.flow import FlowMeter, Request
+from edgemeter.metering.prices import flat_price
+from edgemeter.options import OPTIONS
 from edgemeter.settings import (
     Settings,
     parse_attribution,
@@ -43,8 +44,10 @@ from edgemeter.settings import (
     parse_keymap_file,
     parse_settings,
 )
-from spool.streams import ensure_stream, stream_messages
 from tests.flows import make_flow, run_flow, spooled
+from tools.demo_upstream import BackgroundDemo
+from tools.harness import MeterFactory, MeterProxy, NatsServer
+from tools.streams import ensure_stream, stream_messages
 
 SECRET = b"attribution-test-secret"
 KEY_A, KEY_B, KEY_UNKNOWN = "sk-attr-a-0123456789", "sk-attr-b-9876543210", "sk-attr-nobody-00"
@@ -146,7 +149,7 @@ def keymap_settings() -> Settings:
 
 
 def test_headers_mode_trusts_the_headers() -> None:
-    who = attribute({"authorization": f"Bearer {KEY_A}", **HEADERS}, settings())
+    who = attribute({"authorization": f"Bearer {KEY_A}", **HEADERS}, settings().attribution_spec)
     assert who == Attribution("t_forged", "cus_forged", fingerprint(KEY_A), "headers")
 
 
@@ -164,15 +167,23 @@ def test_headers_mode_trusts_the_headers() -> None:
 def test_keymap_mode_bills_the_keys_account_whatever_the_headers_say(
     headers: dict[str, str], expected: Attribution
 ) -> None:
-    assert attribute(headers | HEADERS, keymap_settings(), ACCOUNTS.get) == expected
+    assert (
+        attribute(headers | HEADERS, keymap_settings().attribution_spec, ACCOUNTS.get) == expected
+    )
 
 
-@pytest.mark.parametrize(
-    ("mode", "customer", "source"),
-    [("headers", "", "headers"), ("headers", "c", "headers"), ("keymap", "c", "keymap"), ("keymap", "", "unknown_key")],
-)  # fmt: skip
-def test_the_envelopes_attribution_names_its_source(mode: str, customer: str, source: str) -> None:
-    assert source_of(replace(settings(), attribution=mode), customer) == source  # type: ignore[arg-type]
+@pytest.mark.parametrize("source", ["headers", "keymap", "unknown_key"])
+def test_the_envelopes_attribution_is_the_one_found_at_requestheaders(source: Source) -> None:
+    meter = FlowMeter(
+        Request("r1", "openai.chat", "/v1/chat/completions", 0.0, "t", "c", "", "", source)
+    )
+    meter.body(200, b'{"usage":{"prompt_tokens":1,"completion_tokens":1}}', "", None)
+    result = meter.finish(
+        aborted=False, now=1.0, currency="OMR", price_of=lambda u, m: flat_price(u, 1)
+    )
+    assert result.envelope is not None
+    assert result.envelope["metadata"]["attribution"] == source
+    assert json.loads(result.data) == result.envelope
 
 
 # -- picked headers: one pass over the raw fields, read as mitmproxy reads them ---------------
@@ -206,7 +217,7 @@ EXTRA = ("x-request-id", "content-encoding")
 def test_picked_headers_read_as_mitmproxys_headers(
     fields: list[tuple[bytes, bytes]], mode: str
 ) -> None:
-    conf = PICK_SETTINGS[mode]
+    conf = PICK_SETTINGS[mode].attribution_spec
     headers = http.Headers(fields)
     names = header_names(conf, *EXTRA)
     picked = picked_headers(headers.fields, names)
@@ -226,7 +237,9 @@ def test_picked_headers_read_as_mitmproxys_headers(
 
 
 def test_header_names_are_those_attribution_reads_and_the_extra_ones() -> None:
-    assert header_names(settings(meter_customer_header="X-Billed-To"), "X-Request-Id") == {
+    assert header_names(
+        settings(meter_customer_header="X-Billed-To").attribution_spec, "X-Request-Id"
+    ) == {
         "authorization",
         "x-api-key",
         "api-key",
@@ -237,7 +250,9 @@ def test_header_names_are_those_attribution_reads_and_the_extra_ones() -> None:
 
 
 def test_reading_a_header_that_was_not_picked_is_refused() -> None:
-    picked = picked_headers([(b"x-forwarded-for", b"10.0.0.1")], header_names(settings()))
+    picked = picked_headers(
+        [(b"x-forwarded-for", b"10.0.0.1")], header_names(settings().attribution_spec)
+    )
     for read in (picked.get, picked.get_all, picked.__getitem__, picked.__contains__):
         with pytest.raises(ValueError, match="'x-forwarded-for' was not picked"):
             read("x-forwarded-for")
@@ -252,7 +267,7 @@ def test_picked_names_are_case_insensitive_as_well() -> None:
 
 def test_picked_headers_never_show_their_values() -> None:
     picked = picked_headers(
-        [(b"Authorization", f"Bearer {KEY_A}".encode())], header_names(settings())
+        [(b"Authorization", f"Bearer {KEY_A}".encode())], header_names(settings().attribution_spec)
     )
     assert repr(picked) == "PickedHeaders(['authorization'])"
     assert KEY_A not in repr(picked) + str(picked)
@@ -363,7 +378,7 @@ async def test_the_addon_bills_the_key_map_account_and_counts_unknown_keys(
     # Usage happened and the upstream took the key: billed, visibly unattributed.
     assert (unknown["customer_id"], unknown["metadata"]["tenant_id"]) == ("", "")
     assert unknown["metadata"]["attribution"] == "unknown_key"
-    assert addon.unknown_keys == 1
+    assert addon.stats.unknown_keys == 1
     assert "unknown keys (billed unattributed): 1" in addon.status()
 
 
@@ -376,7 +391,7 @@ async def test_headers_mode_marks_its_envelopes(tmp_path: Path) -> None:
         assert addon.spool is not None
         addon.spool.close()
     assert (env["customer_id"], env["metadata"]["attribution"]) == ("cus_b", "headers")
-    assert addon.unknown_keys == 0
+    assert addon.stats.unknown_keys == 0
 
 
 def test_a_bad_key_map_stops_startup_naming_file_and_line(
@@ -536,4 +551,4 @@ async def test_a_hostile_customer_header_is_billed_unattributed_and_counted(
     assert env["customer_id"] == "" and env["metadata"]["tenant_id"] == "t_7"
     assert env["metadata"]["client_request_id"] == ""
     assert env["metadata"]["path"] == "/v1/chat/completions"
-    assert addon.anomalies["invalid_attribution_header"] == 1
+    assert addon.stats.anomalies["invalid_attribution_header"] == 1

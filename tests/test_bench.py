@@ -12,7 +12,9 @@ from typing import Any
 
 import pytest
 
-from edgemeter.bench import (
+from edgemeter.metering.sse import SSEDecoder
+from edgemeter.metering.usage import Extraction
+from tools.bench import (
     BenchUpstream,
     Budget,
     LoadSpec,
@@ -24,9 +26,7 @@ from edgemeter.bench import (
     python_load,
     stream_events,
 )
-from edgemeter.harness import ROOT
-from edgemeter.sse import SSEDecoder
-from edgemeter.usage import Extraction
+from tools.harness import ROOT
 
 
 def test_a_bench_stream_carries_the_usage_the_meter_reads() -> None:
@@ -128,7 +128,7 @@ def test_budgets_leave_out_phases_that_did_not_run() -> None:
 def test_a_smoke_run_of_every_phase_produces_every_figure(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     done = subprocess.run(
-        [sys.executable, "-m", "edgemeter.bench", "--smoke", "--out", str(out)],
+        [sys.executable, "-m", "tools.bench", "--smoke", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=240,
@@ -193,7 +193,7 @@ def test_each_round_measures_proxies_started_afresh(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     args = ["--smoke", "--rounds", "2", "--phases", "rounds", "--concurrencies", "1"]
     done = subprocess.run(
-        [sys.executable, "-m", "edgemeter.bench", *args, "--out", str(out)],
+        [sys.executable, "-m", "tools.bench", *args, "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=240,

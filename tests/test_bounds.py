@@ -16,11 +16,11 @@ import pytest
 from mitmproxy import exceptions, http
 from mitmproxy.test import taddons, tutils
 
-from addons.meter import Meter
-from edgemeter.decoding import MAX_RATIO, SLACK
-from edgemeter.flowmeter import FlowMeter, Limits, Result
-from edgemeter.pricing import flat_price
-from edgemeter.usage import Api
+from edgemeter.addon import Meter
+from edgemeter.metering.decoding import MAX_RATIO, SLACK
+from edgemeter.metering.flow import FlowMeter, Limits, Result
+from edgemeter.metering.prices import flat_price
+from edgemeter.metering.usage import Api
 from tests import flows
 from tests.flows import feed_stream, make_flow, run_flow, spooled
 
@@ -311,7 +311,7 @@ async def test_an_oversize_answer_passes_untouched_and_is_counted(small_meter: M
     flow = make_flow("/v1/embeddings")
     sent = await run_flow(small_meter, flow, 200, body, stream=False)
     assert sent == body and flow.response is not None and flow.response.raw_content == body
-    assert small_meter.anomalies == {"oversize": 1}
+    assert small_meter.stats.anomalies == {"oversize": 1}
     [env] = spooled(small_meter)
     assert env["metadata"]["input_tokens"] == 3000
 
@@ -324,7 +324,7 @@ async def test_an_oversize_event_is_counted_and_the_client_gets_every_byte(
     body = CONTENT + BIG + USAGE_ONLY + DONE
     sent = await run_flow(small_meter, flow, 200, body, stream=True)
     assert sent == body
-    assert small_meter.anomalies == {"oversize_event": 1}
+    assert small_meter.stats.anomalies == {"oversize_event": 1}
     assert len(spooled(small_meter)) == 1
 
 
@@ -352,7 +352,7 @@ async def test_a_bomb_answer_reaches_the_client_as_it_came(small_meter: Meter) -
     finally:
         tracemalloc.stop()
     assert flow.response.raw_content is wire
-    assert small_meter.anomalies == {"decompression_limit": 1}
+    assert small_meter.stats.anomalies == {"decompression_limit": 1}
     assert peak < 8 * MIB
 
 
@@ -386,7 +386,7 @@ async def test_invalid_usage_is_counted_and_billed_on_the_estimate(
     addon, _ = meter
     body = json.dumps({"model": "gpt-x", "choices": [], "usage": usage}).encode()
     await run_flow(addon, make_flow(), 200, body, stream=False)
-    assert addon.anomalies == {"invalid_usage": 1}
+    assert addon.stats.anomalies == {"invalid_usage": 1}
     [env] = spooled(addon)
     meta = env["metadata"]
     assert meta["usage_source"] == "estimated"
@@ -402,7 +402,7 @@ async def test_nan_counts_from_the_upstream_never_reach_the_envelope(
     addon, _ = meter
     body = b'{"model":"gpt-x","usage":{"prompt_tokens":NaN,"completion_tokens":Infinity}}'
     await run_flow(addon, make_flow(), 200, body, stream=False)
-    assert addon.anomalies == {"invalid_usage": 1}
+    assert addon.stats.anomalies == {"invalid_usage": 1}
     [env] = spooled(addon)
     assert env["metadata"]["usage_source"] == "estimated"
 
@@ -426,7 +426,7 @@ async def test_absurd_models_are_counted_and_never_reach_the_envelope(
     if reported is not None:
         answer["model"] = reported
     await run_flow(addon, flow, 200, json.dumps(answer).encode(), stream=False)
-    assert addon.anomalies == {"invalid_model": 1}
+    assert addon.stats.anomalies == {"invalid_model": 1}
     [env] = spooled(addon)
     assert env["metadata"]["model"] == model
     assert env["reason"] == f"usage:newapi:{model}"

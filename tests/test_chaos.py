@@ -16,11 +16,11 @@ import nats
 import pytest
 from nats.errors import TimeoutError as NatsTimeoutError
 
-from edgemeter import chaos
-from edgemeter.chaos import Config, Record, count, details, table
-from edgemeter.demo import BackgroundDemo
-from edgemeter.harness import MeterFactory, NatsServer, NatsTap, NatsWire, msg_id
-from spool.streams import ensure_stream, stream_messages
+from tools import chaos
+from tools.chaos import Config, Record, count, details, table
+from tools.demo_upstream import BackgroundDemo
+from tools.harness import MeterFactory, NatsServer, NatsTap, NatsWire, msg_id
+from tools.streams import ensure_stream, stream_messages
 
 STREAM = "CATALYST_SME"
 SUBJECT = "catalyst.usage.recorded"

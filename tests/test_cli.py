@@ -21,17 +21,17 @@ from pathlib import Path
 import nats
 import pytest
 
-from addons.meter import OPTIONS
 from edgemeter import cli
 from edgemeter.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main, parse_envelope, parse_since
-from edgemeter.envelope import Facts, build, encode
-from edgemeter.harness import MeterFactory, NatsServer
 from edgemeter.ids import uuid7
-from edgemeter.pricing import flat_price
-from edgemeter.usage import Usage
+from edgemeter.metering.envelope import Facts, build, encode
+from edgemeter.metering.prices import flat_price
+from edgemeter.metering.usage import Usage
+from edgemeter.options import OPTIONS
 from spool.deadletter import DeadLetters
 from spool.store import Spool
-from spool.streams import ensure_stream, stream_messages
+from tools.harness import MeterFactory, NatsServer
+from tools.streams import ensure_stream, stream_messages
 
 REFUSAL = ValueError("nats: message size exceeds maximum allowed")
 REASON = "message size exceeds maximum allowed"  # nats-py's prefix is dropped

@@ -33,24 +33,22 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from addons.meter import OPTIONS
 from edgemeter import container
 from edgemeter.container import (
-    ContainerError,
     Plan,
     ProxyOption,
     Setting,
     healthcheck,
-    meter_variable,
     plan,
     settings_table,
 )
-from edgemeter.demo import BackgroundDemo
-from edgemeter.harness import ROOT, NatsServer, free_port
-from spool.streams import ensure_stream, stream_messages
+from edgemeter.errors import ContainerError
+from edgemeter.options import OPTIONS, Option, variable_of
 from tests import dockerfile
+from tools.demo_upstream import BackgroundDemo
+from tools.harness import ROOT, NatsServer, free_port
+from tools.streams import ensure_stream, stream_messages
 
-ADDON = ROOT / "addons" / "meter.py"
 UPSTREAM = "http://127.0.0.1:3000"
 LOCK = ROOT / "requirements" / "lock.txt"
 BUILD_LOCK = ROOT / "requirements" / "build.txt"
@@ -63,7 +61,7 @@ def table() -> dict[str, Setting]:
 
 
 def args_of(env: Mapping[str, str], table: Mapping[str, Setting], *extra: str) -> list[str]:
-    return plan({"EDGEMETER_UPSTREAM": UPSTREAM} | dict(env), table, ADDON, extra).args
+    return plan({"EDGEMETER_UPSTREAM": UPSTREAM} | dict(env), table, extra).args
 
 
 # --- the mapping --------------------------------------------------------------------------------
@@ -79,12 +77,12 @@ def args_of(env: Mapping[str, str], table: Mapping[str, Setting], *extra: str) -
     ],
 )
 def test_meter_option_is_edgemeter_and_its_name_in_capitals(option: str, variable: str) -> None:
-    assert meter_variable(option) == variable
+    assert variable_of(option) == variable
 
 
 def test_every_meter_option_has_a_variable(table: dict[str, Setting]) -> None:
     for name, *_ in OPTIONS:
-        setting = table[meter_variable(name)]
+        setting = table[variable_of(name)]
         assert (setting.option, setting.meter) == (name, True)
 
 
@@ -94,7 +92,7 @@ def test_every_mitmproxy_option_has_a_variable(table: dict[str, Setting]) -> Non
 
 
 def test_a_meter_option_named_like_a_proxy_setting_is_refused() -> None:
-    clash = (("meter_upstream", str, "", "clashes with EDGEMETER_UPSTREAM"),)
+    clash = (Option("meter_upstream", str, "", "clashes with EDGEMETER_UPSTREAM"),)
     with pytest.raises(ContainerError, match="share a variable"):
         settings_table(clash, {})
 
@@ -123,7 +121,7 @@ def test_variable_becomes_a_set_argument(
     table: dict[str, Setting], env: dict[str, str], expected: list[str]
 ) -> None:
     args = args_of(env, table)
-    assert args[:2] == ["-s", str(ADDON)]
+    assert "-s" not in args[:1], "the runner adds the meter itself"
     assert _contains(args, expected), args
 
 
@@ -139,7 +137,7 @@ def test_arguments_of_the_container_command_come_last(table: dict[str, Setting])
 
 def test_variables_that_set_nothing_are_reported_not_used(table: dict[str, Setting]) -> None:
     env = {"EDGEMETER_NATS_ULR": "nats://x:4222", "MITMPROXY_PORT": "tcp://10.0.0.1:80"}
-    result = plan({"EDGEMETER_UPSTREAM": UPSTREAM, "HOME": "/x"} | env, table, ADDON)
+    result = plan({"EDGEMETER_UPSTREAM": UPSTREAM, "HOME": "/x"} | env, table)
     assert result.ignored == ["EDGEMETER_NATS_ULR", "MITMPROXY_PORT"]
     assert not any("nats://x" in arg for arg in result.args)
     assert (
@@ -147,9 +145,14 @@ def test_variables_that_set_nothing_are_reported_not_used(table: dict[str, Setti
     )
 
 
-def test_runner_and_addon_variables_are_not_reported_as_unknown(table: dict[str, Setting]) -> None:
-    env = {"EDGEMETER_UPSTREAM": UPSTREAM, "EDGEMETER_RUNNER": "mitmdump", "EDGEMETER_ADDON": "x"}
-    assert plan(env, table, ADDON).ignored == []
+def test_the_runner_variable_is_not_reported_as_unknown(table: dict[str, Setting]) -> None:
+    env = {"EDGEMETER_UPSTREAM": UPSTREAM, "EDGEMETER_RUNNER": "mitmdump"}
+    assert plan(env, table).ignored == []
+
+
+def test_the_old_addon_variable_is_reported_as_ignored(table: dict[str, Setting]) -> None:
+    env = {"EDGEMETER_UPSTREAM": UPSTREAM, "EDGEMETER_ADDON": "/app/addons/meter.py"}
+    assert plan(env, table).ignored == ["EDGEMETER_ADDON"]
 
 
 @pytest.mark.parametrize(
@@ -174,18 +177,18 @@ def test_bad_value_is_refused_naming_its_variable(
     table: dict[str, Setting], env: dict[str, str], variable: str, message: str
 ) -> None:
     with pytest.raises(ContainerError, match=message) as caught:
-        plan({"EDGEMETER_UPSTREAM": UPSTREAM} | env, table, ADDON)
+        plan({"EDGEMETER_UPSTREAM": UPSTREAM} | env, table)
     assert caught.value.fields["variable"] == variable
 
 
 def test_missing_upstream_is_refused(table: dict[str, Setting]) -> None:
     with pytest.raises(ContainerError, match="not set") as caught:
-        plan({}, table, ADDON)
+        plan({}, table)
     assert caught.value.fields["variable"] == "EDGEMETER_UPSTREAM"
 
 
 def test_mode_on_the_command_line_stands_for_the_upstream(table: dict[str, Setting]) -> None:
-    args = plan({}, table, ADDON, ["--mode", "reverse:http://gw:3000"]).args
+    args = plan({}, table, ["--mode", "reverse:http://gw:3000"]).args
     assert args[-2:] == ["--mode", "reverse:http://gw:3000"]
 
 
@@ -206,7 +209,7 @@ def test_credential_values_never_appear_in_errors() -> None:
     }  # fmt: skip
     for setting in (password, other):
         with pytest.raises(ContainerError) as caught:
-            plan({"EDGEMETER_UPSTREAM": UPSTREAM, setting.variable: "s3cr3t"}, table, ADDON)
+            plan({"EDGEMETER_UPSTREAM": UPSTREAM, setting.variable: "s3cr3t"}, table)
         shown = container.describe(caught.value)
         assert ("s3cr3t" in shown) is (setting is other), shown
 
@@ -230,13 +233,13 @@ def test_mitmweb_runner_has_its_web_options() -> None:
     assert "web_host" not in container.proxy_options("mitmdump")
 
 
-def test_serve_runner_has_only_its_lean_options_and_loads_the_meter_itself() -> None:
+def test_serve_runner_has_only_its_lean_options() -> None:
     lean = container.proxy_options("serve")
     assert {"listen_port", "mode", "confdir"} <= lean.keys()
     assert "flow_detail" not in lean  # mitmdump's flow printer is not in the lean runner
     table = settings_table(OPTIONS, lean)
-    args = plan({"EDGEMETER_UPSTREAM": UPSTREAM}, table, ADDON, runner="serve").args
-    assert "-s" not in args and str(ADDON) not in args
+    args = plan({"EDGEMETER_UPSTREAM": UPSTREAM}, table).args
+    assert "-s" not in args
 
 
 def test_reading_a_runners_options_leaves_logging_and_mitmproxy_as_they_were() -> None:
@@ -268,7 +271,7 @@ def test_documented_table_lists_every_variable() -> None:
         "regenerate the table in docs/CONTAINER.md: edgemeter-container --env-table"
     )
     for name, *_ in OPTIONS:
-        assert f"`{meter_variable(name)}`" in docs
+        assert f"`{variable_of(name)}`" in docs
 
 
 def test_readme_points_to_the_container_and_the_kubernetes_example() -> None:
@@ -278,9 +281,7 @@ def test_readme_points_to_the_container_and_the_kubernetes_example() -> None:
 
 
 def test_plan_lists_the_variables_it_used(table: dict[str, Setting]) -> None:
-    result: Plan = plan(
-        {"EDGEMETER_UPSTREAM": UPSTREAM, "EDGEMETER_NATS_TOKEN": "t0ken"}, table, ADDON
-    )
+    result: Plan = plan({"EDGEMETER_UPSTREAM": UPSTREAM, "EDGEMETER_NATS_TOKEN": "t0ken"}, table)
     assert result.given == ["EDGEMETER_NATS_TOKEN", "EDGEMETER_UPSTREAM"]
 
 
@@ -409,7 +410,7 @@ def test_every_variable_the_image_sets_is_a_setting(table: dict[str, Setting]) -
     ours = [n for n in env if n.startswith((container.METER_PREFIX, container.PROXY_PREFIX))]
     assert ours
     for name in ours:
-        assert name in table or name == container.ADDON_VARIABLE, name
+        assert name in table, name
 
 
 def test_build_context_holds_what_the_dockerfile_copies() -> None:

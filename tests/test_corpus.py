@@ -29,7 +29,7 @@ from typing import Any, Literal, NamedTuple
 
 import pytest
 
-from addons.meter import Meter
+from edgemeter.addon import Meter
 from tests.corpus import is_stream, wire_body
 from tests.flows import make_flow, run_flow, spooled
 
@@ -240,7 +240,7 @@ async def test_a_recorded_file_is_metered_as_the_table_says(
     if row.model is None:
         assert [env["metadata"] for env in envelopes] == [], "no envelope expected"
         reason = "non_2xx" if not 200 <= row.status < 300 else "upstream_error_without_usage"
-        assert addon.unmetered == {reason: 1}
+        assert addon.stats.unmetered == {reason: 1}
         return
     assert len(envelopes) == 1, f"expected one envelope, got {len(envelopes)}: {addon.status()}"
     [env] = envelopes

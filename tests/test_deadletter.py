@@ -18,10 +18,8 @@ import nats
 import pytest
 from nats.js.api import StorageType, StreamConfig
 
-from edgemeter.errors import SpoolError
-from edgemeter.harness import ROOT, NatsServer
 from edgemeter.ids import uuid7
-from spool import NatsConfig, Publisher, Spool, stream_messages
+from spool import NatsConfig, Publisher, Spool
 from spool.deadletter import (
     DIRNAME,
     DeadLetter,
@@ -30,6 +28,9 @@ from spool.deadletter import (
     encode_record,
     error_of,
 )
+from spool.errors import SpoolError
+from tools.harness import ROOT, NatsServer
+from tools.streams import stream_messages
 
 SUBJECT = "catalyst.usage.recorded"
 STREAM = "CATALYST_SME"

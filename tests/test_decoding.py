@@ -13,14 +13,11 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgemeter.decoding import (
+from edgemeter.errors import BodyTooLarge, CorruptEncoding, DecompressionLimit, UnsupportedEncoding
+from edgemeter.metering.decoding import (
     MAX_RATIO,
     PIECE,
     SLACK,
-    BodyTooLarge,
-    CorruptEncoding,
-    DecompressionLimit,
-    UnsupportedEncoding,
     body_tail,
     decode_body,
     decoder_for,

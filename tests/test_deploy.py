@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 from ruamel.yaml import YAML
 
-from addons.meter import OPTIONS
 from edgemeter import container
-from edgemeter.harness import ROOT
+from edgemeter.options import OPTIONS, variable_of
 from tests import dockerfile
+from tools.harness import ROOT
 
 EXAMPLE = ROOT / "deploy" / "kubernetes" / "edgemeter-sidecar.yaml"
 DEFAULTS = {name: default for name, _type, default, _help in OPTIONS}
@@ -60,7 +60,7 @@ def _mounts(container_spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def _option(env: dict[str, str], option: str) -> str:
-    return env.get(container.meter_variable(option), str(DEFAULTS[option]))
+    return env.get(variable_of(option), str(DEFAULTS[option]))
 
 
 def test_example_has_the_pod_its_service_and_a_network_policy(
@@ -92,8 +92,7 @@ def test_every_variable_is_a_setting_and_the_entrypoint_accepts_them(
             stand_in = tmp_path / Path(value).name
             stand_in.write_text("stand-in\n")
             checked[name] = str(stand_in)
-    addon = ROOT / "addons" / "meter.py"
-    assert container.plan(checked, table, addon).ignored == []
+    assert container.plan(checked, table).ignored == []
 
 
 def test_probes_ask_the_admin_endpoint(meter: dict[str, Any], env: dict[str, str]) -> None:

@@ -23,10 +23,10 @@ import httpx2
 import openai
 import pytest
 
-from edgemeter.demo import CANNED_REPLY, BackgroundDemo, Request, frame_chunks
-from edgemeter.harness import ROOT, MeterFactory, MeterProxy, NatsServer, free_port
 from spool.store import Spool
-from spool.streams import ensure_stream, stream_messages
+from tools.demo_upstream import CANNED_REPLY, BackgroundDemo, Request, frame_chunks
+from tools.harness import ROOT, MeterFactory, MeterProxy, NatsServer, free_port
+from tools.streams import ensure_stream, stream_messages
 
 STREAM = "CATALYST_SME"
 PRICE = 156  # meter_price_micro_per_token's default
@@ -377,7 +377,7 @@ def test_recorded_response_bills_exactly_once(
     assert md["tokens_used"] == tokens
     assert md["model"] == case.model
     assert md["tenant_id"] == TENANT
-    assert md["schema"] == "edgemeter.usage/1"
+    assert md["schema"] == "edgemeter.metering.usage/1"
     assert (md["api"], md["path"], md["stream"]) == (case.api, case.path, case.stream)
     assert (md["status_code"], md["outcome"], md["usage_source"]) == (200, "complete", "reported")
     assert (md["input_tokens"], md["output_tokens"]) == (case.input_tokens, case.output_tokens)
@@ -776,7 +776,15 @@ def test_run_command_meters_the_demo_and_stops_cleanly(tmp_path: Path) -> None:
     data = tmp_path / "data"
     with output.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "edgemeter.run", "--data-dir", str(data), "--port", str(port)],
+            [
+                sys.executable,
+                "-m",
+                "tools.demo_stack",
+                "--data-dir",
+                str(data),
+                "--port",
+                str(port),
+            ],
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=ROOT,

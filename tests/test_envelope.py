@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from edgemeter import envelope
-from edgemeter.envelope import MAX_RAW_BYTES, Facts, bounded_raw, build, encode, rfc3339
-from edgemeter.pricing import flat_price
-from edgemeter.usage import Usage
+from edgemeter.metering import envelope
+from edgemeter.metering.envelope import MAX_RAW_BYTES, Facts, bounded_raw, build, encode, rfc3339
+from edgemeter.metering.prices import flat_price
+from edgemeter.metering.usage import Usage
 
 FACTS = Facts(
     request_id="0193a6f0-0000-7000-8000-000000000001",
@@ -56,7 +56,7 @@ def test_envelope_carries_the_seed_fields_with_exact_amounts() -> None:
     assert meta["ttft_ms"] == 95
     assert meta["completed_at"] == "2026-11-18T11:06:40Z"
     assert meta["price_version"] == "flat:156"
-    assert meta["schema"] == "edgemeter.usage/1"
+    assert meta["schema"] == "edgemeter.metering.usage/1"
     assert (meta["input_tokens"], meta["cached_input_tokens"], meta["output_tokens"]) == (
         120,
         100,

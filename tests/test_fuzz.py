@@ -16,16 +16,16 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgemeter.envelope import MAX_RAW_BYTES, Facts, build, encode
-from edgemeter.flowmeter import FlowMeter, Limits
-from edgemeter.include_usage import inject, strip_event
-from edgemeter.pricing import flat_price
-from edgemeter.sse import SSEDecoder, SSEEvent
-from edgemeter.usage import (
+from edgemeter.errors import InvalidUsage
+from edgemeter.metering.envelope import MAX_RAW_BYTES, Facts, build, encode
+from edgemeter.metering.flow import FlowMeter, Limits
+from edgemeter.metering.prices import flat_price
+from edgemeter.metering.sse import SSEDecoder, SSEEvent
+from edgemeter.metering.stream_usage import inject, strip_event
+from edgemeter.metering.usage import (
     MAX_TOKENS,
     Api,
     Extraction,
-    InvalidUsage,
     Usage,
     clean_name,
     normalize_anthropic,

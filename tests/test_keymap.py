@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from edgemeter import keymap
-from edgemeter.attribution import Account, fingerprint
-from edgemeter.errors import MeterError
-from edgemeter.keymap import KeyBook, KeyMapError, parse_keymap
+from edgemeter.errors import KeyMapError, MeterError
+from edgemeter.metering import keymap
+from edgemeter.metering.attribution import Account, fingerprint
+from edgemeter.metering.keymap import KeyBook, parse_keymap
 
 SECRET = b"keymap-test-secret"
 KEY_A, KEY_B = "sk-keymap-a-0001", "sk-keymap-b-0002"
@@ -110,7 +110,7 @@ def test_the_book_follows_the_file_and_keeps_the_last_good_map(
     assert book.lookup(KEYED_B) == Account("t_1", "cus_b")
 
     path.write_text(entry(PLAIN_A))  # made without the secret: refused, the map stays
-    with caplog.at_level(logging.ERROR, logger="edgemeter.keymap"):
+    with caplog.at_level(logging.ERROR, logger="edgemeter.metering.keymap"):
         assert book.lookup(KEYED_B) == Account("t_1", "cus_b")
     [error] = caplog.records
     assert "key map" in error.getMessage() and "still attributing with" in error.getMessage()
@@ -134,7 +134,7 @@ def test_unknown_keys_are_logged_once_each_and_boundedly(
     path = tmp_path / "keys.toml"
     path.write_text("[keys]\n")
     book = KeyBook(path, keyed=True)
-    with caplog.at_level(logging.WARNING, logger="edgemeter.keymap"):
+    with caplog.at_level(logging.WARNING, logger="edgemeter.metering.keymap"):
         for fp in [KEYED_A, KEYED_A, "", KEYED_B, "hmac:1", "hmac:2", "hmac:3"]:
             book.report_unknown(fp)
     messages = [r.getMessage() for r in caplog.records]

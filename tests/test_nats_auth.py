@@ -29,11 +29,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from nats.aio.client import Client as NATS
 from nats.js.api import StorageType, StreamConfig
 
-from edgemeter.demo import BackgroundDemo
-from edgemeter.harness import MeterFactory, NatsServer
 from edgemeter.ids import uuid7
 from spool import NatsConfig, Publisher, Spool
 from spool.publisher import _Attempt
+from tools.demo_upstream import BackgroundDemo
+from tools.harness import MeterFactory, NatsServer
 
 SUBJECT = "catalyst.usage.recorded"
 STREAM = "CATALYST_SME"

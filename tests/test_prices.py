@@ -11,11 +11,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edgemeter import prices, watched
 from edgemeter.errors import MeterError, PriceTableError
-from edgemeter.prices import MAX_RATE, PriceBook, Rates, charge_micro, parse_table
-from edgemeter.pricing import Price
-from edgemeter.usage import MAX_TOKENS, Usage
+from edgemeter.metering import prices
+from edgemeter.metering import tomlfile as watched
+from edgemeter.metering.prices import MAX_RATE, Price, PriceBook, Rates, charge_micro, parse_table
+from edgemeter.metering.usage import MAX_TOKENS, Usage
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "PRICES.md"
 
@@ -336,7 +336,7 @@ def test_a_malformed_rewrite_keeps_the_table_and_logs_one_error(
     path, clock = write(tmp_path / "p.toml", table_text("v1")), Clock()
     book = PriceBook(path, clock=clock)
     write(path, table_text("v2").replace("output", "ouput"))
-    with caplog.at_level(logging.ERROR, logger="edgemeter.prices"):
+    with caplog.at_level(logging.ERROR, logger="edgemeter.metering.prices"):
         for _ in range(50):
             clock.now += 1
             assert book.price(ONE_IN, "gpt-4o-mini", 156).version == "v1:gpt-4o-mini"
@@ -355,7 +355,7 @@ def test_a_fixed_file_loads_and_a_new_breakage_is_logged_again(
 ) -> None:
     path, clock = write(tmp_path / "p.toml", table_text("v1")), Clock()
     book = PriceBook(path, clock=clock)
-    with caplog.at_level(logging.INFO, logger="edgemeter.prices"):
+    with caplog.at_level(logging.INFO, logger="edgemeter.metering.prices"):
         for text, version in [
             ("version = ", "v1"),
             (table_text("v2"), "v2"),
@@ -375,7 +375,7 @@ def test_a_deleted_file_keeps_the_last_table_until_it_is_back(
     path, clock = write(tmp_path / "p.toml", table_text("v1")), Clock()
     book = PriceBook(path, clock=clock)
     path.unlink()
-    with caplog.at_level(logging.ERROR, logger="edgemeter.prices"):
+    with caplog.at_level(logging.ERROR, logger="edgemeter.metering.prices"):
         for _ in range(10):
             clock.now += 1
             assert book.price(ONE_IN, "gpt-4o-mini", 156).version == "v1:gpt-4o-mini"
@@ -433,7 +433,7 @@ def test_a_reload_that_changes_prices_but_not_the_version_warns(
     book = PriceBook(path, clock=clock)
     write(path, table_text("v1", input_rate=170000))
     clock.now += 1
-    with caplog.at_level(logging.WARNING, logger="edgemeter.prices"):
+    with caplog.at_level(logging.WARNING, logger="edgemeter.metering.prices"):
         assert book.price(ONE_IN, "gpt-4o-mini", 156).amount_micro == -170000
     assert [r.levelname for r in caplog.records] == ["WARNING"]
     assert "kept version 'v1'" in caplog.records[0].getMessage()
@@ -449,7 +449,7 @@ def test_pricing_survives_an_unexpected_error_and_logs_it_once(
         raise RuntimeError("boom")
 
     monkeypatch.setattr(watched.Signature, "of", broken)
-    with caplog.at_level(logging.ERROR, logger="edgemeter.prices"):
+    with caplog.at_level(logging.ERROR, logger="edgemeter.metering.prices"):
         for _ in range(5):
             clock.now += 1
             assert book.price(ONE_IN, "gpt-4o-mini", 156).version == "v1:gpt-4o-mini"

@@ -16,11 +16,12 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import StorageType, StreamConfig
 
-from edgemeter.harness import NatsServer
 from edgemeter.ids import uuid7
-from spool import NatsConfig, Publisher, Spool, ensure_stream, stream_messages
+from spool import NatsConfig, Publisher, Spool
 from spool.publisher import _FRESH_MAX, _LINGER_ENOUGH, _Attempt
 from spool.store import Scanned
+from tools.harness import NatsServer
+from tools.streams import ensure_stream, stream_messages
 
 SUBJECT = "catalyst.usage.recorded"
 STREAM = "CATALYST_SME"

@@ -22,14 +22,16 @@ import pytest
 from mitmproxy import exceptions
 from mitmproxy.test import taddons
 
-from addons.meter import OPTIONS, Meter
-from edgemeter.attribution import fingerprint
-from edgemeter.demo import BackgroundDemo
+from edgemeter.addon import Meter
 from edgemeter.errors import SettingsError
-from edgemeter.harness import MeterFactory, MeterProxy, NatsServer
-from edgemeter.settings import parse_nats_urls, parse_settings, redact_userinfo
-from spool.streams import ensure_stream, stream_messages
+from edgemeter.metering.attribution import fingerprint
+from edgemeter.options import OPTIONS
+from edgemeter.settings import parse_nats_urls, parse_settings
+from spool.publisher import redact_url as redact_userinfo
 from tests.flows import make_flow, run_flow
+from tools.demo_upstream import BackgroundDemo
+from tools.harness import MeterFactory, MeterProxy, NatsServer
+from tools.streams import ensure_stream, stream_messages
 
 # Distinctive values: each occurs nowhere but where the test puts it.
 KEY_BEARER = "sk-SECRET-bearer-7d1e0a4c"

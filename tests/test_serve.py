@@ -17,12 +17,13 @@ import openai
 import pytest
 
 from edgemeter import serve
-from edgemeter.demo import BackgroundDemo
-from edgemeter.dispatch import HookCache
-from edgemeter.harness import ROOT, MeterFactory, MeterProxy, NatsServer, free_port
+from edgemeter.addon import Meter
+from edgemeter.hookcache import HookCache
 from edgemeter.serve import LeanMaster
 from spool.store import Spool
-from spool.streams import ensure_stream, stream_messages
+from tools.demo_upstream import BackgroundDemo
+from tools.harness import ROOT, MeterFactory, MeterProxy, NatsServer, free_port
+from tools.streams import ensure_stream, stream_messages
 
 STREAM = "CATALYST_SME"
 CHAT: Any = [{"role": "user", "content": "hello world"}]
@@ -175,18 +176,13 @@ async def test_the_lean_master_carries_the_meter_and_not_mitmdumps_flow_printer(
     assert isinstance(m.addons, HookCache)
 
 
-def test_the_meter_addon_is_found_where_edgemeter_addon_says(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The container image installs the package without the checkout: the addon file is
-    named by $EDGEMETER_ADDON."""
-    addon = tmp_path / "app" / "meter.py"
-    addon.parent.mkdir()
-    addon.write_bytes(serve.METER_ADDON.read_bytes())
-    monkeypatch.setenv("EDGEMETER_ADDON", str(addon))
-    meter = serve.meter_addon()
-    assert type(meter).__name__ == "Meter"
-    assert sys.modules[type(meter).__module__].__file__ == str(addon)
-    monkeypatch.setenv("EDGEMETER_ADDON", str(tmp_path / "missing.py"))
-    with pytest.raises(SystemExit, match="missing at"):
-        serve.meter_addon()
+async def test_every_runner_adds_the_packages_meter_by_import() -> None:
+    """No file is loaded by path: an installed package (the container image) serves as is."""
+    from mitmproxy import options
+    from mitmproxy.tools.dump import DumpMaster
+
+    for m in (LeanMaster(options.Options()), serve.metered(DumpMaster)(options.Options())):
+        [meter] = [a for a in m.addons.chain if isinstance(a, Meter)]
+        assert type(meter).__module__ == "edgemeter.addon"
+    core = serve.CoreMaster(options.Options())
+    assert not [a for a in core.addons.chain if isinstance(a, Meter)]

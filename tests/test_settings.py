@@ -5,8 +5,8 @@ from typing import Any
 
 import pytest
 
-from addons.meter import OPTIONS
 from edgemeter.errors import SettingsError
+from edgemeter.options import OPTIONS
 from edgemeter.settings import (
     default_spool_dir,
     parse_currency,

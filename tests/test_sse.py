@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edgemeter.sse import SSEDecoder, SSEEvent
+from edgemeter.metering.sse import SSEDecoder, SSEEvent
 
 BODY = (
     b": keep-alive comment\n"

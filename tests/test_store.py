@@ -18,8 +18,8 @@ from pathlib import Path
 import diskcache
 import pytest
 
-from edgemeter.errors import SpoolError, SpoolFullError
 from spool import store
+from spool.errors import SpoolError, SpoolFullError
 from spool.store import Spool
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -5,11 +5,11 @@ from typing import Any
 
 import pytest
 
-from edgemeter.sse import SSEDecoder, SSEEvent
-from edgemeter.usage import (
+from edgemeter.errors import InvalidUsage
+from edgemeter.metering.sse import SSEDecoder, SSEEvent
+from edgemeter.metering.usage import (
     MAX_TOKENS,
     Extraction,
-    InvalidUsage,
     Usage,
     classify,
     clean_name,

@@ -9,7 +9,7 @@ import pytest
 from mitmproxy import contentviews, http
 from mitmproxy.test import taddons, tflow, tutils
 
-from addons.meter import Meter
+from edgemeter.addon import Meter
 from edgemeter.webview import MARK_ESTIMATED, MARK_REPORTED, UsageContentview, annotation, extract
 from tests.corpus import is_stream, wire_body
 from tests.flows import make_flow, run_flow

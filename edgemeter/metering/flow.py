@@ -12,26 +12,29 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from edgemeter import envelope, estimate
-from edgemeter.decoding import (
+from edgemeter.errors import (
     BodyTooLarge,
     DecodeError,
-    Decoder,
     DecompressionLimit,
+    InvalidUsage,
     UnsupportedEncoding,
+)
+from edgemeter.metering import envelope, estimate
+from edgemeter.metering.attribution import Source
+from edgemeter.metering.decoding import (
+    Decoder,
     body_tail,
     decode_body,
     decoder_for,
 )
-from edgemeter.envelope import Facts, Outcome, UsageSource
-from edgemeter.include_usage import EventSplitter, strip_event
-from edgemeter.pricing import Price
-from edgemeter.settings import CountRule
-from edgemeter.sse import DEFAULT_MAX_EVENT_BYTES, SSEDecoder, SSEEvent
-from edgemeter.usage import (
+from edgemeter.metering.envelope import Facts, Outcome, UsageSource
+from edgemeter.metering.prices import Price
+from edgemeter.metering.sse import DEFAULT_MAX_EVENT_BYTES, EventSplitter, SSEDecoder, SSEEvent
+from edgemeter.metering.stream_usage import strip_event
+from edgemeter.metering.usage import (
     Api,
+    CountRule,
     Extraction,
-    InvalidUsage,
     Usage,
     clean_name,
     json_object,
@@ -53,6 +56,7 @@ class Request:
     customer_id: str
     client_request_id: str
     api_key_fingerprint: str
+    attribution: Source = "headers"
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,11 +76,13 @@ _TAIL_DECODE_FACTOR = 4
 
 @dataclass(frozen=True, slots=True)
 class Result:
-    """An envelope ready to spool, or the reason there is none. With an envelope, `reason`
-    names what it was billed despite (oversize, invalid_usage, ...), "" when nothing."""
+    """An envelope and its encoded bytes, ready to spool, or the reason there is none. With an
+    envelope, `reason` names what it was billed despite (oversize, invalid_usage, ...), "" when
+    nothing."""
 
     envelope: dict[str, Any] | None
     reason: str = ""
+    data: bytes = b""
 
 
 class FlowMeter:
@@ -405,8 +411,10 @@ class FlowMeter:
             client_request_id=req.client_request_id,
             upstream_id=ex.upstream_id or "",
             api_key_fingerprint=req.api_key_fingerprint,
+            attribution=req.attribution,
         )
-        return Result(envelope.build(facts, usage, price_of(usage, facts.model)), reason)
+        built = envelope.build(facts, usage, price_of(usage, facts.model))
+        return Result(built, reason, envelope.encode(built))
 
     def _estimate(self, reported: Usage) -> Usage:
         """Reported counts kept; missing input from the request, output from the text seen."""

@@ -1,7 +1,7 @@
 """Chaos harness for SPEC §5 (delivery): real brokers, a real mitmdump meter and a tagged client
 load under injected faults, then a count of envelopes per request on the stream.
 
-Run it with `scripts/chaos` (or `python -m edgemeter.chaos --help`). For each scenario it starts a
+Run it with `scripts/chaos` (or `python -m tools.chaos --help`). For each scenario it starts a
 fresh nats-server (or a three-node cluster), the meter in front of the demo upstream, and drives
 a mix of streamed and non-streamed requests through the official SDKs, each tagged with its own
 `X-Request-Id`. While the load runs it injects the scenario's fault; then it waits for the spool
@@ -33,7 +33,7 @@ import nats
 import openai
 from nats.aio.client import Client as NatsClient
 
-from edgemeter.harness import (
+from tools.harness import (
     DemoProcess,
     MeterFactory,
     MeterProxy,
@@ -41,7 +41,7 @@ from edgemeter.harness import (
     NatsServer,
     NatsTap,
 )
-from spool.streams import ensure_stream, stream_messages
+from tools.streams import ensure_stream, stream_messages
 
 STREAM = "CATALYST_SME"
 SUBJECTS = ("catalyst.>",)

@@ -817,7 +817,7 @@ class BackgroundDemo:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m edgemeter.demo",
+        prog="python -m tools.demo_upstream",
         description="A local OpenAI/Anthropic-compatible upstream with canned or recorded answers.",
     )
     parser.add_argument("--host", default="127.0.0.1")

@@ -21,7 +21,7 @@ import httpx2
 import openai
 import pytest
 
-from edgemeter.demo import (
+from tools.demo_upstream import (
     CANNED_REPLY,
     BackgroundDemo,
     DemoUpstream,
@@ -550,7 +550,7 @@ def test_prompt_words_are_counted_as_tokens(value: object, words: int) -> None:
 
 def test_command_line_serves_until_interrupted(recorded: Path) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "edgemeter.demo", "--port", "0", "--fixtures", str(recorded)],
+        [sys.executable, "-m", "tools.demo_upstream", "--port", "0", "--fixtures", str(recorded)],
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -1,6 +1,6 @@
 """Measures the output-token estimator against every recorded stream that reports usage.
 
-Run: .venv/bin/python scripts/estimator_error.py [RECORDED_DIR]; one row a file, then the median.
+Run: .venv/bin/python -m tools.estimator_error [RECORDED_DIR]; one row a file, then the median.
 """
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import statistics
 import sys
 from pathlib import Path
 
-from edgemeter.estimate import tokens
-from edgemeter.sse import SSEDecoder
-from edgemeter.usage import Extraction
+from edgemeter.metering.estimate import tokens
+from edgemeter.metering.sse import SSEDecoder
+from edgemeter.metering.usage import Extraction
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from edgemeter.pricing import Price
-from edgemeter.usage import Usage, clean_name
+from edgemeter.metering.prices import Price
+from edgemeter.metering.usage import Usage, clean_name
 
-SCHEMA = "edgemeter.usage/1"
+SCHEMA = "edgemeter.metering.usage/1"
 REASON_PREFIX = "usage:newapi:"
 UNKNOWN_MODEL = "unknown"
 
@@ -49,6 +49,8 @@ class Facts:
     client_request_id: str = ""
     upstream_id: str = ""
     api_key_fingerprint: str = ""
+    # Where tenant and customer came from: headers, keymap or unknown_key.
+    attribution: str = "headers"
 
 
 def _ms(start: float, end: float | None) -> int | None:
@@ -115,6 +117,7 @@ def build(facts: Facts, usage: Usage, price: Price) -> dict[str, Any]:
             "upstream_id": clean_name(facts.upstream_id) or "",
             "api_key_fingerprint": facts.api_key_fingerprint,
             "ttft_ms": _ms(facts.started_at, facts.first_byte_at),
+            "attribution": facts.attribution,
         },
     }
 

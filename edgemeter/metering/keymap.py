@@ -12,10 +12,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgemeter.attribution import KEYED_PREFIX, MAX_ID_CHARS, Account, is_fingerprint
-from edgemeter.errors import MeterError
-from edgemeter.usage import clean_name
-from edgemeter.watched import Watched, did_you_mean, line_of, load_toml
+from edgemeter.errors import KeyMapError
+from edgemeter.metering.attribution import KEYED_PREFIX, MAX_ID_CHARS, Account, is_fingerprint
+from edgemeter.metering.tomlfile import Watched, did_you_mean, line_of, load_toml
+from edgemeter.metering.usage import clean_name
 
 logger = logging.getLogger(__name__)
 
@@ -27,10 +27,6 @@ MAX_ENTRIES = 200_000
 MAX_UNKNOWN_LOGGED = 100
 _TOP_KEYS = ("version", "keys")
 _ACCOUNT_KEYS = ("tenant", "customer")
-
-
-class KeyMapError(MeterError):
-    """A key map file (`meter_keymap`) that cannot be read or is not a valid key map."""
 
 
 @dataclass(frozen=True, slots=True)

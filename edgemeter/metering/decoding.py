@@ -15,7 +15,13 @@ from typing import IO, cast
 import brotli
 import zstandard
 
-from edgemeter.errors import MeterError
+from edgemeter.errors import (
+    BodyTooLarge,
+    CorruptEncoding,
+    DecodeError,
+    DecompressionLimit,
+    UnsupportedEncoding,
+)
 
 # Most decoded bytes produced at once by zlib and brotli (zstd: see _zstd).
 PIECE = 64 * 1024
@@ -28,26 +34,6 @@ SLACK = 1024 * 1024
 ZSTD_MAX_WINDOW = 8 * 1024 * 1024
 # Input handed to zstd at once: its output per call is not bounded, only checked (see _zstd).
 _ZSTD_STEP = 4096
-
-
-class DecodeError(MeterError):
-    """A body the meter does not decode (fully): it is then not parsed, never changed."""
-
-
-class UnsupportedEncoding(DecodeError, ValueError):
-    """An encoding (or a chain of them) the meter cannot decode."""
-
-
-class CorruptEncoding(DecodeError):
-    """Bytes that are not valid in the declared encoding."""
-
-
-class DecompressionLimit(DecodeError):
-    """Decoded output outgrew MAX_RATIO times the input: a compression bomb."""
-
-
-class BodyTooLarge(DecodeError):
-    """A decoded body larger than the size it may be parsed at (meter_max_body_mb)."""
 
 
 class Decoder:

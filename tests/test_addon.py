@@ -10,7 +10,7 @@ import pytest
 from mitmproxy import exceptions, http
 from mitmproxy.test import taddons, tflow, tutils
 
-from addons.meter import Meter
+from edgemeter.addon import Meter
 from tests.corpus import is_stream, wire_body
 from tests.flows import KEY, make_flow, run_flow, spooled
 
@@ -69,7 +69,7 @@ async def test_non_2xx_bills_nothing(meter: tuple[Meter, Any], status: int) -> N
     body = b'{"error":{"message":"no"},"usage":{"prompt_tokens":5,"completion_tokens":5}}'
     await run_flow(addon, make_flow(), status, body, stream=False)
     assert spooled(addon) == []
-    assert addon.unmetered["non_2xx"] == 1
+    assert addon.stats.unmetered["non_2xx"] == 1
 
 
 @pytest.mark.parametrize(
@@ -163,7 +163,7 @@ async def test_a_spool_failure_never_breaks_the_response(
     addon.spool.close()
     body = wire_body(recorded / "openai-chat-nonstream.json")
     await run_flow(addon, make_flow(), 200, body, stream=False)
-    assert addon.spool_failures == {"write_failed": 1}
+    assert addon.stats.spool_failures == {"write_failed": 1}
 
 
 def fill_spool(addon: Meter, size: int) -> None:
@@ -181,7 +181,7 @@ async def test_a_full_spool_keeps_serving_and_counts_what_it_could_not_spool(
     flow = make_flow()
     sent = await run_flow(addon, flow, 200, body, stream=False)
     assert sent == body and flow.response is not None and flow.response.status_code == 200
-    assert addon.spool_failures == {"full": 1}
+    assert addon.stats.spool_failures == {"full": 1}
     assert addon.spool is not None and len(addon.spool) == 1  # the filler only
     assert "spool failures: full 1" in addon.status()
 
@@ -197,7 +197,7 @@ async def test_a_full_spool_rejects_metered_requests_before_the_upstream(
     assert flow.response is not None and flow.response.status_code == 503
     assert json.loads(flow.response.content or b"")["error"]["code"] == "meter_spool_full"
     assert flow.id not in addon.flows
-    assert addon.rejected == 1
+    assert addon.stats.rejected == 1
 
     unmetered = make_flow("/v1/models", method="GET")
     addon.requestheaders(unmetered)
@@ -216,7 +216,7 @@ async def test_reject_mode_serves_again_once_the_spool_has_room(
     flow = make_flow()
     await run_flow(addon, flow, 200, body, stream=False)
     assert flow.response is not None and flow.response.status_code == 200
-    assert addon.rejected == 0
+    assert addon.stats.rejected == 0
     assert len(spooled(addon)) == 1
 
 
@@ -467,4 +467,4 @@ async def test_a_stream_is_spooled_when_its_last_event_is_parsed_before_the_clie
     await pending
     [env] = spooled(addon)  # still one: the end of the flow does not spool it again
     assert env == envelope
-    assert addon.metered[(env["metadata"]["api"], "complete", "reported")] == 1
+    assert addon.stats.metered[(env["metadata"]["api"], "complete", "reported")] == 1

@@ -33,8 +33,8 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from edgemeter.demo import DemoUpstream, server_url
-from spool.streams import ensure_stream
+from tools.demo_upstream import DemoUpstream, server_url
+from tools.streams import ensure_stream
 
 ROOT = Path(__file__).resolve().parent.parent
 ADDON = ROOT / "addons" / "meter.py"

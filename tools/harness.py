@@ -260,7 +260,7 @@ class NatsCluster:
 
 @dataclass
 class DemoProcess:
-    """The demo upstream (`python -m edgemeter.demo`) in a process of its own, so that under
+    """The demo upstream (`python -m tools.demo_upstream`) in a process of its own, so that under
     load it does not share a CPU (and a GIL) with the client that drives it."""
 
     log_path: Path
@@ -273,7 +273,7 @@ class DemoProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        args = [sys.executable, "-m", "edgemeter.demo", "--port", str(self.port)]
+        args = [sys.executable, "-m", "tools.demo_upstream", "--port", str(self.port)]
         args += ["--chunk-size", str(self.chunk_size)]
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)

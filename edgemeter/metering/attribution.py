@@ -9,11 +9,10 @@ import hashlib
 import hmac
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, TypeVar, overload
 
-from edgemeter.settings import Settings
-from edgemeter.usage import clean_name
+from edgemeter.metering.usage import clean_name
 
 # Header names carrying an API key, in the order gateways use them (OpenAI, Anthropic, Azure).
 _KEY_HEADERS = ("authorization", "x-api-key", "api-key")
@@ -29,8 +28,20 @@ _KEYED = re.compile(rf"^{KEYED_PREFIX}[0-9a-f]{{{FINGERPRINT_HEX_CHARS}}}$")
 
 # Where an envelope's tenant and customer came from (metadata.attribution).
 Source = Literal["headers", "keymap", "unknown_key"]
+Mode = Literal["headers", "keymap"]
 
 _T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class Spec:
+    """How requests are attributed (meter_attribution and the options it reads)."""
+
+    mode: Mode = "headers"
+    tenant_header: str = "x-tenant-id"
+    customer_header: str = "x-customer-id"
+    # Secret of the HMAC fingerprint; kept out of repr, so a logged Spec carries none.
+    fingerprint_secret: bytes = field(default=b"", repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,10 +62,10 @@ class Attribution:
     refused: tuple[str, ...] = ()
 
 
-def header_names(settings: Settings, *extra: str) -> frozenset[str]:
-    """The lower-case names of the request headers `attribute` reads under these settings, and
-    `extra` ones: what `picked_headers` is to pick. Compute it once per configuration."""
-    names = {*_KEY_HEADERS, settings.tenant_header, settings.customer_header, *extra}
+def header_names(spec: Spec, *extra: str) -> frozenset[str]:
+    """The lower-case names of the request headers `attribute` reads under `spec`, and `extra`
+    ones: what `picked_headers` is to pick. Compute it once per configuration."""
+    names = {*_KEY_HEADERS, spec.tenant_header, spec.customer_header, *extra}
     return frozenset(_lower(name) for name in names)
 
 
@@ -211,23 +222,23 @@ def is_fingerprint(text: str, *, keyed: bool) -> bool:
 
 def attribute(
     headers: Mapping[str, str],
-    settings: Settings,
+    spec: Spec,
     lookup: Callable[[str], Account | None] | None = None,
 ) -> Attribution:
-    """Whom the request is billed to, under settings.attribution.
+    """Whom the request is billed to, under spec.mode.
 
     headers: the tenant and customer headers, as the trusted ingress set them. keymap: the key
     map's entry for the first of the request's keys that has one (a client cannot escape its
     own key's account by adding a made-up key in another header); the client's tenant and
     customer headers are not read at all. No key in the map: tenant and customer are empty and
     the source says unknown_key, so the usage is still billed, visibly unattributed."""
-    secret = settings.fingerprint_secret
+    secret = spec.fingerprint_secret
     keys = api_keys(headers)
-    if settings.attribution == "headers":
-        tenant = header_id(headers, settings.tenant_header)
-        customer = header_id(headers, settings.customer_header)
-        refused: tuple[str, ...] = (settings.tenant_header,) if tenant is None else ()
-        refused += (settings.customer_header,) if customer is None else ()
+    if spec.mode == "headers":
+        tenant = header_id(headers, spec.tenant_header)
+        customer = header_id(headers, spec.customer_header)
+        refused: tuple[str, ...] = (spec.tenant_header,) if tenant is None else ()
+        refused += (spec.customer_header,) if customer is None else ()
         return Attribution(
             tenant_id=tenant or "",
             customer_id=customer or "",
@@ -241,12 +252,3 @@ def attribute(
         if account is not None:
             return Attribution(account.tenant_id, account.customer_id, fp, "keymap")
     return Attribution("", "", prints[0] if prints else "", "unknown_key")
-
-
-def source_of(settings: Settings, customer_id: str) -> Source:
-    """The attribution an envelope's request had: every key map entry names a customer, so in
-    keymap mode an empty customer means no key of the request was in the map when it arrived
-    (meter_attribution itself cannot change while the meter runs)."""
-    if settings.attribution == "headers":
-        return "headers"
-    return "keymap" if customer_id else "unknown_key"

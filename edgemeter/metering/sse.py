@@ -1,13 +1,14 @@
-"""Incremental Server-Sent Events framing over raw byte chunks split at arbitrary places.
-
-Memory is bounded by the largest single event: a larger one stops parsing (`overflowed`).
+"""Incremental Server-Sent Events framing over raw chunks split at arbitrary places: parsed events
+(`SSEDecoder`, memory bounded by the largest event) and raw ones to strip (`EventSplitter`).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
+_LINE_END = re.compile(rb"\r\n|\r|\n")
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,3 +163,64 @@ class SSEDecoder:
         self._data = []
         self._event = ""
         self._size = 0
+
+
+class EventSplitter:
+    """Raw SSE events (each with its blank line) as they complete in a stream, byte for byte.
+
+    Each byte is scanned once however the stream is split; `pending` bytes (the unfinished
+    event) are held until its blank line arrives, and `take` hands them over."""
+
+    __slots__ = ("_buf", "_line_start", "_scan", "pending")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._scan = 0  # where the search for the next line end resumes
+        self._line_start = 0
+        # Bytes held: an attribute, not a property, since the stream callable reads it per chunk.
+        self.pending = 0
+
+    def feed(self, data: bytes) -> list[bytes]:
+        if (
+            not self._buf
+            and data[-2:] == b"\n\n"
+            and data.find(b"\n") == len(data) - 2 > 0  # b"\n\n" is two stray blank lines
+            and b"\r" not in data
+        ):
+            # One whole single-line event, as upstreams flush them: nothing to search or hold.
+            return [bytes(data)]
+        buf = self._buf
+        buf += data
+        end = len(buf)
+        events: list[bytes] = []
+        event_start, line_start, pos = 0, self._line_start, self._scan
+        while (m := _LINE_END.search(buf, pos)) is not None:
+            if m.end() == end and m.group() == b"\r":
+                pos = m.start()  # may be the first half of \r\n: wait for the next byte
+                break
+            if m.start() == line_start:
+                # A blank line ends the event; a stray one between events passes on alone.
+                events.append(bytes(buf[event_start : m.end()]))
+                event_start = m.end()
+            line_start = pos = m.end()
+        else:
+            pos = end
+        if event_start:
+            del buf[:event_start]
+        self._scan, self._line_start = pos - event_start, line_start - event_start
+        self.pending = len(buf)
+        return events
+
+    def take(self) -> bytes:
+        """The unfinished event's bytes; the splitter starts afresh."""
+        rest = bytes(self._buf)
+        self._buf.clear()
+        self._scan = self._line_start = self.pending = 0
+        return rest
+
+
+def split_events(buf: bytes) -> tuple[list[bytes], bytes]:
+    """Complete raw events (each with its blank line) and the incomplete rest of `buf`."""
+    splitter = EventSplitter()
+    events = splitter.feed(buf)
+    return events, splitter.take()

@@ -475,7 +475,7 @@ class Proc:
             self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
 
     def wait_listening(self, timeout: float = 60.0) -> None:
-        from edgemeter.harness import wait_for_port
+        from tools.harness import wait_for_port
 
         assert self.proc is not None
         deadline = time.monotonic() + timeout
@@ -530,7 +530,7 @@ class Proc:
 
 # --- the loop probe (loaded with -s into the processes measured for event-loop health) ----------
 
-PROBE_SCRIPT = """from edgemeter.bench import LoopProbe
+PROBE_SCRIPT = """from tools.bench import LoopProbe
 
 addons = [LoopProbe()]
 """
@@ -662,7 +662,7 @@ class LoopProbe:
 
         for name in _METER_HOOKS:
             setattr(meter, name, wrap(getattr(meter, name)))
-        from edgemeter.flowmeter import FlowMeter
+        from edgemeter.metering.flow import FlowMeter
 
         call = FlowMeter.__call__
         FlowMeter.__call__ = wrap(call)  # type: ignore[method-assign]
@@ -825,7 +825,7 @@ class Bench:
     def port(self) -> int:
         """A free loopback port no process of this run was given yet: the kernel hands a
         just-released port out again, and two proxies started together would collide."""
-        from edgemeter.harness import free_port
+        from tools.harness import free_port
 
         while (port := free_port()) in self._ports:
             pass
@@ -835,7 +835,7 @@ class Bench:
     # -- processes ---------------------------------------------------------------------------
 
     def proxy_args(self, kind: str, port: int, *extra: str) -> list[str]:
-        from edgemeter.harness import METER_ADDON, MITMDUMP
+        from tools.harness import METER_ADDON, MITMDUMP
 
         base = {
             "mitmdump": [str(MITMDUMP)],
@@ -915,8 +915,8 @@ class Bench:
         # confdir would race to create it and read each other's half-written files.
         from mitmproxy.certs import CertStore
 
-        from edgemeter.harness import NatsServer
-        from spool.streams import ensure_stream
+        from tools.harness import NatsServer
+        from tools.streams import ensure_stream
 
         CertStore.from_store(self.work / "mitmproxy-conf", "mitmproxy", 2048)
         self._nats = NatsServer(store_dir=self.work / "jetstream", port=self.port())
@@ -926,7 +926,7 @@ class Bench:
         self.upstream_port = self.port()
         upstream = Proc(
             "upstream",
-            [PYTHON, "-m", "edgemeter.bench", "upstream", str(self.upstream_port)],
+            [PYTHON, "-m", "tools.bench", "upstream", str(self.upstream_port)],
             self.upstream_port,
             self.work / "upstream.log",
         )
@@ -1348,7 +1348,7 @@ def sample_envelope(request_id: str) -> bytes:
         "tenant_id": "t_bench",
         "latency_ms": 3,
         "completed_at": "2026-01-01T00:00:00Z",
-        "schema": "edgemeter.usage/1",
+        "schema": "edgemeter.metering.usage/1",
         "api": "openai.chat",
         "path": "/v1/chat/completions",
         "stream": False,
@@ -1740,14 +1740,14 @@ def report(results: dict[str, Any]) -> str:
 
 
 def load_main(argv: Sequence[str]) -> int:
-    """`python -m edgemeter.bench load '<LoadSpec as JSON>'`: one load run, its figures as JSON."""
+    """`python -m tools.bench load '<LoadSpec as JSON>'`: one load run, its figures as JSON."""
     spec = LoadSpec(**json.loads(argv[0]))
     print(json.dumps(asyncio.run(python_load(spec))), flush=True)
     return 0
 
 
 def upstream_main(argv: Sequence[str]) -> int:
-    """`python -m edgemeter.bench upstream PORT`: the bench upstream until SIGTERM."""
+    """`python -m tools.bench upstream PORT`: the bench upstream until SIGTERM."""
     port = int(argv[0])
 
     async def run() -> None:

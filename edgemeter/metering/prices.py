@@ -1,5 +1,5 @@
-"""Per-model price tables (`meter_prices`): parse and validate the TOML file, price a usage exactly,
-and keep the table current by reloading the file when it changes, without a restart.
+"""Prices a usage in integer micro-units of the currency (debits, < 0): flat per token, or by a
+per-model price table (`meter_prices`) that is validated, exact, and reloaded when it changes.
 """
 
 from __future__ import annotations
@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from edgemeter.errors import PriceTableError
-from edgemeter.pricing import Price, flat_price
-from edgemeter.usage import Usage
-from edgemeter.watched import Watched, did_you_mean, line_of, load_toml
+from edgemeter.metering.tomlfile import Watched, did_you_mean, line_of, load_toml
+from edgemeter.metering.usage import TOKEN_KINDS, Usage
 
 logger = logging.getLogger(__name__)
 
@@ -33,13 +32,27 @@ MAX_KEY_CHARS = 256
 # Lookups are cached per table; model strings can come from clients, so the cache is bounded.
 _LOOKUP_CACHE_SIZE = 4096
 
-RATE_KEYS = ("input", "cached_input", "cache_write", "output", "reasoning")
+RATE_KEYS = TOKEN_KINDS
 _REQUIRED_RATES = ("input", "output")
 _TOP_KEYS = ("version", "currency", "models")
 # The version is an identifier that ends up in every envelope's price_version, before a ":".
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
-_CURRENCY = re.compile(r"^[A-Z]{3}$")
+# An ISO 4217 code: the price table's and meter_currency's.
+CURRENCY = re.compile(r"^[A-Z]{3}$")
 _WILDCARDS = frozenset("*?")
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    amount_micro: int
+    """Negative: a debit of the customer's ledger (the seed's convention)."""
+    version: str
+    """Which price rule produced the amount, e.g. "flat:156"."""
+
+
+def flat_price(usage: Usage, micro_per_token: int) -> Price:
+    """Tokens times micro-per-token, exact."""
+    return Price(-(usage.tokens_used * micro_per_token), f"flat:{micro_per_token}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,7 +196,7 @@ def _validate(doc: dict[str, Any], text: str, source: str) -> PriceTable:
         raise fail("'version' must not be 'flat' (reserved for the flat price)", key="version")
 
     currency = doc.get("currency")
-    if currency is not None and not (isinstance(currency, str) and _CURRENCY.match(currency)):
+    if currency is not None and not (isinstance(currency, str) and CURRENCY.match(currency)):
         raise fail("'currency' must be an ISO 4217 code such as \"OMR\"", key="currency")
 
     models = doc.get("models")

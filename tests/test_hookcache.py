@@ -20,12 +20,12 @@ from mitmproxy import addonmanager, exceptions, master
 from mitmproxy.proxy.layers.http._hooks import HttpRequestHook, HttpResponseHook
 from mitmproxy.test import taddons, tflow
 
-from addons.meter import Meter
-from edgemeter import dispatch
-from edgemeter.demo import BackgroundDemo
-from edgemeter.dispatch import HookCache, InstalledHookCache
-from edgemeter.harness import MeterFactory, NatsServer, free_port
-from spool.streams import ensure_stream, stream_messages
+from edgemeter import hookcache as dispatch
+from edgemeter.addon import Meter
+from edgemeter.hookcache import HookCache, InstalledHookCache
+from tools.demo_upstream import BackgroundDemo
+from tools.harness import MeterFactory, NatsServer, free_port
+from tools.streams import ensure_stream, stream_messages
 
 Log = list[str]
 

@@ -4,13 +4,15 @@ or SSE events) open-world, and normalise it into the envelope's token fields (SP
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from edgemeter.estimate import text_chars, text_pattern
-from edgemeter.sse import SSEEvent
+from edgemeter.errors import InvalidUsage
+from edgemeter.metering.estimate import text_chars, text_pattern
+from edgemeter.metering.sse import SSEEvent
 
 Api = Literal[
     "openai.chat",
@@ -32,6 +34,9 @@ _API_SUFFIXES: tuple[tuple[str, Api], ...] = (
 # Which fields carry generated text in each shape (see estimate.text_chars).
 _TEXT_FAMILY = {"anthropic.messages": "anthropic", "openai.responses": "responses"}
 
+# The kinds of token an envelope counts (metadata.<kind>_tokens), priced each at its own rate.
+TOKEN_KINDS = ("input", "cached_input", "cache_write", "output", "reasoning")
+
 # A token count above this is not a count but garbage (or an attack on an invoice).
 MAX_TOKENS = 2**40
 # Model names and ids are short (the longest recorded: 84 characters); past this, garbage.
@@ -40,6 +45,19 @@ MAX_NAME_CHARS = 256
 # the meter's memory, and only the latest event's usage is kept.
 _MAX_MERGED_KEYS = 64
 _USAGE_KEY = re.compile(rb'"usage"\s*:\s*\{')
+
+
+@dataclass(frozen=True, slots=True)
+class CountRule:
+    """A route whose OpenAI-shaped usage follows Anthropic's token convention."""
+
+    path_prefix: str
+    model_glob: str
+
+    def matches(self, path: str, model: str) -> bool:
+        return path.startswith(self.path_prefix) and fnmatch.fnmatchcase(
+            model.lower(), self.model_glob
+        )
 
 
 def classify(path: str) -> Api | None:
@@ -65,10 +83,6 @@ class Usage:
     @property
     def tokens_used(self) -> int:
         return self.input_tokens + self.output_tokens
-
-
-class InvalidUsage(ValueError):
-    """A usage object whose counts are not non-negative integers of a sane size."""
 
 
 def token_count(value: object, name: str = "count") -> int:

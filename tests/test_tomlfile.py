@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from edgemeter import watched
 from edgemeter.errors import MeterError
-from edgemeter.watched import Watched, did_you_mean, line_of, load_toml
+from edgemeter.metering import tomlfile as watched
+from edgemeter.metering.tomlfile import Watched, did_you_mean, line_of, load_toml
 
 LOG = logging.getLogger("tests.watched")
 

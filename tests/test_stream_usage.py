@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edgemeter.include_usage import EventSplitter, inject, split_events, strip_event
+from edgemeter.metering.sse import EventSplitter, split_events
+from edgemeter.metering.stream_usage import inject, strip_event
 
 
 def test_a_streamed_request_without_usage_is_asked_for_it() -> None:

@@ -5,11 +5,9 @@ the client did not, and take exactly that added usage back out of the client's s
 from __future__ import annotations
 
 import json
-import re
 
-from edgemeter.usage import json_object
+from edgemeter.metering.usage import json_object
 
-_LINE_END = re.compile(rb"\r\n|\r|\n")
 _PREFIX = b'{"stream_options":{"include_usage":true},'
 
 
@@ -49,67 +47,6 @@ def _dumps(obj: object) -> bytes | None:
         return json.dumps(obj, separators=(",", ":")).encode()
     except (ValueError, RecursionError):
         return None
-
-
-class EventSplitter:
-    """Raw SSE events (each with its blank line) as they complete in a stream, byte for byte.
-
-    Each byte is scanned once however the stream is split; `pending` bytes (the unfinished
-    event) are held until its blank line arrives, and `take` hands them over."""
-
-    __slots__ = ("_buf", "_line_start", "_scan", "pending")
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-        self._scan = 0  # where the search for the next line end resumes
-        self._line_start = 0
-        # Bytes held: an attribute, not a property, since the stream callable reads it per chunk.
-        self.pending = 0
-
-    def feed(self, data: bytes) -> list[bytes]:
-        if (
-            not self._buf
-            and data[-2:] == b"\n\n"
-            and data.find(b"\n") == len(data) - 2 > 0  # b"\n\n" is two stray blank lines
-            and b"\r" not in data
-        ):
-            # One whole single-line event, as upstreams flush them: nothing to search or hold.
-            return [bytes(data)]
-        buf = self._buf
-        buf += data
-        end = len(buf)
-        events: list[bytes] = []
-        event_start, line_start, pos = 0, self._line_start, self._scan
-        while (m := _LINE_END.search(buf, pos)) is not None:
-            if m.end() == end and m.group() == b"\r":
-                pos = m.start()  # may be the first half of \r\n: wait for the next byte
-                break
-            if m.start() == line_start:
-                # A blank line ends the event; a stray one between events passes on alone.
-                events.append(bytes(buf[event_start : m.end()]))
-                event_start = m.end()
-            line_start = pos = m.end()
-        else:
-            pos = end
-        if event_start:
-            del buf[:event_start]
-        self._scan, self._line_start = pos - event_start, line_start - event_start
-        self.pending = len(buf)
-        return events
-
-    def take(self) -> bytes:
-        """The unfinished event's bytes; the splitter starts afresh."""
-        rest = bytes(self._buf)
-        self._buf.clear()
-        self._scan = self._line_start = self.pending = 0
-        return rest
-
-
-def split_events(buf: bytes) -> tuple[list[bytes], bytes]:
-    """Complete raw events (each with its blank line) and the incomplete rest of `buf`."""
-    splitter = EventSplitter()
-    events = splitter.feed(buf)
-    return events, splitter.take()
 
 
 def strip_event(raw: bytes) -> bytes:

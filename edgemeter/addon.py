@@ -1,0 +1,613 @@
+"""The meter, edgemeter's mitmproxy addon: each metered request's path through the metering wing
+into the write-ahead spool that the publisher drains to NATS JetStream (docs/ARCHITECTURE.md).
+"""
+
+# mypy: disallow-untyped-calls=False, disallow-untyped-decorators=False
+# (mitmproxy's OptionsError and command decorator carry no annotations)
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable
+from typing import Any
+
+from mitmproxy import command, contentviews, ctx, exceptions, http
+from mitmproxy.version import VERSION
+
+from edgemeter import hookcache
+from edgemeter.admin import AdminServer, Thresholds, bind
+from edgemeter.errors import DecodeError, MeterError, SettingsError
+from edgemeter.ids import uuid7, uuid7_ms
+from edgemeter.metering import stream_usage as include_usage
+from edgemeter.metering.attribution import (
+    Spec as AttributionSpec,
+)
+from edgemeter.metering.attribution import (
+    attribute,
+    header_id,
+    header_names,
+    picked_headers,
+)
+from edgemeter.metering.decoding import decode_body
+from edgemeter.metering.flow import FlowMeter, Limits, Request, Result
+from edgemeter.metering.keymap import KeyBook
+from edgemeter.metering.prices import PriceBook
+from edgemeter.metering.usage import classify, clean_name
+from edgemeter.options import OPTIONS
+from edgemeter.settings import Settings, nats_config, parse_settings
+from edgemeter.stats import Snapshot, Stats, status_text
+from edgemeter.webview import UsageContentview, annotation
+from spool.deadletter import DeadLetters
+from spool.errors import SpoolError, SpoolFullError
+from spool.publisher import Publisher, check_creds_file
+from spool.store import Spool
+
+logger = logging.getLogger("edgemeter")
+
+_ERROR_LOG_INTERVAL_S = 60.0
+# Longer paths (or ones with characters unfit for an envelope) are left out of metadata.path.
+_MAX_PATH_CHARS = 2048
+
+# The answer to a metered request while the spool takes nothing (meter_on_spool_full=reject):
+# OpenAI-shaped, so SDKs surface the message, and retryable.
+_SPOOL_FULL_BODY = (
+    b'{"error":{"message":"the usage meter cannot record requests right now (spool full or '
+    b'not writable); retry later","type":"server_error","code":"meter_spool_full"}}'
+)
+
+
+# Only these accept stream_options; adding it elsewhere would make the upstream reject the request.
+_INJECTABLE = frozenset({"openai.chat", "openai.completions"})
+
+# The answer to a metered request that arrives while the meter shuts down: it could end after
+# the spool closed, unbilled. OpenAI-shaped and retryable (another replica takes it).
+_SHUTTING_DOWN_BODY = (
+    b'{"error":{"message":"the usage meter is shutting down; retry","type":"server_error",'
+    b'"code":"meter_shutting_down"}}'
+)
+
+
+class Meter:
+    def __init__(self) -> None:
+        self.settings: Settings | None = None
+        # The request headers requestheaders reads, picked in one pass over the fields
+        # (mitmproxy's Headers lower-cases every field on every lookup).
+        self.header_names: frozenset[str] = frozenset()
+        self.spool: Spool | None = None
+        # Next to the spool; created only when the broker first refuses an envelope for good.
+        self.dead_letters: DeadLetters | None = None
+        self.publisher: Publisher | None = None
+        self.prices = PriceBook(None)
+        # The key map of meter_attribution=keymap.
+        self.keys: KeyBook | None = None
+        self.who = AttributionSpec()
+        self.is_running = False
+        self.flows: dict[str, FlowMeter] = {}
+        self.stats = Stats()
+        self.admin: AdminServer | None = None
+        self._last_spool_error_log = 0.0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        # Set by done(): new metered requests are answered 503 while the open ones finish.
+        self.shutting_down = False
+        # Spool writes awaited right now (done() waits for them before the final drain).
+        self._spooling = 0
+        # The addon manager this meter tuned (meter_tune_mitmproxy): it made it dispatch through
+        # a hook cache, and froze the startup objects out of garbage collection with it.
+        self._dispatching: Any = None
+        # The one log line saying this mitmproxy is not the release the hook cache was proven on.
+        self._told_unproven = False
+
+    def load(self, loader: Any) -> None:
+        for option in OPTIONS:
+            loader.add_option(option.name, option.type, option.default, option.one_paragraph)
+        contentviews.add(UsageContentview())
+
+    def configure(self, updated: set[str]) -> None:
+        if not any(name.startswith("meter_") for name in updated):
+            return
+        try:
+            settings = parse_settings({name: getattr(ctx.options, name) for name, *_ in OPTIONS})
+        except SettingsError as e:
+            option = e.fields.get("option", "meter")
+            if "value" not in e.fields:  # left out on purpose: a secret
+                raise exceptions.OptionsError(f"{option}: {e.message}") from None
+            raise exceptions.OptionsError(f"{option}={e.fields['value']!r}: {e.message}") from None
+        if settings.nats_creds:
+            try:
+                # nats-py would spin on the event loop over a file without a user JWT.
+                check_creds_file(settings.nats_creds)
+            except SpoolError as e:
+                raise exceptions.OptionsError(f"meter_nats_creds: {e}") from None
+        previous = self.settings
+        if previous is None or (settings.prices_file, settings.currency) != (
+            previous.prices_file,
+            previous.currency,
+        ):
+            try:
+                prices = PriceBook(settings.prices_file or None, currency=settings.currency)
+            except MeterError as e:
+                raise exceptions.OptionsError(
+                    f"meter_prices={settings.prices_file!r}: {e}"
+                ) from None
+        else:
+            prices = self.prices
+        if self.is_running and previous and previous.attribution != settings.attribution:
+            raise exceptions.OptionsError("meter_attribution needs a restart")
+        keys = self._key_book(settings, previous)
+        spool_spec = (settings.spool_dir, settings.spool_sync)
+        if (
+            previous is None
+            or self.spool is None
+            or spool_spec
+            != (
+                previous.spool_dir,
+                previous.spool_sync,
+            )
+        ):
+            if self.is_running:
+                raise exceptions.OptionsError("meter_spool_dir and meter_spool_sync need a restart")
+            self._open_spool(settings)
+        assert self.spool is not None
+        self.spool.max_bytes = settings.spool_max_bytes
+        if self.is_running and previous and previous.admin_listen != settings.admin_listen:
+            self._rebind_admin(settings)
+        self.settings, self.prices, self.keys = settings, prices, keys
+        self.who = settings.attribution_spec
+        self.header_names = header_names(self.who, "x-request-id")
+        if self.is_running and previous and nats_config(previous) != nats_config(settings):
+            self._restart_publisher()
+        if self.is_running:
+            self._tune(settings.tune_mitmproxy)
+
+    def _key_book(self, settings: Settings, previous: Settings | None) -> KeyBook | None:
+        spec = (settings.keymap_file, bool(settings.fingerprint_secret))
+        if previous and spec == (previous.keymap_file, bool(previous.fingerprint_secret)):
+            return self.keys
+        if not settings.keymap_file:
+            return None
+        try:
+            return KeyBook(settings.keymap_file, keyed=spec[1])
+        except MeterError as e:
+            raise exceptions.OptionsError(f"meter_keymap={settings.keymap_file!r}: {e}") from None
+
+    def _rebind_admin(self, settings: Settings) -> None:
+        """Serve the admin endpoint where settings say; OptionsError if it cannot listen there."""
+        sock = None
+        if settings.admin_listen is not None:
+            try:
+                sock = bind(*settings.admin_listen)
+            except MeterError as e:
+                host, port = settings.admin_listen
+                raise exceptions.OptionsError(f"meter_admin_listen='{host}:{port}': {e}") from None
+        old, self.admin = self.admin, None
+        if old is not None:
+            self._keep(old.stop())
+        if sock is not None:
+            self.admin = AdminServer(sock, self._snapshot, self._thresholds, self.stats.histograms)
+            self._keep(self.admin.start())
+
+    def _open_spool(self, settings: Settings) -> None:
+        spool = Spool(
+            settings.spool_dir,
+            sync_full=settings.spool_sync == "full",
+            max_bytes=settings.spool_max_bytes,
+        )
+        try:
+            spool.open()
+        except SpoolError as e:
+            raise exceptions.OptionsError(f"meter_spool_dir: {e}") from e
+        if self.spool is not None:
+            self.spool.close()
+        if self.dead_letters is not None:
+            self.dead_letters.close()
+        self.spool = spool
+        self.dead_letters = DeadLetters.of(settings.spool_dir)
+
+    def running(self) -> None:
+        self.is_running = True
+        self._start_publisher()
+        assert self.settings is not None
+        self._tune(self.settings.tune_mitmproxy)
+        # Bound here, not in configure: mitmproxy configures a script with the default options
+        # before its --set values, and the default port may belong to someone else.
+        try:
+            self._rebind_admin(self.settings)
+        except exceptions.OptionsError as e:
+            # An ERROR before startup has finished makes mitmdump exit, with this message.
+            logger.error(f"cannot start the admin endpoint: {e}")
+
+    def _tune(self, on: bool) -> None:
+        """Tune mitmproxy as the lean runner is tuned, or undo it. Only a stock addon manager
+        of the proven mitmproxy release is tuned: the lean runner's is tuned already, and
+        freezes on its own."""
+        manager = ctx.master.addons
+        if on and self._dispatching is None:
+            if not hookcache.proven():
+                if not self._told_unproven:
+                    self._told_unproven = True
+                    logger.info(
+                        f"meter: mitmproxy {VERSION} is not the release the hook cache "
+                        f"was proven against ({hookcache.PROVEN_MITMPROXY}): dispatch left as it is"
+                    )
+                return
+            if hookcache.install(manager):
+                self._dispatching = manager
+                hookcache.freeze()
+                logger.info(
+                    "meter: mitmproxy now hands each event only to the addons implementing it, "
+                    "and its startup objects are frozen out of garbage collection"
+                )
+        elif not on and self._dispatching is not None:
+            hookcache.uninstall(self._dispatching)
+            self._dispatching = None
+            hookcache.unfreeze()
+
+    def _start_publisher(self) -> None:
+        assert self.settings is not None and self.spool is not None
+        self.publisher = Publisher(self.spool, nats_config(self.settings), self.dead_letters)
+        self.publisher.on_ack = self.stats.histograms.publish.observe
+        self.publisher.start()
+
+    def _restart_publisher(self) -> None:
+        old = self.publisher
+        self._start_publisher()
+        if old is not None:
+            self._keep(old.stop(drain_timeout=0))
+
+    # -- hooks, in flow order -------------------------------------------------------------------
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        settings = self.settings
+        if settings is None or not flow.live or flow.is_replay:
+            return
+        req = flow.request
+        path = req.path
+        if not path.startswith(settings.paths):
+            return
+        api = classify(path)
+        if req.method != "POST" or api is None:
+            return
+        if self.shutting_down:
+            flow.response = http.Response.make(
+                503,
+                _SHUTTING_DOWN_BODY,
+                {"content-type": "application/json", "retry-after": "1", "connection": "close"},
+            )
+            return
+        spool = self.spool
+        if settings.on_spool_full == "reject" and (spool is None or not spool.accepting):
+            # Before the upstream sees it: a request the meter cannot record is not served.
+            self.stats.rejected += 1
+            flow.response = http.Response.make(
+                503, _SPOOL_FULL_BODY, {"content-type": "application/json", "retry-after": "5"}
+            )
+            return
+        headers = picked_headers(req.headers.fields, self.header_names)
+        who = attribute(headers, self.who, self.keys.lookup if self.keys else None)
+        if who.source == "unknown_key":
+            self.stats.unknown_keys += 1
+            if self.keys is not None:
+                self.keys.report_unknown(who.fingerprint)
+        if who.refused:
+            self.stats.anomalies["invalid_attribution_header"] += 1
+        client_request_id = header_id(headers, "x-request-id") or ""
+        self.flows[flow.id] = FlowMeter(
+            Request(
+                request_id=uuid7(),
+                api=api,
+                path=clean_name(path.split("?", 1)[0], _MAX_PATH_CHARS) or "",
+                started_at=req.timestamp_start,
+                tenant_id=who.tenant_id,
+                customer_id=who.customer_id,
+                client_request_id=client_request_id,
+                api_key_fingerprint=who.fingerprint,
+                attribution=who.source,
+            ),
+            Limits(settings.max_body_bytes, settings.max_event_bytes),
+        )
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        meter = self.flows.get(flow.id)
+        if meter is None or self.settings is None:
+            return
+        # Kept for the requested model and estimates, parsed only if the answer lacks them.
+        # Decoded within bounds: the body and its Content-Encoding are the client's.
+        req = flow.request
+        try:
+            body = decode_body(
+                req.raw_content or b"",
+                req.headers.get("content-encoding", ""),
+                self.settings.max_body_bytes,
+            )
+        except DecodeError:
+            return  # too large, a bomb or unreadable: left as it is, estimated as empty
+        meter.request_body = body
+        if self.settings.stream_usage == "off" or meter.request.api not in _INJECTABLE:
+            return
+        if (injected := include_usage.inject(body)) is not None:
+            flow.request.content = injected
+            meter.injected = True
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        meter = self.flows.get(flow.id)
+        if meter is None or flow.response is None:
+            return
+        resp = flow.response
+        if not 200 <= resp.status_code < 300:
+            del self.flows[flow.id]
+            self.stats.unmetered["non_2xx"] += 1
+            return
+        if resp.headers.get("content-type", "").startswith("text/event-stream"):
+            strip = self.settings is not None and self.settings.stream_usage == "inject-strip"
+            encoding = resp.headers.get("content-encoding", "")
+            if meter.start_stream(resp.status_code, encoding, strip):
+                # Stripping a compressed stream sends it decoded: say so before headers go out.
+                del resp.headers["content-encoding"]
+            meter.on_final = self._spool_early
+            resp.stream = meter
+
+    def response(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        meter = self.flows.pop(flow.id, None)
+        if meter is None or flow.response is None:
+            return None
+        resp = flow.response
+        if not meter.stream:
+            encoding = resp.headers.get("content-encoding", "")
+            meter.body(resp.status_code, resp.raw_content, encoding, resp.timestamp_start)
+        # Awaited by mitmproxy before it sends the end of the response: the envelope is on disk
+        # before the client has its last byte, without blocking the event loop on the write.
+        return self._finish(meter, aborted=False, flow=flow)
+
+    def error(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        meter = self.flows.pop(flow.id, None)
+        if meter is None:
+            return None
+        if flow.response is None:
+            self.stats.unmetered["no_response"] += 1
+            return None
+        return self._finish(meter, aborted=True, flow=flow)
+
+    def done(self) -> Awaitable[None] | None:
+        """Returns the final drain as a task: mitmproxy awaits it on shutdown, and on a script
+        reload (where hooks are called synchronously) it still runs on the loop.
+
+        mitmproxy keeps serving while done() runs and cancels what is still open once it has
+        returned, without an error hook. So open requests first get meter_shutdown_grace_ms to
+        finish (new metered ones are answered 503) and those still open then are billed as cut
+        off; only then is the spool drained and closed.
+        """
+        self.is_running = False
+        self.shutting_down = True
+        # Unloaded (or reloaded), the meter leaves mitmproxy's dispatch as it found it.
+        self._tune(False)
+        publisher, spool, dead = self.publisher, self.spool, self.dead_letters
+        # self.spool stays until the open requests are billed.
+        self.publisher = self.dead_letters = None
+        # Stopped last: probes keep getting answers during the final drain.
+        admin, self.admin = self.admin, None
+        if publisher is None:
+            self.spool = None
+            if spool is not None:
+                spool.close()
+            if dead is not None:
+                dead.close()
+            return self._keep(admin.stop()) if admin is not None else None
+        drain_s = (self.settings.shutdown_drain_ms if self.settings else 0) / 1000
+        grace_s = (self.settings.shutdown_grace_ms if self.settings else 0) / 1000
+
+        async def shutdown() -> None:
+            await self._let_flows_finish(grace_s)
+            self.spool = None
+            left = await publisher.stop(drain_timeout=drain_s)
+            if spool is not None:
+                await asyncio.to_thread(spool.close)
+            if dead is not None:
+                await asyncio.to_thread(dead.close)
+            if left:
+                logger.warning(f"{left} envelopes stay spooled for the next start")
+            if admin is not None:
+                await admin.stop()
+
+        return self._keep(shutdown())
+
+    # -- internals ----------------------------------------------------------------------------
+
+    async def _let_flows_finish(self, grace_s: float) -> None:
+        """Wait up to grace_s for open metered requests and their spool writes; bill the
+        streams still open then as client_aborted (the client is about to be cut off)."""
+        deadline = time.monotonic() + grace_s
+        while (self.flows or self._spooling) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if not self.flows:
+            return
+        logger.warning(
+            f"{len(self.flows)} requests still open after the shutdown grace period; "
+            "streams among them are billed as client_aborted"
+        )
+        writes = []
+        for flow_id in list(self.flows):
+            meter = self.flows.pop(flow_id)
+            if not meter.stream:
+                # No answer yet: what the error hook does for a request that never got one.
+                self.stats.unmetered["no_response"] += 1
+            elif (write := self._finish(meter, aborted=True)) is not None:
+                writes.append(write)
+        await asyncio.gather(*writes)
+
+    def _spool_early(self, meter: FlowMeter) -> None:
+        """Called by the stream callable once the upstream's last event is parsed, before that
+        event goes to the client: the envelope's commit starts now, so a client that stops
+        reading at [DONE] / message_stop and a meter that dies right after leave no gap where
+        the client has everything and the spool nothing (the response hook still awaits the
+        commit before the end of the body)."""
+        spool = self.spool
+        if spool is None:
+            return
+        try:
+            result = self._result(meter, aborted=False)
+            if result.envelope is None:
+                meter.early = (None, None, 0.0)  # not billable, and already counted so
+                return
+            key = meter.request.request_id
+            meter.early = (result.envelope, self._submit(spool, key, result.data), time.monotonic())
+        except Exception:
+            # Never out of the stream callable: the end of the flow spools it instead.
+            logger.warning("early spooling failed; spooling at the end of the response")
+
+    def _finish(
+        self, meter: FlowMeter, *, aborted: bool, flow: http.HTTPFlow | None = None
+    ) -> Awaitable[None] | None:
+        spool, key = self.spool, meter.request.request_id
+        if meter.early is not None:
+            envelope, future, started = meter.early
+            if envelope is None:
+                return None
+        elif spool is None or (result := self._result(meter, aborted=aborted)).envelope is None:
+            return None
+        else:
+            envelope, started = result.envelope, time.monotonic()
+            future = self._submit(spool, key, result.data)
+        if flow is not None:
+            # For mitmweb: the envelope on the flow, and what it says at a glance.
+            flow.metadata["edgemeter"] = envelope
+            flow.comment, flow.marked = annotation(envelope)
+        return self._counted(self._spool(future, key, started))
+
+    def _result(self, meter: FlowMeter, *, aborted: bool) -> Result:
+        """The request's envelope, counted in the stats; none (counted) when not billable."""
+        settings = self.settings
+        if settings is None:
+            return Result(None, "not_configured")
+        prices, flat = self.prices, settings.price_micro_per_token
+        result = meter.finish(
+            aborted=aborted,
+            now=time.time(),
+            currency=settings.currency,
+            price_of=lambda usage, model: prices.price(usage, model, flat),
+            anthropic_counts=settings.anthropic_counts,
+        )
+        if result.envelope is None:
+            self.stats.unmetered[result.reason] += 1
+        else:
+            self.stats.billed(result.envelope, result.reason)
+        return result
+
+    @staticmethod
+    def _submit(spool: Spool, key: str, data: bytes) -> asyncio.Future[None]:
+        """Queue the envelope's bytes for the spool writer; a refusal comes back in the future."""
+        try:
+            return spool.enqueue(key, data)
+        except Exception as e:
+            failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            failed.set_exception(e)
+            return failed
+
+    async def _spool(self, future: asyncio.Future[None], key: str, started: float) -> None:
+        try:
+            await future
+            self.stats.histograms.added.observe(time.monotonic() - started)
+        except Exception as e:
+            # The customer's traffic is never broken by the meter: count, log, move on.
+            failures = self.stats.spool_failures
+            failures["full" if isinstance(e, SpoolFullError) else "write_failed"] += 1
+            now = time.monotonic()
+            if now - self._last_spool_error_log >= _ERROR_LOG_INTERVAL_S:
+                self._last_spool_error_log = now
+                lost = sum(failures.values())
+                logger.error(
+                    f"envelope could not be spooled, request {key} goes unbilled "
+                    f"({lost} so far): {e}"
+                )
+
+    async def _snapshot(self) -> Snapshot:
+        """Counters read on the loop, spool figures read in a thread (they touch the disk)."""
+        return self.snapshot(await asyncio.to_thread(self._disk))
+
+    def _disk(self) -> tuple[int, str | None, int, str | None]:
+        """Spooled envelopes, the oldest one's key, dead letters and how those read."""
+        spool, dead = self.spool, self.dead_letters
+        try:
+            envelopes = len(spool) if spool is not None else 0
+            oldest = spool.oldest_key() if spool is not None else None
+        except SpoolError:
+            envelopes, oldest = 0, None
+        if dead is None:
+            return envelopes, oldest, 0, None
+        try:
+            dead_letters = len(dead)
+        except SpoolError as e:
+            return envelopes, oldest, 0, f"unreadable ({e})"
+        return envelopes, oldest, dead_letters, str(dead_letters)
+
+    def snapshot(self, disk: tuple[int, str | None, int, str | None] | None = None) -> Snapshot:
+        """The stats, the spool's figures (`_disk`, read now if not given) and the publisher's."""
+        envelopes, oldest, dead_letters, dead_shown = disk or self._disk()
+        spool, publisher, st = self.spool, self.publisher, self.stats
+        minted = uuid7_ms(oldest) if oldest else None
+        pub = publisher.stats if publisher is not None else None
+        down_since = pub.down_since if pub is not None else None
+        return Snapshot(
+            metered=dict(st.metered),
+            unmetered=dict(st.unmetered),
+            anomalies=dict(st.anomalies),
+            tokens=dict(st.tokens),
+            amount_micro=st.amount_micro,
+            currency=self.settings.currency if self.settings else "",
+            rejected=st.rejected,
+            unknown_keys=st.unknown_keys,
+            spool_failures=dict(st.spool_failures),
+            spool_writable=spool is not None and spool.accepting,
+            spool_envelopes=envelopes,
+            spool_bytes=spool.held_bytes if spool is not None else 0,
+            spool_oldest_age_s=max(time.time() - minted / 1000, 0.0) if minted else None,
+            dead_letters=dead_letters,
+            acked=pub.acked if pub else 0,
+            duplicates=pub.duplicates if pub else 0,
+            publish_errors=dict(pub.errors) if pub else {},
+            broker_connected=bool(pub and pub.connected),
+            broker_down_s=time.monotonic() - down_since if down_since is not None else None,
+            stream_missing=bool(pub and pub.stream_missing),
+            publishing=publisher is not None,
+            keymap=self.keys is not None,
+            dead_letters_shown=dead_shown,
+            dead_lettered=pub.dead_lettered if pub else 0,
+        )
+
+    def _thresholds(self) -> Thresholds:
+        settings = self.settings
+        if settings is None:
+            return Thresholds()
+        return Thresholds(
+            settings.ready_broker_down_s,
+            settings.ready_spool_age_s,
+            spool_full_unready=settings.on_spool_full == "reject",
+        )
+
+    async def _counted(self, write: Awaitable[None]) -> None:
+        self._spooling += 1
+        try:
+            await write
+        finally:
+            self._spooling -= 1
+
+    def _keep(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- commands -----------------------------------------------------------------------------
+
+    @command.command("meter.flush")
+    def flush(self) -> str:
+        """Publish what is spooled now, instead of at the publisher's next wake-up."""
+        if self.publisher is None or self.spool is None:
+            return "the meter is not running"
+        self.publisher.notify()
+        return f"publishing {len(self.spool)} spooled envelopes"
+
+    @command.command("meter.status")
+    def status(self) -> str:
+        """Spool depth, publisher state and what was metered since start."""
+        return status_text(self.snapshot())
