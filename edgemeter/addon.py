@@ -20,6 +20,7 @@ from edgemeter.admin import AdminServer, Thresholds, bind
 from edgemeter.errors import DecodeError, MeterError, SettingsError
 from edgemeter.ids import uuid7, uuid7_ms
 from edgemeter.metering import stream_usage as include_usage
+from edgemeter.metering.apis import classify
 from edgemeter.metering.attribution import (
     Spec as AttributionSpec,
 )
@@ -33,7 +34,7 @@ from edgemeter.metering.decoding import decode_body
 from edgemeter.metering.flow import FlowMeter, Limits, Request, Result
 from edgemeter.metering.keymap import KeyBook
 from edgemeter.metering.prices import PriceBook
-from edgemeter.metering.usage import classify, clean_name
+from edgemeter.metering.usage import clean_name
 from edgemeter.options import OPTIONS
 from edgemeter.settings import Settings, nats_config, parse_settings
 from edgemeter.stats import Snapshot, Stats, status_text
@@ -56,9 +57,6 @@ _SPOOL_FULL_BODY = (
     b'not writable); retry later","type":"server_error","code":"meter_spool_full"}}'
 )
 
-
-# Only these accept stream_options; adding it elsewhere would make the upstream reject the request.
-_INJECTABLE = frozenset({"openai.chat", "openai.completions"})
 
 # The answer to a metered request that arrives while the meter shuts down: it could end after
 # the spool closed, unbilled. OpenAI-shaped and retryable (another replica takes it).
@@ -265,8 +263,8 @@ class Meter:
         path = req.path
         if not path.startswith(settings.paths):
             return
-        api = classify(path)
-        if req.method != "POST" or api is None:
+        shape = classify(path)
+        if shape is None or req.method not in shape.methods:
             return
         if self.shutting_down:
             flow.response = http.Response.make(
@@ -295,7 +293,7 @@ class Meter:
         self.flows[flow.id] = FlowMeter(
             Request(
                 request_id=uuid7(),
-                api=api,
+                api=shape.api,
                 path=clean_name(path.split("?", 1)[0], _MAX_PATH_CHARS) or "",
                 started_at=req.timestamp_start,
                 tenant_id=who.tenant_id,
@@ -323,7 +321,7 @@ class Meter:
         except DecodeError:
             return  # too large, a bomb or unreadable: left as it is, estimated as empty
         meter.request_body = body
-        if self.settings.stream_usage == "off" or meter.request.api not in _INJECTABLE:
+        if self.settings.stream_usage == "off" or not meter.shape.stream_options:
             return
         if (injected := include_usage.inject(body)) is not None:
             flow.request.content = injected

@@ -9,8 +9,9 @@ from typing import Any, Final
 
 from mitmproxy import contentviews, http
 
+from edgemeter.metering.apis import classify
+from edgemeter.metering.extraction import Extraction
 from edgemeter.metering.sse import SSEDecoder
-from edgemeter.metering.usage import Extraction, classify
 
 MARK_REPORTED: Final = ":moneybag:"
 MARK_ESTIMATED: Final = ":heavy_dollar_sign:"

@@ -6,8 +6,6 @@ import json
 import re
 from pathlib import Path
 
-from edgemeter.metering.usage import Api
-
 
 def is_stream(path: Path) -> bool:
     return path.name.endswith((".sse", ".chunks.txt"))
@@ -51,7 +49,7 @@ def chunked(body: bytes, size: int) -> list[bytes]:
 _AFTER_BLANK_LINE = re.compile(rb"(?<=\n\n)|(?<=\r\n\r\n)|(?<=\r\r)")
 
 
-def api_of(name: str) -> Api:
+def api_of(name: str) -> str:
     """The API shape of a recorded stream, from its file name."""
     if name.startswith(("anthropic-messages", "anthropic-compatible")):
         return "anthropic.messages"

@@ -10,7 +10,6 @@ from mitmproxy.test import tflow, tutils
 
 from edgemeter.addon import Meter
 from edgemeter.metering.flow import DEFAULT_LIMITS, FlowMeter, Limits, Request
-from edgemeter.metering.usage import Api
 from tests.corpus import chunked
 
 KEY = "sk-live-0123456789abcdef"
@@ -58,7 +57,7 @@ def spooled(addon: Meter) -> list[dict[str, Any]]:
 
 
 def flow_meter(
-    api: Api = "openai.chat",
+    api: str = "openai.chat",
     *,
     path: str = "/v1/chat/completions",
     limits: Limits = DEFAULT_LIMITS,

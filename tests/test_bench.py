@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
+from edgemeter.metering.extraction import Extraction
 from edgemeter.metering.sse import SSEDecoder
-from edgemeter.metering.usage import Extraction
 from tools.bench import (
     BenchUpstream,
     Budget,

@@ -20,7 +20,6 @@ from edgemeter.addon import Meter
 from edgemeter.metering.decoding import MAX_RATIO, SLACK
 from edgemeter.metering.flow import FlowMeter, Limits, Result
 from edgemeter.metering.prices import flat_price
-from edgemeter.metering.usage import Api
 from tests import flows
 from tests.flows import feed_stream, make_flow, run_flow, spooled
 
@@ -30,7 +29,7 @@ SMALL = Limits(max_body_bytes=1 * MIB, max_event_bytes=1 * KIB)
 
 
 def flow_meter(
-    api: Api = "openai.chat", *, limits: Limits = SMALL, injected: bool = False
+    api: str = "openai.chat", *, limits: Limits = SMALL, injected: bool = False
 ) -> FlowMeter:
     return flows.flow_meter(
         api,

@@ -377,7 +377,7 @@ def test_recorded_response_bills_exactly_once(
     assert md["tokens_used"] == tokens
     assert md["model"] == case.model
     assert md["tenant_id"] == TENANT
-    assert md["schema"] == "edgemeter.metering.usage/1"
+    assert md["schema"] == "edgemeter.usage/1"
     assert (md["api"], md["path"], md["stream"]) == (case.api, case.path, case.stream)
     assert (md["status_code"], md["outcome"], md["usage_source"]) == (200, "complete", "reported")
     assert (md["input_tokens"], md["output_tokens"]) == (case.input_tokens, case.output_tokens)

@@ -56,7 +56,7 @@ def test_envelope_carries_the_seed_fields_with_exact_amounts() -> None:
     assert meta["ttft_ms"] == 95
     assert meta["completed_at"] == "2026-11-18T11:06:40Z"
     assert meta["price_version"] == "flat:156"
-    assert meta["schema"] == "edgemeter.metering.usage/1"
+    assert meta["schema"] == "edgemeter.usage/1"
     assert (meta["input_tokens"], meta["cached_input_tokens"], meta["output_tokens"]) == (
         120,
         100,

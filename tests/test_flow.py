@@ -12,9 +12,9 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from edgemeter.metering.apis import classify
 from edgemeter.metering.flow import FlowMeter
 from edgemeter.metering.sse import EventSplitter, SSEDecoder, split_events
-from edgemeter.metering.usage import classify
 from tests.conftest import RECORDED
 from tests.corpus import api_of, wire_body
 from tests.flows import feed_stream, flow_meter

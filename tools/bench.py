@@ -1348,7 +1348,7 @@ def sample_envelope(request_id: str) -> bytes:
         "tenant_id": "t_bench",
         "latency_ms": 3,
         "completed_at": "2026-01-01T00:00:00Z",
-        "schema": "edgemeter.metering.usage/1",
+        "schema": "edgemeter.usage/1",
         "api": "openai.chat",
         "path": "/v1/chat/completions",
         "stream": False,

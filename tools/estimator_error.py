@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 from edgemeter.metering.estimate import tokens
+from edgemeter.metering.extraction import Extraction
 from edgemeter.metering.sse import SSEDecoder
-from edgemeter.metering.usage import Extraction
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))

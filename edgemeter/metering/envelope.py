@@ -14,7 +14,7 @@ from typing import Any, Literal
 from edgemeter.metering.prices import Price
 from edgemeter.metering.usage import Usage, clean_name
 
-SCHEMA = "edgemeter.metering.usage/1"
+SCHEMA = "edgemeter.usage/1"
 REASON_PREFIX = "usage:newapi:"
 UNKNOWN_MODEL = "unknown"
 

@@ -28,18 +28,11 @@ from edgemeter.metering.decoding import (
     decoder_for,
 )
 from edgemeter.metering.envelope import Facts, Outcome, UsageSource
+from edgemeter.metering.extraction import Extraction
 from edgemeter.metering.prices import Price
 from edgemeter.metering.sse import DEFAULT_MAX_EVENT_BYTES, EventSplitter, SSEDecoder, SSEEvent
 from edgemeter.metering.stream_usage import strip_event
-from edgemeter.metering.usage import (
-    Api,
-    CountRule,
-    Extraction,
-    Usage,
-    clean_name,
-    json_object,
-    normalize_openai,
-)
+from edgemeter.metering.usage import CountRule, Usage, clean_name, json_object
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +42,7 @@ class Request:
     """The request-side facts, captured at `requestheaders`."""
 
     request_id: str
-    api: Api
+    api: str
     path: str
     started_at: float
     tenant_id: str
@@ -99,6 +92,7 @@ class FlowMeter:
         "on_final",
         "request",
         "request_body",
+        "shape",
         "splitter",
         "status_code",
         "stopped",
@@ -111,6 +105,7 @@ class FlowMeter:
         self.request = request
         self.limits = limits
         self.extraction = Extraction(request.api)
+        self.shape = self.extraction.shape
         self.request_body: bytes = b""
         self.status_code = 0
         self.stream = False
@@ -378,12 +373,11 @@ class FlowMeter:
         model = model or "unknown"
         if (
             source == "reported"
-            and self.request.api.startswith("openai.")
-            and self.request.api != "openai.responses"
+            and self.shape.openai_counts
             and any(rule.matches(self.request.path, model) for rule in anthropic_counts)
         ):
             try:
-                usage = normalize_openai(usage.raw, anthropic_counts=True)
+                usage = self.shape.normalize(usage.raw, anthropic_counts=True)
             except InvalidUsage:
                 usage, source, reason = self._estimate(Usage()), "estimated", "invalid_usage"
         outcome: Outcome = "complete"
@@ -419,7 +413,7 @@ class FlowMeter:
     def _estimate(self, reported: Usage) -> Usage:
         """Reported counts kept; missing input from the request, output from the text seen."""
         output = max(reported.output_tokens, estimate.tokens(self.extraction.output_chars), 1)
-        if self.request.api == "openai.embeddings":
+        if not self.shape.produces_output:
             output = 0  # embeddings produce no tokens
         inp = reported.input_tokens or estimate.request_tokens(self.request_body)
         return replace(reported, input_tokens=inp, output_tokens=output)
