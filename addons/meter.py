@@ -3,6 +3,6 @@
 The addon lives in the package (edgemeter.addon); this script only hands it to mitmproxy.
 """
 
-from edgemeter.addon import Meter
+from edgemeter import Meter
 
 addons = [Meter()]

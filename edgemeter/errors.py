@@ -15,7 +15,8 @@
     ├── AdminError             the admin endpoint cannot listen where it was asked to
     └── BrokerError            (edgemeter CLI) no broker, or no stream takes the subject
 
-The spool and publisher below the meter have their own family (`spool.errors.SpoolError`).
+The spool and publisher below the meter have their own family (`spool.errors.SpoolError`), with
+the same shape: a lower layer never imports the one above, and the metering wing imports no spool.
 """
 
 from __future__ import annotations
