@@ -24,7 +24,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from edgemeter.options import DEFAULTS
+from tools.harness import METER_ADDON, MITMDUMP, ROOT, NatsServer, Process, free_port
+from tools.streams import STREAM, ensure_stream
+
 PYTHON = sys.executable
 
 # --- the fast upstream --------------------------------------------------------------------------
@@ -460,74 +463,6 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-@dataclass
-class Proc:
-    """A process under test: how to start it, and the process once started."""
-
-    name: str
-    args: list[str]
-    port: int
-    log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-
-    def wait_listening(self, timeout: float = 60.0) -> None:
-        from tools.harness import wait_for_port
-
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}"
-                )
-            try:
-                wait_for_port(self.port, timeout=0.5)
-            except TimeoutError:
-                continue
-            self.check_alive()
-            return
-        raise TimeoutError(f"{self.name} not listening after {timeout}s:\n{self.tail()}")
-
-    def check_alive(self) -> None:
-        """Raise if the process exited: another one may be answering on its port."""
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}")
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM (the meter drains), SIGKILL if it does not exit in time."""
-        if self.proc is None:
-            return
-        proc, self.proc = self.proc, None
-        proc.terminate()
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-    def log_errors(self) -> int:
-        """Tracebacks and addon errors in the log: a meter that fails in its hooks would still
-        answer every request, and its figures would look cheaper than they are."""
-        if not self.log_path.exists():
-            return 0
-        text = self.log_path.read_text(errors="replace")
-        return text.count("Traceback (most recent call last)") + text.count("Addon error")
-
-    def tail(self, lines: int = 40) -> str:
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
-
-
 # --- the loop probe (loaded with -s into the processes measured for event-loop health) ----------
 
 PROBE_SCRIPT = """from tools.bench import LoopProbe
@@ -698,8 +633,8 @@ class LoopProbe:
 
 # --- configuration ------------------------------------------------------------------------------
 
-SUBJECT = "catalyst.usage.recorded"
-STREAM_NAME = "CATALYST_SME"
+SUBJECT: str = DEFAULTS["meter_subject"]
+STREAM_NAME = STREAM
 # The drain has a stream of its own: the proxies of the rounds may still publish the last
 # envelopes of their load runs (client_aborted ones) while it counts what landed.
 DRAIN_SUBJECT = "bench.drain.recorded"
@@ -819,13 +754,12 @@ class Bench:
         self.results: dict[str, Any] = {}
         self._nats: Any = None
         self.upstream_port = 0
-        self.procs: dict[str, Proc] = {}
+        self.procs: dict[str, Process] = {}
         self._ports: set[int] = set()
 
     def port(self) -> int:
         """A free loopback port no process of this run was given yet: the kernel hands a
         just-released port out again, and two proxies started together would collide."""
-        from tools.harness import free_port
 
         while (port := free_port()) in self._ports:
             pass
@@ -835,7 +769,6 @@ class Bench:
     # -- processes ---------------------------------------------------------------------------
 
     def proxy_args(self, kind: str, port: int, *extra: str) -> list[str]:
-        from tools.harness import METER_ADDON, MITMDUMP
 
         base = {
             "mitmdump": [str(MITMDUMP)],
@@ -855,7 +788,7 @@ class Bench:
         ]
         return [arg for s in sets for arg in ("--set", s)]
 
-    def make_proc(self, name: str, probe: bool = False) -> Proc:
+    def make_proc(self, name: str, probe: bool = False) -> Process:
         port = self.port()
         extra: list[str] = []
         if probe:
@@ -884,9 +817,9 @@ class Bench:
             args = self.proxy_args("lean", port, *self.meter_sets(name), *extra)
         else:
             raise ValueError(name)
-        return Proc(name, args, port, self.work / f"{name}.log")
+        return Process(name, args, port, self.work / f"{name}.log")
 
-    def start(self, names: Sequence[str], probe: bool = False) -> dict[str, Proc]:
+    def start(self, names: Sequence[str], probe: bool = False) -> dict[str, Process]:
         procs = {n: self.make_proc(n, probe) for n in names}
         for p in procs.values():  # in parallel: mitmdump takes a second or two to start
             p.start()
@@ -904,7 +837,7 @@ class Bench:
                 p.stop()
                 self.note_errors(p)
 
-    def note_errors(self, proc: Proc) -> None:
+    def note_errors(self, proc: Process) -> None:
         errors = proc.log_errors()
         if errors:
             self.results.setdefault("log_errors", {})[proc.name] = errors
@@ -915,16 +848,13 @@ class Bench:
         # confdir would race to create it and read each other's half-written files.
         from mitmproxy.certs import CertStore
 
-        from tools.harness import NatsServer
-        from tools.streams import ensure_stream
-
         CertStore.from_store(self.work / "mitmproxy-conf", "mitmproxy", 2048)
         self._nats = NatsServer(store_dir=self.work / "jetstream", port=self.port())
         self._nats.start()
         asyncio.run(ensure_stream(self._nats.url, STREAM_NAME, (SUBJECT,), storage="file"))
         asyncio.run(ensure_stream(self._nats.url, DRAIN_STREAM, (DRAIN_SUBJECT,), storage="file"))
         self.upstream_port = self.port()
-        upstream = Proc(
+        upstream = Process(
             "upstream",
             [PYTHON, "-m", "tools.bench", "upstream", str(self.upstream_port)],
             self.upstream_port,
@@ -951,7 +881,7 @@ class Bench:
 
     def measure(self, variant: str, sc: Scenario) -> dict[str, Any]:
         if variant == "direct":
-            proc: Proc | None = None
+            proc: Process | None = None
             port = self.upstream_port
         else:
             proc = self._proc_of(variant, sc)
@@ -986,11 +916,11 @@ class Bench:
             self._add_cpu(figures, proc, cpu_seconds(proc.pid) - cpu0, sc)
         return runs[0], runs[1]
 
-    def _proc_of(self, variant: str, sc: Scenario) -> Proc:
+    def _proc_of(self, variant: str, sc: Scenario) -> Process:
         return self.procs["plain-stream" if variant == "plain" and sc.stream else variant]
 
     @staticmethod
-    def _add_cpu(figures: dict[str, Any], proc: Proc, cpu: float, sc: Scenario) -> None:
+    def _add_cpu(figures: dict[str, Any], proc: Process, cpu: float, sc: Scenario) -> None:
         proc.check_alive()
         figures["cpu_s"] = cpu
         figures["cpu_us_per_request"] = (
@@ -1003,7 +933,7 @@ class Bench:
 
     # -- phase 1: interleaved rounds ---------------------------------------------------------
 
-    def warm(self, proc: Proc) -> None:
+    def warm(self, proc: Process) -> None:
         """Both kinds of traffic once, so lazy imports and first connections are not measured."""
         seconds = min(1.0, self.config.duration_s)
         self.load(proc.port, Scenario("warm", 8), seconds)
@@ -1180,7 +1110,7 @@ class Bench:
             )
         self.results["memory"] = out
 
-    async def _memory_once(self, proc: Proc) -> dict[str, Any]:
+    async def _memory_once(self, proc: Process) -> dict[str, Any]:
         cfg = self.config
         spec = LoadSpec(
             proc.port,

@@ -41,10 +41,9 @@ from tools.harness import (
     NatsServer,
     NatsTap,
 )
-from tools.streams import ensure_stream, stream_messages
+from tools.streams import STREAM, STREAM_SUBJECTS, ensure_stream, stream_messages
 
-STREAM = "CATALYST_SME"
-SUBJECTS = ("catalyst.>",)
+SUBJECTS = STREAM_SUBJECTS
 # A scenario that has not counted its envelopes by then is reported as failed.
 SCENARIO_TIMEOUT_S = 900
 API_KEY = "sk-chaos-0123456789abcdef"

