@@ -21,6 +21,7 @@ import threading
 import time
 import tomllib
 import urllib.request
+import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -788,3 +789,75 @@ def test_image_entrypoint_refuses_a_bad_variable_with_exit_2(image: ImageTree) -
     )  # fmt: skip
     assert done.returncode == 2
     assert "EDGEMETER_SPOOL_SYNC='sometimes'" in done.stderr
+
+
+# --- the installed package: the wheel the image installs, and `edgemeter serve` from it --------
+
+
+def test_the_wheel_holds_the_product_and_no_tooling(image: ImageTree) -> None:
+    [wheel] = (image.root / "src" / "wheels").glob("edgemeter-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+    tops = {name.split("/", 1)[0] for name in names}
+    assert {t for t in tops if not t.endswith(".dist-info")} == {"edgemeter", "spool"}
+    for needed in (
+        "edgemeter/addon.py",
+        "edgemeter/options.py",
+        "edgemeter/py.typed",
+        "edgemeter/metering/apis/__init__.py",
+        "edgemeter/cli/main.py",
+        "spool/publisher.py",
+        "spool/py.typed",
+    ):
+        assert needed in names, needed
+    tooling = ("bench", "chaos", "harness", "demo", "streams", "conftest", "test_")
+    assert not [n for n in names if any(word in n.rsplit("/", 1)[-1] for word in tooling)]
+
+
+@pytest.mark.timeout(300)
+def test_an_installed_package_serves_from_an_empty_directory(
+    image: ImageTree, demo_upstream: BackgroundDemo, tmp_path: Path
+) -> None:
+    """`pip install .` (not editable), then `edgemeter serve` in a directory holding nothing
+    of the checkout, with no EDGEMETER_* variable: the meter comes from the package itself."""
+    broker = NatsServer(store_dir=tmp_path / "jetstream")
+    broker.start()
+    home, empty = tmp_path / "home", tmp_path / "empty"
+    empty.mkdir()
+    port = free_port()
+    env = {"PATH": str(image.root / "opt" / "venv" / "bin") + ":/usr/bin:/bin", "HOME": str(home)}
+    log = tmp_path / "serve.log"
+    try:
+        asyncio.run(ensure_stream(broker.url, STREAM, ("catalyst.>",)))
+        args = [image.which("edgemeter"), "serve", "--mode", f"reverse:{demo_upstream.url}"]
+        args += ["--listen-host", "127.0.0.1", "-p", str(port)]
+        # The admin endpoint's default port may be another test's on a shared machine.
+        args += ["--set", f"meter_nats_url={broker.url}", "--set", "meter_admin_listen="]
+        with log.open("wb") as out:
+            proc = subprocess.Popen(args, env=env, cwd=empty, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            _wait_listening(proc, port, log, timeout=60)
+            customer = f"cus_installed_{secrets.token_hex(4)}"
+            with openai.OpenAI(
+                base_url=f"http://127.0.0.1:{port}/v1",
+                api_key="sk-installed",
+                default_headers={"x-customer-id": customer, "x-tenant-id": "t_installed"},
+                max_retries=0,
+            ) as client:
+                reply = client.chat.completions.create(
+                    model="demo-chat", messages=[{"role": "user", "content": "hi"}]
+                )
+            _, envelope = _wait_envelope(broker.url, customer)
+            assert reply.usage is not None
+            assert envelope["metadata"]["tokens_used"] == reply.usage.total_tokens
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=60) == 0, log.read_text()[-4000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+    finally:
+        broker.stop()
+    assert list(empty.iterdir()) == []
+    # The platform data directory: where the spool goes when nothing says otherwise.
+    assert (home / ".local" / "share" / "edgemeter" / "spool" / "cache.db").is_file()
