@@ -13,12 +13,17 @@ from dataclasses import dataclass
 from typing import Final
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from edgemeter.errors import AdminError
 from edgemeter.metering.usage import TOKEN_KINDS
-from edgemeter.stats import Histograms, Snapshot
+from edgemeter.stats import Distribution, GenAI, Histograms, Snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +161,62 @@ class _SnapshotCollector(Collector):
             "1 while no JetStream stream is bound to the subject.",
             s.stream_missing,
         )
+        yield from genai_families(s.genai)
+
+
+# The labels of the GenAI metrics: the OpenTelemetry attributes with dots as underscores, as
+# Envoy AI Gateway's Prometheus exporter writes them.
+_GENAI_LABELS: Final = ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_response_model")
+
+
+def _histogram(
+    name: str, documentation: str, labels: tuple[str, ...], values: Distribution
+) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, documentation, labels=labels)
+    for series in sorted(values.series):
+        buckets, total = values.buckets(series)
+        family.add_metric(list(series), buckets, total)
+    return family
+
+
+def genai_families(g: GenAI) -> Iterator[Metric]:
+    """The per-model metrics under the OpenTelemetry GenAI semantic-convention names."""
+    yield _histogram(
+        "gen_ai_client_token_usage",
+        "Tokens per billed request by gen_ai_token_type: input and output (every request), "
+        "cached_input, cache_creation_input and reasoning (requests that had any; parts of "
+        "input and output).",
+        (*_GENAI_LABELS, "gen_ai_token_type"),
+        g.token_usage,
+    )
+    yield _histogram(
+        "gen_ai_server_request_duration_seconds",
+        "Billed requests from their start to the response's last byte; error_type is the "
+        "outcome of requests that did not complete (client_aborted, upstream_error).",
+        (*_GENAI_LABELS, "error_type"),
+        g.duration,
+    )
+    yield _histogram(
+        "gen_ai_server_time_to_first_token_seconds",
+        "Streamed billed requests from their start to the first byte of the response body.",
+        _GENAI_LABELS,
+        g.ttft,
+    )
+    yield _histogram(
+        "gen_ai_server_time_per_output_token_seconds",
+        "Completed streams: time after the first byte per output token after the first.",
+        _GENAI_LABELS,
+        g.tpot,
+    )
+    amount = CounterMetricFamily(
+        "edgemeter_model_amount_micro",
+        "Amount debited in spooled envelopes by model, in micro-units of the currency "
+        "(models past meter_metrics_max_models as other).",
+        labels=("gen_ai_response_model", "currency"),
+    )
+    for (model, currency), value in sorted(g.amount.items()):
+        amount.add_metric((model, currency), value)
+    yield amount
 
 
 def render_metrics(snapshot: Snapshot, histograms: Histograms) -> bytes:
