@@ -99,10 +99,11 @@ IMAGE_DEFAULTS: dict[str, str] = {
     "EDGEMETER_LISTEN_PORT": "8086",
     "EDGEMETER_ADMIN_LISTEN": "0.0.0.0:9464",
 }
-# Inside the Go sidecar's SPOOL_DIR (the one volume its chart mounts writable): the meter's spool
-# and mitmproxy's confdir as directories of their own, which the meter may chmod (the volume's
-# root may not be its own) and which never mix with the Go sidecar's <request_id>.json files.
-GO_SPOOL_SUBDIR = "edgemeter"
+# The Go sidecar's SPOOL_DIR is the one volume its chart mounts writable: it holds the meter's
+# spool and mitmproxy's confdir as the image's volume does (spool/, mitmproxy/), directories the
+# meter makes and may chmod (the volume's root may not be its own), apart from the Go sidecar's
+# own <request_id>.json files.
+GO_SPOOL_SUBDIR = "spool"
 GO_CONFDIR_SUBDIR = "mitmproxy"
 
 _GO_DURATION = re.compile(r"([0-9]*(?:\.[0-9]*)?)(ns|us|µs|μs|ms|s|m|h)")

@@ -319,7 +319,7 @@ def test_every_variable_the_go_sidecar_reads_is_read() -> None:
         ({"TENANT_ID_HEADER": "X-Tenant-Id"}, ["--set", "meter_tenant_header=X-Tenant-Id"]),
         ({"CUSTOMER_ID_HEADER": "X-Customer-Id"}, ["--set", "meter_customer_header=X-Customer-Id"]),
         ({"SPOOL_DIR": "/var/lib/metering-sidecar/spool"},
-         ["--set", "meter_spool_dir=/var/lib/metering-sidecar/spool/edgemeter",
+         ["--set", "meter_spool_dir=/var/lib/metering-sidecar/spool/spool",
           "--set", "confdir=/var/lib/metering-sidecar/spool/mitmproxy"]),
     ],
 )  # fmt: skip
@@ -375,7 +375,7 @@ def test_an_edgemeter_variable_wins_over_the_go_one(
     [
         ("LISTEN_PORT", "EDGEMETER_LISTEN_PORT", "8086", "listen_port=9000"),
         ("SPOOL_DIR", "EDGEMETER_SPOOL_DIR", "/var/lib/edgemeter/spool",
-         "meter_spool_dir=9000/edgemeter"),
+         "meter_spool_dir=9000/spool"),
     ],
 )  # fmt: skip
 def test_the_images_own_defaults_give_way_to_a_go_variable(
@@ -1015,7 +1015,7 @@ def test_image_meters_a_request_with_the_go_sidecars_variables_alone(
             proc.wait(timeout=10)
         broker.stop()
         print(f"--- entrypoint log ---\n{log.read_text()[-6000:]}")
-    assert (spool_volume / "edgemeter" / "cache.db").is_file()
+    assert (spool_volume / "spool" / "cache.db").is_file()
     assert (spool_volume / "mitmproxy" / "mitmproxy-ca.pem").is_file()
     text = log.read_text()
     assert "the Go sidecar's variables are read" in text
