@@ -385,6 +385,18 @@ def test_the_images_own_defaults_give_way_to_a_go_variable(
     assert option in plan(env, table).args
 
 
+def test_the_migration_guide_maps_every_go_variable_and_chart_value() -> None:
+    guide = (ROOT / "docs" / "MIGRATION.md").read_text(encoding="utf-8")
+    for go, targets in container.GO_VARIABLES.items():
+        row = next(line for line in guide.splitlines() if line.startswith(f"| `{go}` |"))
+        for variable, _ in targets:
+            assert f"`{variable}" in row, (go, variable)
+    for value in ("natsURL", "port", "spoolDir", "priceMicroOMRPerToken", "natsPublishTimeout",
+                  "tenantIDHeader", "customerIDHeader", "enabled", "image", "resources",
+                  "securityContext"):  # fmt: skip
+        assert f"`{value}`" in guide, value
+
+
 def test_image_defaults_are_the_dockerfiles_env() -> None:
     image = dockerfile.read()[-1].env()
     assert {name: image[name] for name in container.IMAGE_DEFAULTS} == container.IMAGE_DEFAULTS
