@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from prometheus_client import Histogram
-from prometheus_client.utils import floatToGoString
 
 from edgemeter.metering.usage import TOKEN_KINDS
 
@@ -89,20 +88,6 @@ class Distribution:
                 for i, value in enumerate(values):
                     mine[i] += value
         return total
-
-    def buckets(self, labels: tuple[str, ...]) -> tuple[list[tuple[str, float]], float]:
-        """Prometheus' cumulative (le, count) pairs of one series, and its sum."""
-        values = self.series[labels]
-        running, out = 0.0, []
-        for bound, count in zip((*self.bounds, float("inf")), values, strict=False):
-            running += count
-            out.append((_go_float(bound), running))
-        return out, values[-1]
-
-
-def _go_float(bound: float) -> str:
-    """A bucket bound as Prometheus clients write it: 0.25, 1024.0, 1.048576e+06, +Inf."""
-    return str(floatToGoString(bound))  # type: ignore[no-untyped-call]
 
 
 @dataclass(slots=True)

@@ -20,10 +20,11 @@ from edgemeter.admin import (
     Snapshot,
     Thresholds,
     bind,
+    histogram_text,
     readiness,
     render_metrics,
 )
-from edgemeter.stats import Stats
+from edgemeter.stats import Distribution, Stats
 from tests.test_stats import envelope
 from tools.demo_upstream import BackgroundDemo
 from tools.harness import MeterFactory, NatsServer, free_port
@@ -148,6 +149,33 @@ def test_genai_metrics_carry_the_semantic_convention_names_and_labels() -> None:
     assert found[("gen_ai_server_time_per_output_token_seconds_count", labelled())] == 1
     amount = (("currency", "OMR"), ("gen_ai_response_model", "gpt-4o-mini"))
     assert found[("edgemeter_model_amount_micro_total", amount)] == 23556 + 156
+
+
+def test_histograms_are_cumulative_and_end_at_infinity() -> None:
+    d = Distribution((1.0, 10.0))
+    for value in (0.5, 5, 50):
+        d.observe(("x",), value)
+    text = histogram_text("h_seconds", "doc", ("l",), d)
+    assert text.splitlines()[2:] == [
+        'h_seconds_bucket{l="x",le="1.0"} 1.0',
+        'h_seconds_bucket{l="x",le="10.0"} 2.0',
+        'h_seconds_bucket{l="x",le="+Inf"} 3.0',
+        'h_seconds_sum{l="x"} 55.5',
+        'h_seconds_count{l="x"} 3.0',
+    ]
+
+
+def test_a_model_name_with_quotes_and_backslashes_comes_back_as_it_was() -> None:
+    stats = Stats()
+    model = 'a "quoted" \\model\\'
+    stats.billed(envelope(model=model))
+    text = render_metrics(dataclasses.replace(SNAPSHOT, genai=stats.genai), Histograms())
+    models = {
+        dict(labels).get("gen_ai_response_model")
+        for (name, labels) in samples(text)
+        if name.startswith("gen_ai_")
+    }
+    assert models == {model}
 
 
 def test_a_taken_port_is_a_clear_error() -> None:
