@@ -151,6 +151,7 @@ class Meter:
         if self.is_running and previous and previous.admin_listen != settings.admin_listen:
             self._rebind_admin(settings)
         self.settings, self.prices, self.keys = settings, prices, keys
+        self.stats.genai.max_models = settings.metrics_max_models
         self.who = settings.attribution_spec
         self.header_names = header_names(self.who, "x-request-id")
         if self.is_running and previous and nats_config(previous) != nats_config(settings):
@@ -570,6 +571,7 @@ class Meter:
             keymap=self.keys is not None,
             dead_letters_shown=dead_shown,
             dead_lettered=pub.dead_lettered if pub else 0,
+            genai=st.genai.copy(),
         )
 
     def _thresholds(self) -> Thresholds:

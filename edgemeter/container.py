@@ -5,6 +5,8 @@ Rule: a meter option `meter_<name>` is `EDGEMETER_<NAME>`; any mitmproxy option 
 runner is `MITMPROXY_<NAME>`; EDGEMETER_UPSTREAM, EDGEMETER_LISTEN_HOST and EDGEMETER_LISTEN_PORT
 set the reverse-proxy mode and the listener. Everything is derived from the meter's option table
 and from mitmproxy's own option list at run time, so a new option gets its variable by itself.
+The Go sidecar's variables (NATS_URL, NEWAPI_UPSTREAM_URL, ...) are read too (`from_go`), so its
+Deployment runs the meter unchanged; an EDGEMETER_* variable set by the user wins over them.
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ import difflib
 import json
 import logging
 import os
+import re
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import ROUND_CEILING, Decimal
+from pathlib import Path
 from typing import Any
 
 from edgemeter.errors import ContainerError, SettingsError
@@ -80,6 +85,133 @@ class Plan:
     given: list[str]
     # Variables under the image's prefixes that set nothing (typos, Kubernetes service links).
     ignored: list[str]
+    # The Go sidecar's variables read, and those left unused because an EDGEMETER_* one is set.
+    go: GoVariables = field(default_factory=lambda: GoVariables({}))
+
+
+# --- the Go sidecar's variables ---------------------------------------------------------------
+
+# What the image's Dockerfile sets (ENV): a Go variable replaces these, since they are defaults
+# rather than the user's choice; tests/test_container.py keeps the two in step.
+IMAGE_DEFAULTS: dict[str, str] = {
+    "EDGEMETER_SPOOL_DIR": "/var/lib/edgemeter/spool",
+    "MITMPROXY_CONFDIR": "/var/lib/edgemeter/mitmproxy",
+    "EDGEMETER_LISTEN_PORT": "8086",
+    "EDGEMETER_ADMIN_LISTEN": "0.0.0.0:9464",
+}
+# The Go sidecar's SPOOL_DIR is the one volume its chart mounts writable: it holds the meter's
+# spool and mitmproxy's confdir as the image's volume does (spool/, mitmproxy/), directories the
+# meter makes and may chmod (the volume's root may not be its own), apart from the Go sidecar's
+# own <request_id>.json files.
+GO_SPOOL_SUBDIR = "spool"
+GO_CONFDIR_SUBDIR = "mitmproxy"
+
+_GO_DURATION = re.compile(r"([0-9]*(?:\.[0-9]*)?)(ns|us|µs|μs|ms|s|m|h)")
+# Exact decimal arithmetic: 0.3s is 300 ms, not the 301 a float would round up to.
+_GO_UNIT_MS = {
+    "ns": Decimal("0.000001"),
+    "us": Decimal("0.001"),
+    "µs": Decimal("0.001"),
+    "μs": Decimal("0.001"),
+    "ms": Decimal(1),
+    "s": Decimal(1000),
+    "m": Decimal(60_000),
+    "h": Decimal(3_600_000),
+}
+
+
+def go_duration_ms(text: str) -> int:
+    """A Go time.ParseDuration string ("5s", "1m30s", "1.5s", "750ms") in whole milliseconds,
+    rounded up so a positive duration never becomes 0; ValueError for anything else."""
+    text = text.strip()
+    sign = -1 if text.startswith("-") else 1
+    rest = text.lstrip("+-")
+    if rest == "0":
+        return 0
+    total, at = Decimal(0), 0
+    while at < len(rest):
+        m = _GO_DURATION.match(rest, at)
+        if m is None or m.group(1) in ("", "."):
+            raise ValueError(f"not a Go duration: {text!r}")
+        total += Decimal(m.group(1)) * _GO_UNIT_MS[m.group(2)]
+        at = m.end()
+    if not rest:
+        raise ValueError(f"not a Go duration: {text!r}")
+    return sign * int(total.to_integral_value(rounding=ROUND_CEILING))
+
+
+def _go_timeout(text: str) -> str:
+    try:
+        return str(go_duration_ms(text))
+    except ValueError:
+        raise ContainerError(
+            'not a Go duration (e.g. "5s", "1500ms")', variable="NATS_PUBLISH_TIMEOUT", value=text
+        ) from None
+
+
+def _same(text: str) -> str:
+    return text
+
+
+# Every variable the Go sidecar's main.go reads, and what it becomes: (image variable, value).
+GO_VARIABLES: dict[str, tuple[tuple[str, Callable[[str], str]], ...]] = {
+    "NATS_URL": (("EDGEMETER_NATS_URL", _same),),
+    "NEWAPI_UPSTREAM_URL": (("EDGEMETER_UPSTREAM", _same),),
+    "LISTEN_PORT": (("EDGEMETER_LISTEN_PORT", _same),),
+    "SPOOL_DIR": (
+        ("EDGEMETER_SPOOL_DIR", lambda d: str(Path(d) / GO_SPOOL_SUBDIR)),
+        ("MITMPROXY_CONFDIR", lambda d: str(Path(d) / GO_CONFDIR_SUBDIR)),
+    ),
+    "PRICE_MICRO_OMR_PER_TOKEN": (("EDGEMETER_PRICE_MICRO_PER_TOKEN", _same),),
+    "NATS_PUBLISH_TIMEOUT": (("EDGEMETER_PUBLISH_TIMEOUT_MS", _go_timeout),),
+    "TENANT_ID_HEADER": (("EDGEMETER_TENANT_HEADER", _same),),
+    "CUSTOMER_ID_HEADER": (("EDGEMETER_CUSTOMER_HEADER", _same),),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class GoVariables:
+    """The environment with the Go sidecar's variables turned into the image's own."""
+
+    env: Mapping[str, str]
+    # image variable → the Go variable its value came from (errors name the Go one).
+    source: Mapping[str, str] = field(default_factory=dict)
+    # Go variables not used: an EDGEMETER_* (or MITMPROXY_*) one the user set says otherwise.
+    overridden: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def used(self) -> list[str]:
+        return sorted(set(self.source.values()))
+
+
+def from_go(
+    env: Mapping[str, str], image_defaults: Mapping[str, str] = IMAGE_DEFAULTS
+) -> GoVariables:
+    """`env` with every Go sidecar variable that is set (not empty: main.go's getEnv takes an
+    empty one for unset) as the image variable it stands for, unless the user set that one:
+    a value other than the image's default wins over the Go variable."""
+    out, source, overridden = dict(env), {}, {}
+    for go, targets in GO_VARIABLES.items():
+        text = env.get(go, "")
+        if not text:
+            continue
+        for variable, convert in targets:
+            mine = env.get(variable)
+            if mine is not None and mine != image_defaults.get(variable):
+                overridden[go] = variable
+                continue
+            out[variable] = convert(text)
+            source[variable] = go
+    return GoVariables(out, source, overridden)
+
+
+def go_spool_leftovers(directory: str) -> int:
+    """Envelopes the Go sidecar left in its spool directory (`<request_id>.json`), which it
+    publishes itself and the meter never reads (docs/MIGRATION.md)."""
+    try:
+        return sum(1 for entry in os.scandir(directory) if entry.name.endswith(".json"))
+    except OSError:
+        return 0
 
 
 # The listener and the mode: what every deployment sets, so they get short names of their own.
@@ -246,8 +378,22 @@ def plan(
     extra: Sequence[str] = (),
 ) -> Plan:
     """The runner's arguments for this environment (the runner adds the meter itself): one
-    `--set` per option given, then `extra` (the container's command). Raises ContainerError
-    naming the variable."""
+    `--set` per option given, then `extra` (the container's command). The Go sidecar's
+    variables count as the image's own (`from_go`). Raises ContainerError naming the variable
+    (the Go one where the value came from it)."""
+    go = from_go(env)
+    try:
+        return _plan(go, table, extra)
+    except ContainerError as e:
+        variable = str(e.fields.get("variable", ""))
+        if variable not in go.source:
+            raise
+        fields = dict(e.fields) | {"variable": f"{go.source[variable]} (as {variable})"}
+        raise ContainerError(e.message, **fields) from None
+
+
+def _plan(go: GoVariables, table: Mapping[str, Setting], extra: Sequence[str]) -> Plan:
+    env = go.env
     given = {name: env[name] for name in sorted(env) if name in table}
     by_option: dict[str, list[str]] = {}
     for name in given:
@@ -297,7 +443,7 @@ def plan(
         and name not in table
         and name != RUNNER_VARIABLE
     ]
-    return Plan(args + list(extra), list(given), ignored)
+    return Plan(args + list(extra), list(given), ignored, go)
 
 
 def _check_meter(values: Mapping[str, Any], table: Mapping[str, Setting]) -> None:
@@ -361,6 +507,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     for name in run.ignored:
         _say(f"warning: {name} is not a setting and is ignored{suggestion(name, table)}")
+    for go, variable in sorted(run.go.overridden.items()):
+        _say(f"warning: {go} (the Go sidecar's) is ignored: {variable} is set")
+    if run.go.used:
+        taken = ", ".join(f"{go} as {v}" for v, go in sorted(run.go.source.items()))
+        _say(f"the Go sidecar's variables are read: {taken}")
+    if (spool_dir := env.get("SPOOL_DIR")) and (left := go_spool_leftovers(spool_dir)):
+        _say(
+            f"warning: SPOOL_DIR {spool_dir} holds {left} envelopes the Go sidecar spooled and "
+            "never published; the meter does not read them: publish them (docs/MIGRATION.md)"
+        )
     _say(f"{runner} with the meter, set from the environment: {', '.join(run.given) or 'nothing'}")
     sys.stdout.flush()
     # The arguments travel in the environment, not on the command line: /proc/<pid>/cmdline is

@@ -276,6 +276,15 @@ OPTIONS: tuple[Option, ...] = (
         (the meter can record requests) and /metrics (Prometheus text). Empty disables it.""",
     ),
     Option(
+        "meter_metrics_max_models",
+        int,
+        100,
+        """Most model names the GenAI metrics (gen_ai_*) label: the first this many models seen
+        get a label of their own, requests for any other are counted under model "other", so an
+        upstream that names many models cannot make /metrics grow without bound. 0: every
+        model is "other".""",
+    ),
+    Option(
         "meter_ready_broker_down_s",
         int,
         0,

@@ -71,6 +71,7 @@ class Settings:
     fingerprint_secret: bytes = field(default=b"", repr=False)
     tune_mitmproxy: bool = True
     publish_linger_ms: int = 250
+    metrics_max_models: int = 100
 
     @property
     def attribution_spec(self) -> AttributionSpec:
@@ -338,6 +339,9 @@ def parse_settings(options: Mapping[str, object]) -> Settings:
             text("meter_fingerprint_secret"), text("meter_fingerprint_secret_file")
         ),
         tune_mitmproxy=flag("meter_tune_mitmproxy"),
+        metrics_max_models=parse_non_negative(
+            number("meter_metrics_max_models"), "meter_metrics_max_models"
+        ),
     )
 
 

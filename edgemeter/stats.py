@@ -4,8 +4,9 @@ the `Snapshot` that /metrics, /readyz and `meter.status` all read at one instant
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -17,6 +18,191 @@ from edgemeter.metering.usage import TOKEN_KINDS
 _PUBLISH_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 # The write-ahead wait before a response's last byte: ~0.1 ms normally, more under disk pressure.
 _ADDED_BUCKETS: Final = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1)
+
+# The OpenTelemetry GenAI semantic conventions' bucket boundaries (gen-ai-metrics.md, v1.41):
+# tokens per request, request duration, time per output token. Time to first token takes
+# Envoy AI Gateway's extension of the spec's boundaries past 10 s (reasoning models think longer).
+TOKEN_BUCKETS: Final = tuple(float(4**n) for n in range(14))
+DURATION_BUCKETS: Final = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24,
+                           20.48, 40.96, 81.92)  # fmt: skip
+TTFT_BUCKETS: Final = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                       5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0)  # fmt: skip
+TPOT_BUCKETS: Final = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+# gen_ai.operation.name of each API shape (semconv: OpenAI's Responses API and Anthropic's
+# Messages are "chat"); a shape not listed here is named by its API.
+OPERATIONS: Final = {
+    "openai.chat": "chat",
+    "openai.responses": "chat",
+    "anthropic.messages": "chat",
+    "openai.completions": "text_completion",
+    "openai.embeddings": "embeddings",
+}
+# gen_ai.token.type beside semconv's input and output: the custom values Envoy AI Gateway emits
+# for the parts of them (cached input, cache writes, reasoning), with the envelope's field.
+_TOKEN_PARTS: Final = (
+    ("cached_input", "cached_input_tokens"),
+    ("cache_creation_input", "cache_write_tokens"),
+    ("reasoning", "reasoning_tokens"),
+)
+# The model label of every model past meter_metrics_max_models.
+OTHER_MODEL: Final = "other"
+DEFAULT_MAX_MODELS: Final = 100
+
+
+class Distribution:
+    """One histogram by label set as plain numbers: each series is its per-bucket counts (not
+    cumulative; the last is +Inf) followed by the sum of what was observed. Two distributions
+    with the same bounds add up series by series (`merged`), so per-process ones can be summed."""
+
+    __slots__ = ("bounds", "series")
+
+    def __init__(
+        self, bounds: tuple[float, ...], series: Mapping[tuple[str, ...], list[float]] | None = None
+    ) -> None:
+        self.bounds = bounds
+        self.series: dict[tuple[str, ...], list[float]] = dict(series or {})
+
+    def observe(self, labels: tuple[str, ...], value: float) -> None:
+        values = self.values(labels)
+        values[bisect_left(self.bounds, value)] += 1
+        values[-1] += value
+
+    def values(self, labels: tuple[str, ...]) -> list[float]:
+        """The series of a label set, made (empty) the first time: a caller may keep it and
+        update it in place, as `observe` does."""
+        values = self.series.get(labels)
+        if values is None:
+            values = self.series[labels] = [0.0] * (len(self.bounds) + 2)
+        return values
+
+    def copy(self) -> Distribution:
+        return Distribution(self.bounds, {k: list(v) for k, v in self.series.items()})
+
+    def merged(self, *others: Distribution) -> Distribution:
+        total = self.copy()
+        for other in others:
+            if other.bounds != self.bounds:
+                raise ValueError("distributions with different buckets do not add up")
+            for labels, values in other.series.items():
+                mine = total.series.setdefault(labels, [0.0] * len(values))
+                for i, value in enumerate(values):
+                    mine[i] += value
+        return total
+
+
+@dataclass(slots=True)
+class _Series:
+    """What one API and model label observe on every envelope, kept to skip the lookups."""
+
+    base: tuple[str, str, str]
+    input: list[float]
+    output: list[float]
+    complete: list[float] | None = None
+
+
+@dataclass
+class GenAI:
+    """The per-model metrics under the OpenTelemetry GenAI names: tokens per request by type,
+    request duration, time to first token and per output token (streams), and the amount billed,
+    each by operation, provider and model; the model label is capped at `max_models` names."""
+
+    max_models: int = DEFAULT_MAX_MODELS
+    # (operation, provider, model, token type)
+    token_usage: Distribution = field(default_factory=lambda: Distribution(TOKEN_BUCKETS))
+    # (operation, provider, model, error type: "" when complete, else the outcome)
+    duration: Distribution = field(default_factory=lambda: Distribution(DURATION_BUCKETS))
+    # (operation, provider, model)
+    ttft: Distribution = field(default_factory=lambda: Distribution(TTFT_BUCKETS))
+    tpot: Distribution = field(default_factory=lambda: Distribution(TPOT_BUCKETS))
+    # (model, currency) → micro-units billed
+    amount: Counter[tuple[str, str]] = field(default_factory=Counter)
+    # The model names that have a label of their own (the first max_models seen).
+    models: set[str] = field(default_factory=set)
+    _series: dict[tuple[str, str], _Series] = field(default_factory=dict)
+
+    def model_label(self, model: str) -> str:
+        models = self.models
+        if model in models:
+            return model
+        if len(models) < self.max_models:
+            models.add(model)
+            return model
+        return OTHER_MODEL
+
+    def record(self, meta: Mapping[str, Any], amount_micro: int) -> None:
+        """Count one envelope's metadata (every observation comes from it: no work per chunk).
+        About 2 µs: the series of an API and model are looked up once and kept (`_Series`)."""
+        model = meta["model"]
+        if model not in self.models:
+            model = self.model_label(model)
+        key = (meta["api"], model)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = self._new_series(*key)
+        bisect_tokens = TOKEN_BUCKETS
+        for values, count in (
+            (series.input, meta["input_tokens"]),
+            (series.output, meta["output_tokens"]),
+        ):
+            values[bisect_left(bisect_tokens, count)] += 1
+            values[-1] += count
+        for token_type, name in _TOKEN_PARTS:
+            # The parts only when present, so their _count says how many requests had any.
+            if count := meta[name]:
+                self.token_usage.observe((*series.base, token_type), count)
+        outcome = meta["outcome"]
+        latency = meta["latency_ms"] / 1000
+        if outcome == "complete":
+            done = series.complete
+            if done is None:
+                done = series.complete = self.duration.values((*series.base, ""))
+            done[bisect_left(DURATION_BUCKETS, latency)] += 1
+            done[-1] += latency
+        else:
+            self.duration.observe((*series.base, outcome), latency)
+        ttft_ms = meta["ttft_ms"]
+        if meta["stream"] and ttft_ms is not None:
+            self.ttft.observe(series.base, ttft_ms / 1000)
+            output = meta["output_tokens"]
+            if output > 1 and outcome == "complete":
+                self.tpot.observe(series.base, (latency - ttft_ms / 1000) / (output - 1))
+        self.amount[(model, meta["currency"])] += amount_micro
+
+    def _new_series(self, api: str, model: str) -> _Series:
+        family, _, _ = api.partition(".")
+        base = (OPERATIONS.get(api, api), family, model)
+        return _Series(
+            base,
+            self.token_usage.values((*base, "input")),
+            self.token_usage.values((*base, "output")),
+        )
+
+    def copy(self) -> GenAI:
+        return GenAI(
+            self.max_models,
+            self.token_usage.copy(),
+            self.duration.copy(),
+            self.ttft.copy(),
+            self.tpot.copy(),
+            Counter(self.amount),
+            set(self.models),
+        )
+
+    @classmethod
+    def summed(cls, parts: Iterable[GenAI]) -> GenAI:
+        """Several processes' metrics as one (label sets added up)."""
+        total = cls()
+        for part in parts:
+            total = GenAI(
+                max(total.max_models, part.max_models),
+                total.token_usage.merged(part.token_usage),
+                total.duration.merged(part.duration),
+                total.ttft.merged(part.ttft),
+                total.tpot.merged(part.tpot),
+                total.amount + part.amount,
+                total.models | part.models,
+            )
+        return total
 
 
 @dataclass
@@ -64,6 +250,7 @@ class Stats:
     # Metered requests in keymap mode with no key in the map (billed unattributed).
     unknown_keys: int = 0
     histograms: Histograms = field(default_factory=Histograms)
+    genai: GenAI = field(default_factory=GenAI)
 
     def billed(self, envelope: Mapping[str, Any], anomaly: str = "") -> None:
         """Count an envelope on its way to the spool."""
@@ -72,9 +259,11 @@ class Stats:
         tokens = self.tokens
         for kind in TOKEN_KINDS:
             tokens[kind] += meta[f"{kind}_tokens"]
-        self.amount_micro -= envelope["amount_micro_omr"]
+        amount = -envelope["amount_micro_omr"]
+        self.amount_micro += amount
         if anomaly:
             self.anomalies[anomaly] += 1
+        self.genai.record(meta, amount)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +296,8 @@ class Snapshot:
     keymap: bool = False
     dead_letters_shown: str | None = None
     dead_lettered: int = 0
+    # A copy of the per-model GenAI metrics at the snapshot's instant.
+    genai: GenAI = field(default_factory=GenAI)
 
 
 def status_text(s: Snapshot) -> str:

@@ -226,6 +226,7 @@ async def test_reject_mode_serves_again_once_the_spool_has_room(
         ("meter_nats_url", "http://nats:4222"),
         ("meter_stream_usage", "sometimes"),
         ("meter_currency", "rial"),
+        ("meter_metrics_max_models", -1),
     ],
 )
 def test_a_bad_option_is_an_options_error_naming_it(
@@ -234,6 +235,16 @@ def test_a_bad_option_is_an_options_error_naming_it(
     addon, tctx = meter
     with pytest.raises(exceptions.OptionsError, match=option):
         tctx.configure(addon, **{option: value})
+
+
+async def test_the_model_label_cap_is_an_option(meter: tuple[Meter, Any], recorded: Path) -> None:
+    addon, tctx = meter
+    tctx.configure(addon, meter_metrics_max_models=1)
+    for fixture in ("openai-chat-nonstream.json", "anthropic-messages-nonstream.json"):
+        api_path = "/v1/messages" if fixture.startswith("anthropic") else "/v1/chat/completions"
+        await run_flow(addon, make_flow(api_path), 200, wire_body(recorded / fixture), False)
+    models = {labels[2] for labels in addon.snapshot().genai.duration.series}
+    assert models == {"gpt-4.1-nano-2025-04-14", "other"}
 
 
 def test_an_unwritable_spool_dir_stops_startup(tmp_path: Path) -> None:

@@ -20,9 +20,12 @@ from edgemeter.admin import (
     Snapshot,
     Thresholds,
     bind,
+    histogram_text,
     readiness,
     render_metrics,
 )
+from edgemeter.stats import Distribution, Stats
+from tests.test_stats import envelope
 from tools.demo_upstream import BackgroundDemo
 from tools.harness import MeterFactory, NatsServer, free_port
 from tools.streams import ensure_stream
@@ -116,6 +119,63 @@ def test_metrics_expose_every_family_with_labels() -> None:
     assert found[("edgemeter_broker_connected", ())] == 1
     assert found[("edgemeter_publish_latency_seconds_count", ())] == 1
     assert found[("edgemeter_added_latency_seconds_bucket", (("le", "0.00025"),))] == 1
+
+
+def test_genai_metrics_carry_the_semantic_convention_names_and_labels() -> None:
+    stats = Stats()
+    stats.billed(envelope(amount=-23556, stream=True, cached_input_tokens=100))
+    stats.billed(envelope(amount=-156, outcome="client_aborted"))
+    found = samples(render_metrics(dataclasses.replace(SNAPSHOT, genai=stats.genai), Histograms()))
+    base = (
+        ("gen_ai_operation_name", "chat"),
+        ("gen_ai_provider_name", "openai"),
+        ("gen_ai_response_model", "gpt-4o-mini"),
+    )
+
+    def labelled(*extra: tuple[str, str]) -> tuple[tuple[str, str], ...]:
+        return tuple(sorted((*base, *extra)))
+
+    usage = "gen_ai_client_token_usage"
+    assert found[(f"{usage}_sum", labelled(("gen_ai_token_type", "input")))] == 240
+    assert found[(f"{usage}_count", labelled(("gen_ai_token_type", "cached_input")))] == 1
+    assert (
+        found[(f"{usage}_bucket", labelled(("gen_ai_token_type", "output"), ("le", "64.0")))] == 2
+    )
+    duration = "gen_ai_server_request_duration_seconds"
+    assert found[(f"{duration}_count", labelled(("error_type", "")))] == 1
+    assert found[(f"{duration}_count", labelled(("error_type", "client_aborted")))] == 1
+    assert found[(f"{duration}_bucket", labelled(("error_type", ""), ("le", "+Inf")))] == 1
+    assert found[("gen_ai_server_time_to_first_token_seconds_count", labelled())] == 1
+    assert found[("gen_ai_server_time_per_output_token_seconds_count", labelled())] == 1
+    amount = (("currency", "OMR"), ("gen_ai_response_model", "gpt-4o-mini"))
+    assert found[("edgemeter_model_amount_micro_total", amount)] == 23556 + 156
+
+
+def test_histograms_are_cumulative_and_end_at_infinity() -> None:
+    d = Distribution((1.0, 10.0))
+    for value in (0.5, 5, 50):
+        d.observe(("x",), value)
+    text = histogram_text("h_seconds", "doc", ("l",), d)
+    assert text.splitlines()[2:] == [
+        'h_seconds_bucket{l="x",le="1.0"} 1.0',
+        'h_seconds_bucket{l="x",le="10.0"} 2.0',
+        'h_seconds_bucket{l="x",le="+Inf"} 3.0',
+        'h_seconds_sum{l="x"} 55.5',
+        'h_seconds_count{l="x"} 3.0',
+    ]
+
+
+def test_a_model_name_with_quotes_and_backslashes_comes_back_as_it_was() -> None:
+    stats = Stats()
+    model = 'a "quoted" \\model\\'
+    stats.billed(envelope(model=model))
+    text = render_metrics(dataclasses.replace(SNAPSHOT, genai=stats.genai), Histograms())
+    models = {
+        dict(labels).get("gen_ai_response_model")
+        for (name, labels) in samples(text)
+        if name.startswith("gen_ai_")
+    }
+    assert models == {model}
 
 
 def test_a_taken_port_is_a_clear_error() -> None:
@@ -231,6 +291,15 @@ def test_a_running_meter_reports_health_readiness_and_metrics(
     assert found[("edgemeter_broker_connected", ())] == 1
     assert found[("edgemeter_added_latency_seconds_count", ())] == 2
     assert found[("edgemeter_publish_latency_seconds_count", ())] == 2
+    genai = {
+        (name, dict(labels)["gen_ai_token_type"]): value
+        for (name, labels), value in found.items()
+        if name == "gen_ai_client_token_usage_sum"
+    }
+    assert genai == {
+        ("gen_ai_client_token_usage_sum", "input"): tokens["input"],
+        ("gen_ai_client_token_usage_sum", "output"): tokens["output"],
+    }
     assert get(admin_port, "/readyz").status_code == 200
 
 

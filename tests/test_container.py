@@ -46,6 +46,7 @@ from edgemeter.container import (
 from edgemeter.errors import ContainerError
 from edgemeter.options import OPTIONS, Option, variable_of
 from tests import dockerfile
+from tests.conftest import SHARED
 from tools.demo_upstream import BackgroundDemo
 from tools.harness import ROOT, NatsServer, free_port
 from tools.streams import ensure_stream, stream_messages
@@ -291,6 +292,178 @@ def test_proxy_option_kinds_are_read_from_mitmproxy() -> None:
     assert options["listen_port"] == ProxyOption("optional int", None)
     assert options["mode"].kind == "sequence of str"
     assert "warn" in options["termlog_verbosity"].choices
+
+
+# --- the Go sidecar's variables ------------------------------------------------------------------
+
+GO_MAIN = next((SHARED / "seeds").glob("000_*"), SHARED / "seeds" / "000_missing")
+
+
+def test_every_variable_the_go_sidecar_reads_is_read() -> None:
+    """main.go's getEnv calls, read from the seed: none may be silently ignored."""
+    names = set(re.findall(r'getEnv\("([A-Z_]+)"', GO_MAIN.read_text(encoding="utf-8")))
+    assert len(names) == 8, names
+    assert names == set(container.GO_VARIABLES)
+
+
+@pytest.mark.parametrize(
+    ("go", "expected"),
+    [
+        ({"NATS_URL": "nats://nats-jetstream.nats-system:4222"},
+         ["--set", "meter_nats_url=nats://nats-jetstream.nats-system:4222"]),
+        ({"NEWAPI_UPSTREAM_URL": "http://127.0.0.1:3000"},
+         ["--set", "mode=reverse:http://127.0.0.1:3000"]),
+        ({"LISTEN_PORT": "8086"}, ["--set", "listen_port=8086"]),
+        ({"PRICE_MICRO_OMR_PER_TOKEN": "156"}, ["--set", "meter_price_micro_per_token=156"]),
+        ({"NATS_PUBLISH_TIMEOUT": "5s"}, ["--set", "meter_publish_timeout_ms=5000"]),
+        ({"NATS_PUBLISH_TIMEOUT": "1m30s"}, ["--set", "meter_publish_timeout_ms=90000"]),
+        ({"TENANT_ID_HEADER": "X-Tenant-Id"}, ["--set", "meter_tenant_header=X-Tenant-Id"]),
+        ({"CUSTOMER_ID_HEADER": "X-Customer-Id"}, ["--set", "meter_customer_header=X-Customer-Id"]),
+        ({"SPOOL_DIR": "/var/lib/metering-sidecar/spool"},
+         ["--set", "meter_spool_dir=/var/lib/metering-sidecar/spool/spool",
+          "--set", "confdir=/var/lib/metering-sidecar/spool/mitmproxy"]),
+    ],
+)  # fmt: skip
+def test_a_go_sidecar_variable_sets_its_option(
+    table: dict[str, Setting], go: dict[str, str], expected: list[str]
+) -> None:
+    env = {"NEWAPI_UPSTREAM_URL": UPSTREAM} | go
+    result = plan(env, table)
+    for i in range(0, len(expected), 2):
+        assert _contains(result.args, expected[i : i + 2]), result.args
+    assert result.go.used == sorted(env)
+
+
+def test_the_seed_charts_environment_alone_runs_the_meter(table: dict[str, Setting]) -> None:
+    """bp-newapi's metering-sidecar container sets these, and nothing else."""
+    seed = {
+        "LISTEN_PORT": "8086",
+        "NEWAPI_UPSTREAM_URL": "http://127.0.0.1:3000",
+        "NATS_URL": "nats://nats-jetstream.nats-system.svc.cluster.local:4222",
+        "NATS_PUBLISH_TIMEOUT": "5s",
+        "PRICE_MICRO_OMR_PER_TOKEN": "156",
+        "SPOOL_DIR": "/var/lib/metering-sidecar/spool",
+        "CUSTOMER_ID_HEADER": "X-Customer-Id",
+        "TENANT_ID_HEADER": "X-Tenant-Id",
+    }
+    result = plan(container.IMAGE_DEFAULTS | seed, table)
+    assert result.go.used == sorted(seed)
+    assert result.go.overridden == {}
+    assert result.ignored == []
+
+
+@pytest.mark.parametrize(
+    ("env", "winner"),
+    [
+        ({"NATS_URL": "nats://go:4222", "EDGEMETER_NATS_URL": "nats://mine:4222"},
+         "meter_nats_url=nats://mine:4222"),
+        ({"LISTEN_PORT": "9000", "EDGEMETER_LISTEN_PORT": "9100"}, "listen_port=9100"),
+        ({"NEWAPI_UPSTREAM_URL": "http://go:3000", "EDGEMETER_UPSTREAM": "http://mine:3000"},
+         "mode=reverse:http://mine:3000"),
+    ],
+)  # fmt: skip
+def test_an_edgemeter_variable_wins_over_the_go_one(
+    table: dict[str, Setting], env: dict[str, str], winner: str
+) -> None:
+    result = plan({"EDGEMETER_UPSTREAM": UPSTREAM} | env, table)
+    assert winner in result.args
+    [go] = [name for name in env if not name.startswith("EDGEMETER_")]
+    assert go in result.go.overridden and go not in result.go.used
+
+
+@pytest.mark.parametrize(
+    ("go", "variable", "image_value", "option"),
+    [
+        ("LISTEN_PORT", "EDGEMETER_LISTEN_PORT", "8086", "listen_port=9000"),
+        ("SPOOL_DIR", "EDGEMETER_SPOOL_DIR", "/var/lib/edgemeter/spool",
+         "meter_spool_dir=9000/spool"),
+    ],
+)  # fmt: skip
+def test_the_images_own_defaults_give_way_to_a_go_variable(
+    table: dict[str, Setting], go: str, variable: str, image_value: str, option: str
+) -> None:
+    env = {"EDGEMETER_UPSTREAM": UPSTREAM, variable: image_value, go: "9000"}
+    assert option in plan(env, table).args
+
+
+def test_the_migration_guide_maps_every_go_variable_and_chart_value() -> None:
+    guide = (ROOT / "docs" / "MIGRATION.md").read_text(encoding="utf-8")
+    for go, targets in container.GO_VARIABLES.items():
+        row = next(line for line in guide.splitlines() if line.startswith(f"| `{go}` |"))
+        for variable, _ in targets:
+            assert f"`{variable}" in row, (go, variable)
+    for value in ("natsURL", "port", "spoolDir", "priceMicroOMRPerToken", "natsPublishTimeout",
+                  "tenantIDHeader", "customerIDHeader", "enabled", "image", "resources",
+                  "securityContext"):  # fmt: skip
+        assert f"`{value}`" in guide, value
+
+
+def test_image_defaults_are_the_dockerfiles_env() -> None:
+    image = dockerfile.read()[-1].env()
+    assert {name: image[name] for name in container.IMAGE_DEFAULTS} == container.IMAGE_DEFAULTS
+
+
+def test_an_empty_go_variable_counts_as_unset_as_in_main_go(table: dict[str, Setting]) -> None:
+    result = plan({"EDGEMETER_UPSTREAM": UPSTREAM, "NATS_URL": "", "LISTEN_PORT": ""}, table)
+    assert result.go.used == []
+    assert not any(arg.startswith(("meter_nats_url", "listen_port")) for arg in result.args)
+
+
+@pytest.mark.parametrize(
+    ("env", "variable", "message"),
+    [
+        ({"NATS_PUBLISH_TIMEOUT": "5"}, "NATS_PUBLISH_TIMEOUT", "not a Go duration"),
+        ({"NATS_PUBLISH_TIMEOUT": "0s"}, "NATS_PUBLISH_TIMEOUT (as EDGEMETER_PUBLISH_TIMEOUT_MS)",
+         "must be positive"),
+        ({"LISTEN_PORT": "eighty"}, "LISTEN_PORT (as EDGEMETER_LISTEN_PORT)", "not an integer"),
+        ({"NATS_URL": "http://nats:4222"}, "NATS_URL (as EDGEMETER_NATS_URL)", "not a NATS URL"),
+        ({"PRICE_MICRO_OMR_PER_TOKEN": "-1"},
+         "PRICE_MICRO_OMR_PER_TOKEN (as EDGEMETER_PRICE_MICRO_PER_TOKEN)", "negative"),
+        ({"TENANT_ID_HEADER": "x tenant"}, "TENANT_ID_HEADER (as EDGEMETER_TENANT_HEADER)",
+         "header name"),
+    ],
+)  # fmt: skip
+def test_a_bad_go_value_is_refused_naming_the_go_variable(
+    table: dict[str, Setting], env: dict[str, str], variable: str, message: str
+) -> None:
+    with pytest.raises(ContainerError, match=message) as caught:
+        plan({"EDGEMETER_UPSTREAM": UPSTREAM} | env, table)
+    assert caught.value.fields["variable"] == variable
+
+
+@pytest.mark.parametrize(
+    ("text", "ms"),
+    [("5s", 5000), ("750ms", 750), ("1m30s", 90_000), ("1.5s", 1500), ("0.3s", 300),
+     (".5s", 500), ("1.s", 1000), ("1500us", 2), ("1500µs", 2), ("2h", 7_200_000), ("0", 0),
+     ("-1s", -1000), ("1ns", 1)],
+)  # fmt: skip
+def test_go_durations_become_milliseconds_rounded_up(text: str, ms: int) -> None:
+    assert container.go_duration_ms(text) == ms
+
+
+@pytest.mark.parametrize("text", ["5", "", "s", "1e3s", "5 s", "1.s5", "5sec", "."])
+def test_what_go_would_not_parse_as_a_duration_is_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="not a Go duration"):
+        container.go_duration_ms(text)
+
+
+def test_envelopes_left_in_a_go_spool_are_reported_at_startup(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # As the Go sidecar writes them: SpoolDir/<safeFilename(request_id)>.json, compact JSON.
+    for request_id in ("req-1", "req-2"):
+        (tmp_path / f"{request_id}.json").write_text('{"customer_id":"c","metadata":{}}')
+    (tmp_path / "req-3.tmp").write_text("{")  # a write the Go sidecar never renamed
+    env = {"NEWAPI_UPSTREAM_URL": UPSTREAM, "SPOOL_DIR": str(tmp_path)}
+    monkeypatch.setattr(os, "environ", env)
+    monkeypatch.setattr(container, "proxy_options", lambda runner: {})
+    execs: list[list[str]] = []
+    monkeypatch.setattr(os, "execve", lambda path, args, environ: execs.append(args))
+    container.main([])
+    err = capsys.readouterr().err
+    assert f"SPOOL_DIR {tmp_path} holds 2 envelopes the Go sidecar spooled" in err
+    assert "NEWAPI_UPSTREAM_URL as EDGEMETER_UPSTREAM" in err
+    assert len(execs) == 1
 
 
 # --- the health check ---------------------------------------------------------------------------
@@ -861,3 +1034,73 @@ def test_an_installed_package_serves_from_an_empty_directory(
     assert list(empty.iterdir()) == []
     # The platform data directory: where the spool goes when nothing says otherwise.
     assert (home / ".local" / "share" / "edgemeter" / "spool" / "cache.db").is_file()
+
+
+@pytest.mark.timeout(900)
+def test_image_meters_a_request_with_the_go_sidecars_variables_alone(
+    image: ImageTree, demo_upstream: BackgroundDemo, tmp_path: Path
+) -> None:
+    """The seed chart's container environment, unchanged, with this image: the spool and
+    mitmproxy's CA land in its one writable volume (SPOOL_DIR), a root-owned directory as an
+    emptyDir's is."""
+    broker = NatsServer(store_dir=tmp_path / "jetstream")
+    broker.start()
+    spool_volume = image.volumes[0] / "metering-sidecar-spool"
+    spool_volume.mkdir()
+    spool_volume.chmod(0o777)
+    port, admin_port = free_port(), free_port()
+    env = (
+        image.env
+        | container.IMAGE_DEFAULTS
+        | {
+            "LISTEN_PORT": str(port),
+            "NEWAPI_UPSTREAM_URL": demo_upstream.url,
+            "NATS_URL": broker.url,
+            "NATS_PUBLISH_TIMEOUT": "5s",
+            "PRICE_MICRO_OMR_PER_TOKEN": "200",
+            "SPOOL_DIR": str(spool_volume),
+            "CUSTOMER_ID_HEADER": "X-Customer-Id",
+            "TENANT_ID_HEADER": "X-Tenant-Id",
+            # A shared test machine: loopback only.
+            "EDGEMETER_LISTEN_HOST": "127.0.0.1",
+            "EDGEMETER_ADMIN_LISTEN": f"127.0.0.1:{admin_port}",
+            "HOME": str(image.root / "nonexistent"),
+        }
+    )
+    prefix = as_the_image_runs(image) if _can_isolate() else []
+    log = tmp_path / "entrypoint.log"
+    proc = None
+    try:
+        asyncio.run(ensure_stream(broker.url, STREAM, ("catalyst.>",)))
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [*prefix, image.which(image.entrypoint[0]), *image.entrypoint[1:]],
+                env=env, cwd=image.workdir, stdout=out, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        _wait_listening(proc, port, log, timeout=60)
+        customer = f"cus_go_{secrets.token_hex(4)}"
+        with openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1",
+            api_key="sk-go-test",
+            default_headers={"X-Customer-Id": customer, "X-Tenant-Id": "t_go"},
+            max_retries=0,
+        ) as client:
+            reply = client.chat.completions.create(
+                model="demo-chat", messages=[{"role": "user", "content": "hello"}]
+            )
+        assert reply.usage is not None
+        _, envelope = _wait_envelope(broker.url, customer)
+        assert envelope["metadata"]["tenant_id"] == "t_go"
+        assert envelope["amount_micro_omr"] == -200 * reply.usage.total_tokens
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, log.read_text()[-4000:]
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        broker.stop()
+        print(f"--- entrypoint log ---\n{log.read_text()[-6000:]}")
+    assert (spool_volume / "spool" / "cache.db").is_file()
+    assert (spool_volume / "mitmproxy" / "mitmproxy-ca.pem").is_file()
+    text = log.read_text()
+    assert "the Go sidecar's variables are read" in text

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
 from ruamel.yaml import YAML
 
@@ -190,3 +191,11 @@ def test_prometheus_scrapes_the_admin_port(
     annotations = manifests["Deployment"]["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/path"] == "/metrics"
     assert int(annotations["prometheus.io/port"]) == _port(meter, "admin")
+
+
+@pytest.mark.parametrize("version", ["1.27.0", kubernetes_validate.utils.latest_version()])
+def test_every_manifest_validates_strictly(
+    manifests: dict[str, dict[str, Any]], version: str
+) -> None:
+    for manifest in manifests.values():
+        kubernetes_validate.validate(manifest, version, strict=True)

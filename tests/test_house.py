@@ -109,7 +109,8 @@ def _subclasses(base: type) -> set[type]:
 
 def _import_every_module(package: object) -> None:
     for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):  # type: ignore[attr-defined]
-        importlib.import_module(info.name)
+        if not info.name.endswith(".__main__"):  # runs the command when imported
+            importlib.import_module(info.name)
 
 
 def test_every_error_lives_in_its_familys_errors_module() -> None:

@@ -22,6 +22,7 @@ from edgemeter.cli.common import (
 from edgemeter.cli.dead import add_dead
 from edgemeter.cli.drain import add_drain
 from edgemeter.cli.fingerprint import add_fingerprint
+from edgemeter.cli.gospool import add_go_spool
 from edgemeter.cli.serve import add_serve
 from edgemeter.cli.status import add_status
 from edgemeter.cli.tail import add_tail
@@ -36,6 +37,7 @@ COMMANDS: list[Callable[[SubParsers], None]] = [
     add_dead,
     add_fingerprint,
     add_serve,
+    add_go_spool,
 ]
 
 
