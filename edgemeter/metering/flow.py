@@ -98,6 +98,8 @@ class FlowMeter:
         "stopped",
         "stream",
         "strip",
+        "stripped",
+        "trimmed",
         "truncated",
     )
 
@@ -117,6 +119,9 @@ class FlowMeter:
         # Remove that usage from the client's stream; then events are passed on whole.
         self.strip = False
         self.splitter: EventSplitter | None = None
+        # What stripping took out: usage-only events dropped, events that lost their usage key.
+        self.stripped = 0
+        self.trimmed = 0
         # The client gets decoded bytes (stripping a compressed stream), to the end.
         self.decoded_out = False
         # Why parsing stopped early (oversize_event, decompression_limit, oversize); the bytes
@@ -180,8 +185,7 @@ class FlowMeter:
             if ex.final and self.on_final is not None:
                 self._finalized()
             if self.strip and b'"usage"' in chunk:
-                sent = strip_event(chunk)
-                return [sent] if sent else []
+                return self._stripped(chunk)
         except Exception as e:
             # As on the framing paths: the chunk goes on untouched, the meter stops parsing.
             self._warn("usage parsing failed", e)
@@ -290,10 +294,21 @@ class FlowMeter:
         if not self.strip:
             out.append(self.splitter.take())
 
+    def _stripped(self, chunk: bytes) -> list[bytes]:
+        """A whole event as the client gets it, counted if stripping changed it."""
+        sent = strip_event(chunk)
+        if not sent:
+            self.stripped += 1
+            return []
+        # strip_event returns the event itself when it has no usage object (the usual case).
+        if sent is not chunk and sent != chunk:
+            self.trimmed += 1
+        return [sent]
+
     def _strip_event(self, raw: bytes) -> bytes:
         try:
             self._events(raw, end=False)
-            return strip_event(raw)
+            return b"".join(self._stripped(raw))
         except Exception as e:
             self._warn("usage stripping failed", e)
             self.broken, self.strip = True, False
