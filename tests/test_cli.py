@@ -7,6 +7,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import fcntl
+import io
 import json
 import os
 import pty
@@ -27,13 +28,14 @@ from pathlib import Path
 import nats
 import pytest
 from nats.js.api import ConsumerConfig
+from rich.console import Console
 
 import edgemeter
 from edgemeter.cli import main
 from edgemeter.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from edgemeter.cli.spooldir import in_use_by
 from edgemeter.cli.status import subject_matches
-from edgemeter.cli.tail import TSV_HEADER, parse_envelope, parse_since, tsv_row
+from edgemeter.cli.tail import TSV_HEADER, TailView, parse_envelope, parse_since, tsv_row
 from edgemeter.ids import uuid7
 from edgemeter.metering.envelope import Facts, build, encode
 from edgemeter.metering.prices import flat_price
@@ -1225,3 +1227,19 @@ def test_serve_hands_the_rest_of_the_command_line_to_the_lean_runner() -> None:
     assert "--mode" in done.stdout
     assert "--no-meter" in done.stdout
     assert done.returncode == 1
+
+
+def test_on_a_short_terminal_the_table_keeps_the_totals_in_view() -> None:
+    view = TailView(last=50)
+    for n in range(30):
+        parsed = parse_envelope(usage_envelope(uuid7(), f"t_{n % 2}"))
+        assert parsed is not None
+        view.add(parsed[1])
+    view.malformed = 1  # a caption line too
+    console = Console(width=80, height=24, file=io.StringIO(), force_terminal=False)
+    with console.capture() as captured:
+        console.print(view)
+    lines = captured.get().rstrip("\n").splitlines()
+    assert len(lines) <= 24
+    assert any(line.strip().startswith("t_1 ") for line in lines[-4:])  # the totals' last row
+    assert lines[0].startswith("last ") and "of 30 envelopes" in lines[0]

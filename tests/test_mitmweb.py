@@ -201,6 +201,8 @@ def test_a_flow_is_found_by_request_id_and_its_usage_view_shows_what_was_billed(
     search.press("Enter")
     found = page.locator(".flow-table tbody tr.has-request")
     expect(found).to_have_count(1, timeout=10_000)
+    # mitmweb keeps the search in the address: the README's link to a flow.
+    assert f"s=~comment%20{meta['request_id']}" in page.url
     assert rows(page)[0]["comment"].startswith(f"{billed(traffic.streamed)} {meta['request_id']}")
     found.first.click()
     page.locator(".flow-detail nav a", has_text=re.compile("^Response$")).click()

@@ -235,13 +235,15 @@ class TailView:
         if total.currency != row.currency:
             total.currency = "mixed"
 
-    def recent(self, steps: Sequence[tuple[str, str]]) -> Table:
+    def recent(self, steps: Sequence[tuple[str, str]], room: int | None = None) -> Table:
+        """The last envelopes, at most `room` of them (None: every one kept)."""
+        rows = list(self.rows)[-room:] if room is not None else list(self.rows)
         dropped = {name for name, how in steps if how == "drop"}
         shortened = {name for name, how in steps if how == "short"}
         columns = [c for c in RECENT if c.name not in dropped]
         notes = [n for n in (self.note, self._skipped()) if n]
         table = Table(
-            title=f"last {len(self.rows)} of {self.envelopes} envelopes",
+            title=f"last {len(rows)} of {self.envelopes} envelopes",
             title_justify="left",
             caption="; ".join(notes) or None,
             caption_justify="left",
@@ -253,7 +255,7 @@ class TailView:
             table.add_column(
                 c.name, justify="right" if c.right else "left", no_wrap=c.right, overflow="ellipsis"
             )
-        for r in self.rows:
+        for r in rows:
             table.add_row(
                 *(c.short(r) if c.short and c.name in shortened else c.cell(r) for c in columns),
                 style=None if r.outcome in ("complete", "") else "yellow",
@@ -289,8 +291,12 @@ class TailView:
         return totals
 
     def __rich_console__(self, console: Console, options: Any) -> Any:
-        yield narrowest_fit(console, self.recent, NARROWER)
-        yield narrowest_fit(console, self.totals_table, (("currency", "title"),))
+        totals = narrowest_fit(console, self.totals_table, (("currency", "title"),))
+        # The totals stay in view: the recent rows get the lines the terminal has left (a
+        # title, a header, a rule and blank lines around each table; a caption).
+        room = max(console.height - (len(self.totals) + 5) - 7, 1)
+        yield narrowest_fit(console, lambda steps: self.recent(steps, room), NARROWER)
+        yield totals
 
 
 def parse_since(text: str, now: datetime) -> datetime:
