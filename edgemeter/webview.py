@@ -89,14 +89,12 @@ def record(flow: http.HTTPFlow, envelope: dict[str, Any] | None, done: dict[str,
 def not_billed(flow: http.HTTPFlow, why: str) -> None:
     """A flow this run sees again without billing it (`why`: replayed, loaded from a file): its
     comment says so first and its mark changes, the envelope it was billed with stays."""
+    if ENVELOPE not in flow.metadata:
+        return  # never billed: what the record says (why not) stays true
     done = flow.metadata.get(RECORD)
     if not isinstance(done, dict):
-        if ENVELOPE not in flow.metadata:
-            return  # never metered
         done = flow.metadata[RECORD] = {}
     done["not_billed"] = why
-    if ENVELOPE not in flow.metadata:
-        return
     comment = flow.comment
     for earlier in NOT_BILLED_MARKS:
         comment = comment.removeprefix(earlier + _NOT_BILLED + _SEP)

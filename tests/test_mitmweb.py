@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import openai
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
@@ -54,6 +55,7 @@ class Web:
 class Traffic:
     streamed: dict[str, Any]  # the envelope of a streamed chat completion (inject-strip)
     plain: dict[str, Any]  # the envelope of a non-streamed one
+    aborted: dict[str, Any]  # the envelope of a stream its client hung up on
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +116,8 @@ def web(
 @pytest.fixture(scope="module")
 def traffic(web: Web, module_nats_server: NatsServer, stream: tuple[str, str]) -> Traffic:
     """A streamed chat completion whose client did not ask for usage (the meter injects and
-    strips it), a non-streamed one, and a failed one (not billed), through mitmweb."""
+    strips it), a non-streamed one, a failed one (not billed) and a stream cut off by its
+    client, through mitmweb."""
     client = openai.OpenAI(
         base_url=f"{web.proxy.url}/v1",
         api_key=API_KEY,
@@ -131,12 +134,27 @@ def traffic(web: Web, module_nats_server: NatsServer, stream: tuple[str, str]) -
         client.chat.completions.create(
             **chat, extra_headers={"x-customer-id": "cus_other", "x-demo-status": "500"}
         )
+    slow = {"x-customer-id": "cus_aborted", "x-tenant-id": "t_7", "x-demo-delay-ms": "200"}
+    with (
+        httpx2.Client(timeout=30) as http,
+        http.stream(
+            "POST",
+            f"{web.proxy.url}/v1/chat/completions",
+            json={**chat, "stream": True},
+            headers={"authorization": f"Bearer {API_KEY}", **slow},
+        ) as response,
+    ):
+        next(response.iter_raw())  # the first bytes, then the client hangs up
     deadline = time.monotonic() + 30
-    while len(published := asyncio.run(stream_messages(module_nats_server.url, stream[0]))) < 2:
+    while len(published := asyncio.run(stream_messages(module_nats_server.url, stream[0]))) < 3:
         assert time.monotonic() < deadline, f"envelopes published: {published}"
         time.sleep(0.1)
     by_customer = {e["customer_id"]: e for e in (json.loads(data) for _, data in published)}
-    return Traffic(streamed=by_customer["cus_disputed"], plain=by_customer["cus_other"])
+    return Traffic(
+        streamed=by_customer["cus_disputed"],
+        plain=by_customer["cus_other"],
+        aborted=by_customer["cus_aborted"],
+    )
 
 
 @pytest.fixture
@@ -178,14 +196,22 @@ def test_the_flow_list_marks_what_was_billed_and_how(
     web: Web, traffic: Traffic, page: Page
 ) -> None:
     page.goto(web.url())
-    expect(page.locator(".flow-table tbody tr.has-request")).to_have_count(3, timeout=20_000)
+    expect(page.locator(".flow-table tbody tr.has-request")).to_have_count(4, timeout=20_000)
     shown = rows(page)
     streamed, plain = traffic.streamed["metadata"], traffic.plain["metadata"]
-    assert [(r["mark"], r["status"]) for r in shown] == [("💰", "200"), ("💰", "200"), ("", "500")]
+    assert [(r["mark"], r["status"]) for r in shown] == [
+        ("💰", "200"),
+        ("💰", "200"),
+        ("", "500"),
+        ("💲", "200"),  # cut off before the usage came: estimated
+    ]
     # The comment starts with amount, outcome and request id: what the narrow column shows.
     assert shown[0]["comment"].startswith(f"{billed(traffic.streamed)} {streamed['request_id']}")
     assert shown[1]["comment"].startswith(f"{billed(traffic.plain)} {plain['request_id']}")
     assert shown[2]["comment"] == ""
+    assert shown[3]["comment"].startswith(
+        f"{billed(traffic.aborted)} {traffic.aborted['metadata']['request_id']}"
+    )
     no_secret_visible(page)
     page.screenshot(path=DOCS / "mitmweb-flow-list.png")
 
@@ -195,7 +221,7 @@ def test_a_flow_is_found_by_request_id_and_its_usage_view_shows_what_was_billed(
 ) -> None:
     meta = traffic.streamed["metadata"]
     page.goto(web.url())
-    expect(page.locator(".flow-table tbody tr.has-request")).to_have_count(3, timeout=20_000)
+    expect(page.locator(".flow-table tbody tr.has-request")).to_have_count(4, timeout=20_000)
     search = page.get_by_placeholder("Search")
     search.fill(f"~comment {meta['request_id']}")
     search.press("Enter")
@@ -238,3 +264,21 @@ def test_meter_status_reads_as_one_line_in_the_command_bar(
     text = result.inner_text()
     assert "metered openai.chat complete reported: 2 · not metered (non_2xx): 1" in text
     assert "\\n" not in text
+
+
+def test_a_stream_cut_off_shows_what_was_billed_on_its_request(
+    web: Web, traffic: Traffic, page: Page
+) -> None:
+    meta = traffic.aborted["metadata"]
+    assert (meta["outcome"], meta["usage_source"]) == ("client_aborted", "estimated")
+    page.goto(web.url(f"#/flows?s=~comment%20{meta['request_id']}"))
+    found = page.locator(".flow-table tbody tr.has-request")
+    expect(found).to_have_count(1, timeout=20_000)
+    found.first.click()
+    detail = page.locator(".flow-detail")
+    detail.locator("nav a", has_text=re.compile("^Response$")).click()
+    expect(detail).to_contain_text("Content is missing.", timeout=10_000)  # mitmproxy's own
+    detail.locator("nav a", has_text=re.compile("^Request$")).click()
+    expect(detail).to_contain_text("LLM usage", timeout=10_000)
+    expect(detail).to_contain_text('outcome: "client_aborted"', timeout=10_000)
+    assert f'request_id: "{meta["request_id"]}"' in detail.inner_text()
