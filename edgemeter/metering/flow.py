@@ -185,7 +185,10 @@ class FlowMeter:
             if ex.final and self.on_final is not None:
                 self._finalized()
             if self.strip and b'"usage"' in chunk:
-                return self._stripped(chunk)
+                sent = strip_event(chunk)
+                # The same object when nothing was taken out: every include_usage chunk
+                # carries "usage":null, so this is the path of nearly every chunk here.
+                return [chunk] if sent is chunk else self._stripped(chunk, sent)
         except Exception as e:
             # As on the framing paths: the chunk goes on untouched, the meter stops parsing.
             self._warn("usage parsing failed", e)
@@ -294,21 +297,20 @@ class FlowMeter:
         if not self.strip:
             out.append(self.splitter.take())
 
-    def _stripped(self, chunk: bytes) -> list[bytes]:
-        """A whole event as the client gets it, counted if stripping changed it."""
-        sent = strip_event(chunk)
+    def _stripped(self, chunk: bytes, sent: bytes) -> list[bytes]:
+        """What strip_event made of a whole event, counted: dropped, or its usage removed."""
         if not sent:
             self.stripped += 1
             return []
-        # strip_event returns the event itself when it has no usage object (the usual case).
-        if sent is not chunk and sent != chunk:
+        if sent != chunk:
             self.trimmed += 1
         return [sent]
 
     def _strip_event(self, raw: bytes) -> bytes:
         try:
             self._events(raw, end=False)
-            return b"".join(self._stripped(raw))
+            sent = strip_event(raw)
+            return raw if sent is raw else b"".join(self._stripped(raw, sent))
         except Exception as e:
             self._warn("usage stripping failed", e)
             self.broken, self.strip = True, False
