@@ -63,15 +63,15 @@ def annotation(envelope: Mapping[str, Any]) -> tuple[str, str]:
     flow list's narrow column (amount, outcome, request id) and carries the request id in full,
     so `~comment <request_id>` finds the flow."""
     meta = envelope["metadata"]
-    comment = _SEP.join(
-        (
-            f"{_billed(envelope)} {meta['outcome']} {meta['request_id']}",
-            f"{meta['input_tokens']} in / {meta['output_tokens']} out tokens "
-            f"({meta['usage_source']})",
-            meta["price_version"],
-            f"customer {envelope['customer_id'] or '-'} tenant {meta['tenant_id'] or '-'}",
-            "edgemeter",
-        )
+    micro = -envelope["amount_micro_omr"]
+    # One f-string: this runs for every billed request, and joining parts took twice as long.
+    amount = f"{micro // 1_000_000}.{micro % 1_000_000:06d}" if micro >= 0 else _decimal(micro)
+    comment = (
+        f"{amount} {meta['currency']} {meta['outcome']} {meta['request_id']}{_SEP}"
+        f"{meta['input_tokens']} in / {meta['output_tokens']} out tokens "
+        f"({meta['usage_source']}){_SEP}{meta['price_version']}{_SEP}"
+        f"customer {envelope['customer_id'] or '-'} tenant {meta['tenant_id'] or '-'}"
+        f"{_SEP}edgemeter"
     )
     mark = MARK_REPORTED if meta["usage_source"] == "reported" else MARK_ESTIMATED
     return comment, mark
