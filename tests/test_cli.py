@@ -653,6 +653,13 @@ def test_version_names_edgemeter_and_what_it_runs_on(capsys: pytest.CaptureFixtu
     assert code == EXIT_OK
     assert out.startswith(f"edgemeter {edgemeter.__version__} (mitmproxy 12.2.3, nats-py ")
     assert edgemeter.__version__ == "0.1.0"  # the installed distribution's, not a fallback
+    as_module = subprocess.run(
+        [sys.executable, "-m", "edgemeter.cli", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (as_module.returncode, as_module.stdout) == (EXIT_OK, out)
 
 
 def test_the_broker_comes_from_the_meters_environment_variables(
