@@ -111,13 +111,14 @@ def _value(value: Any) -> str:
 
 
 def _changes(done: Mapping[str, Any], stream: bool) -> list[str]:
-    """What the meter changed in the request and the response, in words."""
+    """What the meter changed in the request and the response, in words (short lines: the
+    view is half of mitmweb's window)."""
     lines = []
     if done.get("injected"):
-        lines.append(
-            '  request: added "stream_options": {"include_usage": true} (the client did not ask '
-            "for usage); the Request tab shows what the upstream received"
-        )
+        lines += [
+            '  request: added "stream_options": {"include_usage": true}',
+            "    (the client did not ask for usage; the Request tab shows what the upstream got)",
+        ]
     else:
         lines.append("  request: unchanged")
     stripped, trimmed = done.get("stripped", 0), done.get("trimmed", 0)
@@ -127,21 +128,17 @@ def _changes(done: Mapping[str, Any], stream: bool) -> list[str]:
             parts.append(f"{stripped} usage-only event{'s' if stripped != 1 else ''} dropped")
         if trimmed:
             parts.append(f"the usage key of {trimmed} event{'s' if trimmed != 1 else ''} removed")
-        lines.append(
-            "  response: the usage the meter asked for was taken out of the client's stream ("
-            + ", ".join(parts)
-            + "); the Response tab shows what the client received, usage_raw what the "
-            "upstream reported"
-        )
+        lines += [
+            "  response: the usage the meter asked for taken out of the client's stream:",
+            f"    {', '.join(parts)} (the Response tab shows what the client got,",
+            "    usage_raw what the upstream reported)",
+        ]
     elif done.get("injected") and stream:
         lines.append("  response: unchanged (the usage the meter asked for reached the client)")
     else:
         lines.append("  response: unchanged")
     if done.get("decoded"):
-        lines.append(
-            "  response: sent decoded, without its Content-Encoding (a compressed stream that "
-            "was stripped)"
-        )
+        lines.append("  response: sent decoded, without its Content-Encoding (to strip it)")
     return lines
 
 

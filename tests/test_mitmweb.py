@@ -249,6 +249,7 @@ def test_a_flow_is_found_by_request_id_and_its_usage_view_shows_what_was_billed(
     ):
         assert line in text, line
     no_secret_visible(page)
+    page.set_viewport_size({"width": 1400, "height": 1280})  # the whole view, what changed too
     page.screenshot(path=DOCS / "mitmweb-usage-view.png")
 
 
