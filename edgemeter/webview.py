@@ -15,8 +15,9 @@ from edgemeter.metering.extraction import Extraction
 from edgemeter.metering.sse import SSEDecoder
 
 # flow.metadata keys. The envelope billed for the flow (kept by mitmweb's save and export);
-# and what the meter did to the flow: what it changed in the request and the response, what
-# it billed despite, or why it billed nothing (a Record).
+# and what the meter did to the flow: what it changed in the request and the response
+# (injected, stripped, trimmed, decoded), what it billed despite ("despite") or why it billed
+# nothing ("not_billed": non_2xx, replayed, loaded, ...).
 ENVELOPE: Final = "edgemeter"
 RECORD: Final = "edgemeter.meter"
 
