@@ -256,7 +256,13 @@ def test_a_flow_is_found_by_request_id_and_its_usage_view_shows_what_was_billed(
 def test_meter_status_reads_as_one_line_in_the_command_bar(
     web: Web, traffic: Traffic, page: Page
 ) -> None:
-    page.goto(web.url("#/flows?c=true"))  # the command bar shown (mitmweb's own URL state)
+    # As a person opens it, once the page has loaded: a command bar shown from the first load
+    # (`#/flows?c=true`) may read mitmweb's XSRF cookie before a later answer sets it anew,
+    # and its commands then fail.
+    page.goto(web.url())
+    expect(page.locator(".flow-table tbody tr.has-request")).to_have_count(4, timeout=20_000)
+    page.locator("nav a", has_text=re.compile("^Options$")).click()
+    page.get_by_text("Display Command Bar").click()
     bar = page.locator(".command input")
     bar.fill("meter.status")
     bar.press("Enter")
