@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections.abc import Awaitable
 from typing import Any
@@ -38,7 +39,7 @@ from edgemeter.metering.usage import clean_name
 from edgemeter.options import OPTIONS
 from edgemeter.settings import Settings, nats_config, parse_settings
 from edgemeter.stats import Snapshot, Stats, status_text
-from edgemeter.webview import UsageContentview, annotation
+from edgemeter.webview import UsageContentview, not_billed, record
 from spool.deadletter import DeadLetters
 from spool.errors import SpoolError, SpoolFullError
 from spool.publisher import Publisher, check_creds_file
@@ -258,7 +259,12 @@ class Meter:
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         settings = self.settings
-        if settings is None or not flow.live or flow.is_replay:
+        if settings is None:
+            return
+        if not flow.live or flow.is_replay:
+            # Never billed: a replay, or a flow read from a file (-r, mitmweb's Open), which
+            # carries the envelope of the run that billed it.
+            not_billed(flow, "replayed" if flow.is_replay else "loaded")
             return
         req = flow.request
         path = req.path
@@ -336,6 +342,7 @@ class Meter:
         if not 200 <= resp.status_code < 300:
             del self.flows[flow.id]
             self.stats.unmetered["non_2xx"] += 1
+            record(flow, None, {"not_billed": "non_2xx"})
             return
         if resp.headers.get("content-type", "").startswith("text/event-stream"):
             strip = self.settings is not None and self.settings.stream_usage == "inject-strip"
@@ -349,6 +356,11 @@ class Meter:
     def response(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         meter = self.flows.pop(flow.id, None)
         if meter is None or flow.response is None:
+            return None
+        if flow.is_replay:
+            # Server replay answered from a file (its request hook runs after the meter's): no
+            # upstream served it.
+            record(flow, None, {"not_billed": "replayed"})
             return None
         resp = flow.response
         if not meter.stream:
@@ -364,6 +376,7 @@ class Meter:
             return None
         if flow.response is None:
             self.stats.unmetered["no_response"] += 1
+            record(flow, None, {"not_billed": "no_response"})
             return None
         return self._finish(meter, aborted=True, flow=flow)
 
@@ -446,10 +459,12 @@ class Meter:
         try:
             result = self._result(meter, aborted=False)
             if result.envelope is None:
-                meter.early = (None, None, 0.0)  # not billable, and already counted so
+                # Not billable, and already counted so.
+                meter.early = (None, None, 0.0, result.reason)
                 return
             key = meter.request.request_id
-            meter.early = (result.envelope, self._submit(spool, key, result.data), time.monotonic())
+            future = self._submit(spool, key, result.data)
+            meter.early = (result.envelope, future, time.monotonic(), result.reason)
         except Exception:
             # Never out of the stream callable: the end of the flow spools it instead.
             logger.warning("early spooling failed; spooling at the end of the response")
@@ -459,18 +474,25 @@ class Meter:
     ) -> Awaitable[None] | None:
         spool, key = self.spool, meter.request.request_id
         if meter.early is not None:
-            envelope, future, started = meter.early
-            if envelope is None:
-                return None
-        elif spool is None or (result := self._result(meter, aborted=aborted)).envelope is None:
+            envelope, future, started, reason = meter.early
+        elif spool is None:
             return None
         else:
-            envelope, started = result.envelope, time.monotonic()
-            future = self._submit(spool, key, result.data)
+            result = self._result(meter, aborted=aborted)
+            envelope, reason, started = result.envelope, result.reason, time.monotonic()
+            future = None if envelope is None else self._submit(spool, key, result.data)
         if flow is not None:
-            # For mitmweb: the envelope on the flow, and what it says at a glance.
-            flow.metadata["edgemeter"] = envelope
-            flow.comment, flow.marked = annotation(envelope)
+            # For mitmweb: what was billed and what the meter changed, kept on the flow.
+            done = {
+                "injected": meter.injected,
+                "stripped": meter.stripped,
+                "trimmed": meter.trimmed,
+                "decoded": meter.decoded_out,
+            }
+            done["despite" if envelope is not None else "not_billed"] = reason
+            record(flow, envelope, done)
+        if future is None:
+            return None
         return self._counted(self._spool(future, key, started))
 
     def _result(self, meter: FlowMeter, *, aborted: bool) -> Result:
@@ -610,4 +632,8 @@ class Meter:
     @command.command("meter.status")
     def status(self) -> str:
         """Spool depth, publisher state and what was metered since start."""
-        return status_text(self.snapshot())
+        # mitmweb's command bar shows a result as one JSON string (a line break would read
+        # as "\n"); the console shows lines.
+        web = sys.modules.get("mitmproxy.tools.web.master")
+        one_line = web is not None and isinstance(ctx.master, web.WebMaster)
+        return status_text(self.snapshot(), one_line=one_line)

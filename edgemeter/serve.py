@@ -119,12 +119,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def metered[M: master.Master](master_cls: type[M]) -> type[M]:
-    """`master_cls` with the meter added last, as `-s addons/meter.py` would add it."""
+    """`master_cls` with the meter where `-s addons/meter.py` would put it: right after the
+    script loader, so before the addons mitmweb and mitmdump add after the default ones (the
+    view that sends each flow to mitmweb's UI at its response hook must see the comment, mark
+    and envelope the meter sets in the same hook)."""
 
     class Metered(master_cls):  # type: ignore[valid-type,misc]
         def __init__(self, opts: options.Options, *args: Any, **kwargs: Any) -> None:
             super().__init__(opts, *args, **kwargs)
-            self.addons.add(Meter())
+            meter = Meter()
+            self.addons.add(meter)
+            chain = self.addons.chain
+            loader = self.addons.get("scriptloader")
+            if loader in chain:
+                chain.remove(meter)
+                chain.insert(chain.index(loader) + 1, meter)
 
     Metered.__name__ = Metered.__qualname__ = f"Metered{master_cls.__name__}"
     return Metered

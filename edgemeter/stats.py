@@ -300,8 +300,9 @@ class Snapshot:
     genai: GenAI = field(default_factory=GenAI)
 
 
-def status_text(s: Snapshot) -> str:
-    """`meter.status`: spool depth, publisher state and what was metered since start."""
+def status_text(s: Snapshot, *, one_line: bool = False) -> str:
+    """`meter.status`: spool depth, publisher state and what was metered since start; a line
+    each, or one line for mitmweb's command bar."""
     lines = [f"spooled: {s.spool_envelopes}"]
     if s.publishing:
         lines.append(
@@ -322,4 +323,4 @@ def status_text(s: Snapshot) -> str:
         lines.append(f"not metered ({reason}): {n}")
     for reason, n in sorted(s.anomalies.items()):
         lines.append(f"metered despite {reason}: {n}")
-    return "\n".join(lines)
+    return (" · " if one_line else "\n").join(lines)

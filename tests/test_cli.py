@@ -5,12 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import fcntl
+import io
 import json
 import os
+import pty
+import re
 import signal
 import stat
+import struct
 import subprocess
 import sys
+import termios
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,11 +27,15 @@ from pathlib import Path
 
 import nats
 import pytest
+from nats.js.api import ConsumerConfig
+from rich.console import Console
 
+import edgemeter
 from edgemeter.cli import main
 from edgemeter.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from edgemeter.cli.spooldir import in_use_by
-from edgemeter.cli.tail import parse_envelope, parse_since
+from edgemeter.cli.status import subject_matches
+from edgemeter.cli.tail import TSV_HEADER, TailView, parse_envelope, parse_since, tsv_row
 from edgemeter.ids import uuid7
 from edgemeter.metering.envelope import Facts, build, encode
 from edgemeter.metering.prices import flat_price
@@ -304,7 +315,11 @@ def stream(module_nats_server: NatsServer) -> Stream:
 
 
 def usage_envelope(
-    key: str, tenant: str = "t_7", model: str = "gpt-4o-mini", tokens: tuple[int, int] = (120, 31)
+    key: str,
+    tenant: str = "t_7",
+    model: str = "gpt-4o-mini",
+    tokens: tuple[int, int] = (120, 31),
+    customer: str = "cus_42",
 ) -> bytes:
     """A real envelope, as the meter builds it (flat price: 156 micro-OMR per token)."""
     now = time.time()
@@ -316,7 +331,7 @@ def usage_envelope(
         status_code=200,
         model=model,
         tenant_id=tenant,
-        customer_id="cus_42",
+        customer_id=customer,
         started_at=now - 1,
         completed_at=now,
         first_byte_at=now - 0.5,
@@ -381,9 +396,41 @@ def publish_when_tailed(
         pool.shutdown(wait=False)
 
 
-def table_rows(text: str) -> list[list[str]]:
-    """The cells of each body row of a rich table."""
-    return [[c.strip() for c in line.split("│")[1:-1]] for line in text.splitlines() if "│" in line]
+def in_terminal(argv: list[str], columns: int, rows: int = 60) -> tuple[int, str, str]:
+    """Runs the console script in a real terminal of that size (as `kubectl exec -t` gives
+    one); returns its exit code, what the terminal showed last (control sequences taken out)
+    and its stderr."""
+    script = Path(sys.executable).parent / "edgemeter"
+    main_fd, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in TERMINAL_OVERRIDES}
+    proc = subprocess.Popen(
+        [str(script), *argv],
+        stdin=terminal,
+        stdout=terminal,
+        stderr=subprocess.PIPE,
+        env=env | {"TERM": "xterm-256color"},
+    )
+    os.close(terminal)
+    shown = b""
+    with contextlib.suppress(OSError):  # EIO once the script has closed the terminal
+        while data := os.read(main_fd, 65536):
+            shown += data
+    os.close(main_fd)
+    assert proc.stderr is not None
+    err = proc.stderr.read().decode()
+    code = proc.wait(timeout=60)
+    text = re.sub(r"\x1b\[[0-9;?]*[ -/]*[@-~]", "", shown.decode()).replace("\r", "")
+    return code, text, err
+
+
+# What makes rich treat a pipe as a terminal, or size it, regardless of the real one.
+TERMINAL_OVERRIDES = ("COLUMNS", "LINES", "FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE")
+
+
+def tsv(out: str) -> list[list[str]]:
+    """The rows of tab-separated output, its header line first."""
+    return [line.split("\t") for line in out.splitlines()]
 
 
 # -- status -----------------------------------------------------------------------------------
@@ -501,6 +548,120 @@ def test_status_with_dead_letters_needs_attention(
     assert report["problems"] == ["2 dead letters wait for an operator (edgemeter dead list)"]
 
 
+async def billing_consumer(stream: Stream, name: str, filter_subject: str) -> None:
+    """A durable pull consumer on the stream, as the billing service has one: of the 3
+    envelopes published, one acked, one delivered and not acked yet, one not delivered."""
+    nc = await nats.connect(stream.url, connect_timeout=5)
+    try:
+        js = nc.jetstream()
+        await js.add_consumer(
+            stream.name,
+            ConsumerConfig(durable_name=name, filter_subject=filter_subject, ack_wait=600),
+        )
+        for key in [uuid7() for _ in range(3)]:
+            await js.publish(stream.subject, usage_envelope(key), headers={"Nats-Msg-Id": key})
+        if filter_subject != stream.subject:
+            return
+        sub = await js.pull_subscribe_bind(durable=name, stream=stream.name)
+        [first] = await sub.fetch(1, timeout=10)
+        await first.ack_sync()
+        await sub.fetch(1, timeout=10)  # delivered, not acknowledged
+    finally:
+        await nc.close()
+
+
+def test_status_shows_how_far_behind_the_billing_consumer_is(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    stream: Stream,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    asyncio.run(billing_consumer(stream, "sme-billing-metering", stream.subject))
+    filled_spool(tmp_path / "spool", 1)
+    argv = ["status", "--spool-dir", str(tmp_path / "spool"), *stream.flags()]
+    code, out, _ = run(capsys, *argv, "--consumer", "sme-billing-metering", "--json")
+    assert code == EXIT_OK
+    consumer = json.loads(out)["broker"]["consumer"]
+    assert consumer["name"] == "sme-billing-metering"
+    assert (consumer["found"], consumer["reads_subject"]) == (True, True)
+    assert (consumer["pending"], consumer["ack_pending"], consumer["redelivered"]) == (1, 1, 0)
+    assert 0 <= consumer["last_delivery_age_s"] < 60
+    assert consumer["filter_subjects"] == [stream.subject]
+    code, out, _ = run(capsys, *argv, "--consumer", "sme-billing-metering")
+    assert code == EXIT_OK
+    assert "sme-billing-metering: 1 pending, 1 awaiting ack, 0 redelivered; last delivery " in out
+
+
+@pytest.mark.parametrize(
+    ("name", "elsewhere", "problem"),
+    [
+        (
+            "missing",
+            False,
+            "no consumer 'missing' on stream {stream}: nothing books the envelopes there",
+        ),
+        (
+            "elsewhere",
+            True,
+            "consumer 'elsewhere' does not read subject '{subject}' (its filter: {other})",
+        ),
+    ],
+)
+def test_status_needs_attention_when_the_named_consumer_would_not_book_the_envelopes(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    module_nats_server: NatsServer,
+    name: str,
+    elsewhere: bool,
+    problem: str,
+) -> None:
+    tag = uuid.uuid4().hex[:12]
+    stream = Stream(module_nats_server.url, f"CLI_{tag}", f"cli.{tag}.usage")
+    other = f"cli.{tag}.other"
+    asyncio.run(ensure_stream(stream.url, stream.name, [stream.subject, other]))
+    if elsewhere:
+        asyncio.run(billing_consumer(stream, name, other))
+    filled_spool(tmp_path / "spool", 1)
+    argv = ["status", "--spool-dir", str(tmp_path / "spool"), *stream.flags()]
+    code, out, _ = run(capsys, *argv, "--consumer", name, "--json")
+    assert code == EXIT_FAILED
+    assert json.loads(out)["problems"] == [
+        problem.format(stream=stream.name, subject=stream.subject, other=other)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("pattern", "subject", "matches"),
+    [
+        ("catalyst.usage.recorded", "catalyst.usage.recorded", True),
+        ("catalyst.>", "catalyst.usage.recorded", True),
+        ("catalyst.*.recorded", "catalyst.usage.recorded", True),
+        ("catalyst.*", "catalyst.usage.recorded", False),
+        ("catalyst.usage.recorded.>", "catalyst.usage.recorded", False),
+        ("catalyst.usage.unbillable", "catalyst.usage.recorded", False),
+    ],
+)
+def test_subject_filters_match_as_nats_matches_them(
+    pattern: str, subject: str, matches: bool
+) -> None:
+    assert subject_matches(pattern, subject) is matches
+
+
+def test_version_names_edgemeter_and_what_it_runs_on(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "--version")
+    assert code == EXIT_OK
+    assert out.startswith(f"edgemeter {edgemeter.__version__} (mitmproxy 12.2.3, nats-py ")
+    assert edgemeter.__version__ == "0.1.0"  # the installed distribution's, not a fallback
+    as_module = subprocess.run(
+        [sys.executable, "-m", "edgemeter.cli", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (as_module.returncode, as_module.stdout) == (EXIT_OK, out)
+
+
 def test_the_broker_comes_from_the_meters_environment_variables(
     capsys: pytest.CaptureFixture[str],
     tmp_path: Path,
@@ -603,10 +764,9 @@ def test_bad_broker_and_timing_flags_are_usage_errors(
 # -- tail -------------------------------------------------------------------------------------
 
 
-def test_tail_shows_envelopes_published_meanwhile_with_totals_and_skips_malformed_ones(
-    capsys: pytest.CaptureFixture[str], stream: Stream, monkeypatch: pytest.MonkeyPatch
+def test_tail_piped_prints_a_tab_separated_row_per_envelope_and_skips_malformed_ones(
+    capsys: pytest.CaptureFixture[str], stream: Stream
 ) -> None:
-    monkeypatch.setenv("COLUMNS", "200")
     keys = [uuid7() for _ in range(3)]
     payloads = [
         (keys[0], usage_envelope(keys[0], "t_1", "gpt-4o-mini", (100, 10))),
@@ -620,21 +780,199 @@ def test_tail_shows_envelopes_published_meanwhile_with_totals_and_skips_malforme
     published.result(timeout=60)
     assert code == EXIT_OK
     assert "3 envelopes, 2 malformed messages skipped" in err
-    recent, totals = out.split("totals")
-    assert [row[1] for row in table_rows(recent)] == ["t_1", "t_1", "t_2"]
-    assert table_rows(recent)[0][2:8] == [
-        "cus_42",
-        "gpt-4o-mini",
-        "openai.chat",
-        "100",
-        "10",
-        "-0.017160",
+    header, *rows = tsv(out)
+    assert header == [
+        "completed_at",
+        "request_id",
+        "tenant_id",
+        "customer_id",
+        "model",
+        "api",
+        "input_tokens",
+        "output_tokens",
+        "amount",
+        "currency",
+        "outcome",
+        "usage_source",
     ]
-    assert table_rows(totals) == [
-        ["t_1", "gpt-4o-mini", "2", "150", "15", "-0.025740", "OMR"],
-        ["t_2", "claude-sonnet-4", "1", "7", "3", "-0.001560", "OMR"],
+    assert [row[1:] for row in rows] == [
+        [
+            keys[0],
+            "t_1",
+            "cus_42",
+            "gpt-4o-mini",
+            "openai.chat",
+            "100",
+            "10",
+            "-0.017160",
+            "OMR",
+            "complete",
+            "reported",
+        ],
+        [
+            keys[1],
+            "t_1",
+            "cus_42",
+            "gpt-4o-mini",
+            "openai.chat",
+            "50",
+            "5",
+            "-0.008580",
+            "OMR",
+            "complete",
+            "reported",
+        ],
+        [
+            keys[2],
+            "t_2",
+            "cus_42",
+            "claude-sonnet-4",
+            "openai.chat",
+            "7",
+            "3",
+            "-0.001560",
+            "OMR",
+            "complete",
+            "reported",
+        ],
     ]
-    assert "2 malformed messages skipped" in totals
+    for row, key in zip(rows, keys, strict=True):
+        published_at = json.loads(usage_envelope(key))["metadata"]["completed_at"]
+        assert row[0][:10] == published_at[:10] and row[0].endswith("Z")
+
+
+def test_a_value_with_a_tab_does_not_shift_the_columns_of_a_pipe() -> None:
+    parsed = parse_envelope(b'{"customer_id": "a\\tb", "metadata": {"model": "m\\nx"}}')
+    assert parsed is not None
+    assert tsv_row(parsed[1], "t").split("\t")[3:5] == ["a b", "m x"]
+
+
+@pytest.mark.parametrize("columns", [80, 200])
+def test_tail_on_a_terminal_fits_its_width_keeping_tokens_and_amount(
+    stream: Stream, columns: int
+) -> None:
+    keys = [uuid7() for _ in range(3)]
+    payloads = [
+        (keys[0], usage_envelope(keys[0], "t_1", "gpt-4o-mini", (100, 10))),
+        (keys[1], usage_envelope(keys[1], "t_1", "gpt-4o-mini", (50, 5))),
+        (keys[2], usage_envelope(keys[2], "t_2", "claude-sonnet-4", (70000, 3123))),
+    ]
+    published = publish_when_tailed(stream, payloads)
+    argv = ["tail", "--count", "3", "--timeout", "60", *stream.flags()]
+    code, shown, err = in_terminal(argv, columns)
+    published.result(timeout=60)
+    assert code == EXIT_OK, err
+    last = shown[shown.rindex("last 3 of 3 envelopes") :]
+    assert max(len(line.rstrip()) for line in last.splitlines()) <= columns
+    recent, totals = last.split("totals")
+    rows = [line.split() for line in recent.splitlines() if "openai.chat" in line or "…" in line]
+    if columns == 80:
+        # The least useful columns went first: api, usage source, tenant, time; the request
+        # id is shortened to its end (which --request-id takes).
+        assert rows == [
+            ["…" + keys[0][-12:], "cus_42", "gpt-4o-mini", "100", "10", "-0.017160"],
+            ["…" + keys[1][-12:], "cus_42", "gpt-4o-mini", "50", "5", "-0.008580"],
+            ["…" + keys[2][-12:], "cus_42", "claude-sonnet-4", "70000", "3123", "-11.407188"],
+        ]
+    else:
+        assert [row[2:] for row in rows] == [
+            [
+                keys[0],
+                "t_1",
+                "cus_42",
+                "gpt-4o-mini",
+                "openai.chat",
+                "100",
+                "10",
+                "-0.017160",
+                "complete",
+                "reported",
+            ],
+            [
+                keys[1],
+                "t_1",
+                "cus_42",
+                "gpt-4o-mini",
+                "openai.chat",
+                "50",
+                "5",
+                "-0.008580",
+                "complete",
+                "reported",
+            ],
+            [
+                keys[2],
+                "t_2",
+                "cus_42",
+                "claude-sonnet-4",
+                "openai.chat",
+                "70000",
+                "3123",
+                "-11.407188",
+                "complete",
+                "reported",
+            ],
+        ]
+    total_rows = [line.split() for line in totals.splitlines() if line.strip().startswith("t_")]
+    assert [row[:6] for row in total_rows] == [
+        ["t_1", "gpt-4o-mini", "2", "150", "15", "-0.025740"],
+        ["t_2", "claude-sonnet-4", "1", "70000", "3123", "-11.407188"],
+    ]
+
+
+# (customer, tenant, model) of the envelopes of the filter tests, in stream order.
+FOUR = [
+    ("cus_1", "t_1", "gpt-4o-mini"),
+    ("cus_2", "t_1", "gpt-4o-mini-2024-07-18"),
+    ("cus_1", "t_2", "claude-sonnet-4"),
+    ("cus_3", "t_2", "gpt-4o"),
+]
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--customer", "cus_1"], [0, 2]),
+        (["--tenant", "t_2"], [2, 3]),
+        (["--model", "gpt-4o-mini*"], [0, 1]),
+        (["--model", "gpt-4o"], [3]),
+        (["--customer", "cus_1", "--tenant", "t_2"], [2]),
+        (["--request-id", "KEY1"], [1]),
+        (["--request-id", "END2"], [2]),
+    ],
+)
+def test_tail_finds_envelopes_in_the_streams_history_by_customer_tenant_model_or_request_id(
+    capsys: pytest.CaptureFixture[str],
+    stream: Stream,
+    tmp_path: Path,
+    flags: list[str],
+    expected: list[int],
+) -> None:
+    keys = [uuid7() for _ in FOUR]
+    with Spool(tmp_path / "spool") as spool:
+        for key, (customer, tenant, model) in zip(keys, FOUR, strict=True):
+            spool.submit(key, usage_envelope(key, tenant, model, customer=customer)).result()
+    assert run(capsys, "drain", "--spool-dir", str(tmp_path / "spool"), *stream.flags())[0] == 0
+    flags = [keys[1] if f == "KEY1" else keys[2][-12:] if f == "END2" else f for f in flags]
+    argv = ["tail", "--all", *flags, "--count", str(len(expected)), "--timeout", "60"]
+    code, out, err = run(capsys, *argv, "--json", *stream.flags())
+    assert code == EXIT_OK, err
+    shown = [json.loads(line)["metadata"]["request_id"] for line in out.splitlines()]
+    assert shown == [keys[i] for i in expected]
+
+
+def test_a_search_of_the_history_says_when_it_has_read_it(
+    capsys: pytest.CaptureFixture[str], stream: Stream, tmp_path: Path
+) -> None:
+    filled_spool(tmp_path / "spool", 3)
+    assert run(capsys, "drain", "--spool-dir", str(tmp_path / "spool"), *stream.flags())[0] == 0
+    code, out, err = run(
+        capsys, "tail", "--all", "--customer", "nobody", "--timeout", "2", *stream.flags()
+    )
+    assert code == EXIT_OK
+    assert tsv(out) == [TSV_HEADER.split("\t")]  # the header alone: nothing matched
+    assert "history read: 3 envelopes, 0 matched; following new ones" in err
+    assert "0 envelopes of 3 matched" in err
 
 
 def test_tail_json_prints_one_envelope_a_line(
@@ -896,3 +1234,19 @@ def test_serve_hands_the_rest_of_the_command_line_to_the_lean_runner() -> None:
     assert "--mode" in done.stdout
     assert "--no-meter" in done.stdout
     assert done.returncode == 1
+
+
+def test_on_a_short_terminal_the_table_keeps_the_totals_in_view() -> None:
+    view = TailView(last=50)
+    for n in range(30):
+        parsed = parse_envelope(usage_envelope(uuid7(), f"t_{n % 2}"))
+        assert parsed is not None
+        view.add(parsed[1])
+    view.malformed = 1  # a caption line too
+    console = Console(width=80, height=24, file=io.StringIO(), force_terminal=False)
+    with console.capture() as captured:
+        console.print(view)
+    lines = captured.get().rstrip("\n").splitlines()
+    assert len(lines) <= 24
+    assert any(line.strip().startswith("t_1 ") for line in lines[-4:])  # the totals' last row
+    assert lines[0].startswith("last ") and "of 30 envelopes" in lines[0]

@@ -107,6 +107,41 @@ def test_stripping_is_independent_of_splits_and_keeps_the_usage(
     assert m.extraction.usage == whole.extraction.usage == reference(name, body)[0]
     # Top-level usage is what include_usage adds; Groq's x_groq.usage comes regardless and stays.
     assert not any(isinstance(obj.get("usage"), dict) for obj in data_objects(expected))
+    assert (m.stripped, m.trimmed) == (whole.stripped, whole.trimmed)
+
+
+USAGE = b'"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}'
+
+
+@pytest.mark.parametrize(
+    ("events", "counts"),
+    [
+        (
+            [
+                b'data: {"choices":[{"delta":{"content":"hi"}}],"usage":null}\n\n',
+                b'data: {"choices":[],' + USAGE + b"}\n\n",
+                b"data: [DONE]\n\n",
+            ],
+            (1, 0),
+        ),
+        (
+            [
+                b'data: {"choices":[{"delta":{},"finish_reason":"stop"}],' + USAGE + b"}\n\n",
+                b"data: [DONE]\n\n",
+            ],
+            (0, 1),
+        ),
+        ([b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n', b"data: [DONE]\n\n"], (0, 0)),
+    ],
+)
+def test_what_stripping_takes_out_is_counted(events: list[bytes], counts: tuple[int, int]) -> None:
+    """Dropped usage-only events and events that lost their usage key (the LLM usage view
+    says so), whether chunks are whole events or not."""
+    for chunks in (events, [b"".join(events)], [b"".join(events)[:9], b"".join(events)[9:]]):
+        m = flow_meter(injected=True)
+        m.start_stream(200, "", strip=True)
+        feed_stream(m, chunks)
+        assert (m.stripped, m.trimmed) == counts
 
 
 def seen(m: FlowMeter) -> tuple[object, ...]:

@@ -186,3 +186,14 @@ async def test_every_runner_adds_the_packages_meter_by_import() -> None:
         assert type(meter).__module__ == "edgemeter.addon"
     core = serve.CoreMaster(options.Options())
     assert not [a for a in core.addons.chain if isinstance(a, Meter)]
+
+
+async def test_the_mitmweb_runner_puts_the_meter_before_the_view_that_feeds_the_ui() -> None:
+    """mitmweb sends a flow to its UI from the view's response hook: a meter after it would set
+    comment, mark and envelope only after the UI got the flow (as `-s` would not)."""
+    from mitmproxy import options
+    from mitmproxy.tools.web.master import WebMaster
+
+    chain = [type(a).__name__ for a in serve.metered(WebMaster)(options.Options()).addons.chain]
+    assert chain.index("Meter") == chain.index("ScriptLoader") + 1
+    assert chain.index("Meter") < chain.index("View")

@@ -10,7 +10,9 @@ import contextlib
 import os
 import sys
 from collections.abc import Callable, Sequence
+from importlib.metadata import PackageNotFoundError, version
 
+from edgemeter import __version__
 from edgemeter.cli.common import (
     EXIT_BROKEN_PIPE,
     EXIT_FAILED,
@@ -41,6 +43,18 @@ COMMANDS: list[Callable[[SubParsers], None]] = [
 ]
 
 
+def version_text() -> str:
+    """edgemeter's version, and the versions of what it runs on (for a bug report)."""
+    parts = []
+    for name in ("mitmproxy", "nats-py"):
+        try:
+            parts.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            parts.append(f"{name} not installed")
+    parts.append(f"Python {sys.version.split()[0]}")
+    return f"edgemeter {__version__} ({', '.join(parts)})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgemeter",
@@ -50,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         for tail, which Ctrl-C ends with 0; 141 when the reader of a pipe went away. Each
         command's --help says more.""",
     )
+    parser.add_argument("--version", action="version", version=version_text())
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
         add(commands)

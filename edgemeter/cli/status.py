@@ -1,5 +1,5 @@
-"""`edgemeter status`: the spool, the dead letters, the broker and its stream, and what needs
-attention.
+"""`edgemeter status`: the spool, the dead letters, the broker and its stream, whether a named
+durable consumer (the billing one) keeps up, and what needs attention.
 """
 
 from __future__ import annotations
@@ -9,11 +9,13 @@ import asyncio
 import contextlib
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import nats.errors
 import nats.js.errors
+from nats.js.manager import JetStreamManager
 from rich.console import Console
 from rich.table import Table
 
@@ -54,6 +56,24 @@ class SpoolState:
 
 
 @dataclass
+class ConsumerState:
+    """A durable consumer on the stream, as JetStream reports it: how far behind it is."""
+
+    name: str
+    found: bool = False
+    # Messages on its subjects not delivered to it yet, and delivered but not acknowledged.
+    pending: int | None = None
+    ack_pending: int | None = None
+    redelivered: int | None = None
+    # Seconds since it was last delivered a message; None: never.
+    last_delivery_age_s: float | None = None
+    filter_subjects: list[str] = field(default_factory=list)
+    # Whether its filter takes the meter's subject (no filter takes every subject).
+    reads_subject: bool | None = None
+    error: str = ""
+
+
+@dataclass
 class BrokerState:
     servers: list[str]
     subject: str
@@ -65,6 +85,50 @@ class BrokerState:
     stream_bytes: int | None = None
     duplicate_window_s: float | None = None
     error: str = ""
+    consumer: ConsumerState | None = None
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """Whether a NATS subject filter (`*` one token, `>` the rest) takes a subject."""
+    want, have = pattern.split("."), subject.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(have) > i
+        if i >= len(have) or (token != "*" and token != have[i]):
+            return False
+    return len(want) == len(have)
+
+
+async def consumer_state(
+    jsm: JetStreamManager, stream: str, name: str, subject: str
+) -> ConsumerState:
+    """The durable consumer `name` on the stream; found=False (with why) when it is not."""
+    state = ConsumerState(name)
+    try:
+        info = await jsm.consumer_info(stream, name)
+    except nats.js.errors.NotFoundError:
+        state.error = f"no consumer {name!r} on stream {stream}"
+        return state
+    except ValueError as exc:  # nats-py refuses names with '.', ' ', '*' or '>'
+        state.error = f"not a consumer name: {exc}"
+        return state
+    state.found = True
+    state.pending = info.num_pending
+    state.ack_pending = info.num_ack_pending
+    state.redelivered = info.num_redelivered
+    last = info.delivered.last_active if info.delivered is not None else None
+    if last is not None:
+        age = (datetime.now(UTC) - last.astimezone(UTC)).total_seconds()
+        state.last_delivery_age_s = round(max(age, 0.0), 3)
+    config = info.config
+    state.filter_subjects = [
+        *([config.filter_subject] if config.filter_subject else []),
+        *(config.filter_subjects or []),
+    ]
+    state.reads_subject = not state.filter_subjects or any(
+        subject_matches(f, subject) for f in state.filter_subjects
+    )
+    return state
 
 
 def spool_state(directory: Path, now: float) -> SpoolState:
@@ -99,9 +163,11 @@ def spool_state(directory: Path, now: float) -> SpoolState:
     return state
 
 
-async def broker_state(config: NatsConfig, timeout: float) -> BrokerState:
-    """Whether the broker answers, and the stream bound to the subject; never raises for a
-    broker that is down or has no such stream."""
+async def broker_state(
+    config: NatsConfig, timeout: float, consumer: str | None = None
+) -> BrokerState:
+    """Whether the broker answers, the stream bound to the subject and the named durable
+    `consumer` on it; never raises for a broker that is down or has no such stream."""
     state = BrokerState([redact_url(s) for s in config.servers], config.subject)
     try:
         nc = await connect(config, timeout)
@@ -125,6 +191,8 @@ async def broker_state(config: NatsConfig, timeout: float) -> BrokerState:
         state.messages = info.state.messages
         state.stream_bytes = info.state.bytes
         state.duplicate_window_s = info.config.duplicate_window
+        if consumer is not None:
+            state.consumer = await consumer_state(jsm, state.stream, consumer, config.subject)
     except nats.errors.NoRespondersError:
         state.error = "JetStream is not enabled on this server"
     except (nats.errors.Error, TimeoutError) as exc:
@@ -153,6 +221,14 @@ def problems(spool: SpoolState, broker: BrokerState) -> list[str]:
         )
     elif broker.error:
         found.append(broker.error)
+    elif (consumer := broker.consumer) is not None:
+        if not consumer.found:
+            found.append(f"{consumer.error}: nothing books the envelopes there")
+        elif not consumer.reads_subject:
+            found.append(
+                f"consumer {consumer.name!r} does not read subject {broker.subject!r} "
+                f"(its filter: {', '.join(consumer.filter_subjects)})"
+            )
     return found
 
 
@@ -160,7 +236,7 @@ def status(args: argparse.Namespace, io: Io) -> int:
     config = broker_config(args)
     directory = args.spool_dir.expanduser() if args.spool_dir else default_spool_dir()
     spool = spool_state(directory, time.time())
-    broker = asyncio.run(broker_state(config, args.connect_timeout))
+    broker = asyncio.run(broker_state(config, args.connect_timeout, args.consumer))
     found = problems(spool, broker)
     if args.json:
         report = {"healthy": not found, "problems": found, "spool": asdict(spool)}
@@ -204,6 +280,14 @@ def _print_status(
         )
     elif broker.reachable:
         grid.add_row("stream", "none")
+    if (consumer := broker.consumer) is not None and consumer.found:
+        seen = consumer.last_delivery_age_s
+        grid.add_row(
+            "consumer",
+            f"{consumer.name}: {consumer.pending} pending, {consumer.ack_pending} awaiting ack, "
+            f"{consumer.redelivered} redelivered; "
+            + ("never delivered to" if seen is None else f"last delivery {age(seen)} ago"),
+        )
     console.print(grid)
     if found:
         console.print("[bold red]needs attention[/]")
@@ -220,10 +304,19 @@ def add_status(commands: SubParsers) -> None:
         help="spool depth and age, dead letters, broker and stream",
         description="""Report what a meter's spool holds (envelopes, bytes, the oldest one's
         age, dead letters, whether a meter has it open) and whether the broker answers, with
-        the stream bound to the subject (messages, duplicate window). Reads only: a missing
-        spool is reported, never created, and a running meter's spool is safe to read.""",
+        the stream bound to the subject (messages, duplicate window) and, with --consumer,
+        whether that durable consumer keeps up (messages pending for it, delivered and
+        awaiting its ack, redelivered, its last delivery). Reads only: a missing spool is
+        reported, never created, and a running meter's spool is safe to read.""",
         epilog="""Exit codes: 0 healthy; 1 needs attention (spool missing or unreadable, dead
-        letters, broker unreachable, no stream bound to the subject); 2 usage error.""",
+        letters, broker unreachable, no stream bound to the subject, the --consumer missing
+        or not reading the subject); 2 usage error.""",
     )
     command.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+    command.add_argument(
+        "--consumer",
+        metavar="NAME",
+        help="a durable consumer on the stream whose lag to show: the billing service's "
+        "(the seed's is sme-billing-metering)",
+    )
     command.set_defaults(run=status, parser=command)

@@ -1,4 +1,6 @@
-"""`edgemeter tail`: envelopes as they reach the stream, one row each, with running totals."""
+"""`edgemeter tail`: envelopes as they reach the stream, one row each, with running totals: a
+live table that fits the terminal, tab-separated rows for a pipe, or JSON lines.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +8,10 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import fnmatch
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
@@ -16,8 +19,10 @@ from typing import Any, Final
 import nats.errors
 import nats.js.errors
 from nats.js.api import ConsumerConfig, DeliverPolicy
-from rich.console import Group
+from rich import box
+from rich.console import Console
 from rich.live import Live
+from rich.measure import Measurement
 from rich.table import Table
 
 from edgemeter.cli.broker import broker_config, connect, nats_options
@@ -39,6 +44,7 @@ class Row:
     """The columns of one envelope in `tail`, read open-world (absent or odd fields: empty)."""
 
     time: str
+    request_id: str
     tenant: str
     customer: str
     model: str
@@ -75,6 +81,7 @@ def parse_envelope(data: bytes) -> tuple[dict[str, Any], Row] | None:
     )
     return envelope, Row(
         time=text(meta, "completed_at").replace("T", " ").removesuffix("Z"),
+        request_id=text(meta, "request_id"),
         tenant=text(meta, "tenant_id"),
         customer=text(envelope, "customer_id"),
         model=text(meta, "model"),
@@ -88,6 +95,109 @@ def parse_envelope(data: bytes) -> tuple[dict[str, Any], Row] | None:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Match:
+    """The envelopes to show (--customer, --tenant, --model, --request-id); None matches any.
+    A model may be a glob (`gpt-4o*`); a request id may be given whole or by its end."""
+
+    customer: str | None = None
+    tenant: str | None = None
+    model: str | None = None
+    request_id: str | None = None
+
+    @property
+    def filtering(self) -> bool:
+        return any(v is not None for v in (self.customer, self.tenant, self.model, self.request_id))
+
+    def __call__(self, row: Row) -> bool:
+        return (
+            (self.customer is None or row.customer == self.customer)
+            and (self.tenant is None or row.tenant == self.tenant)
+            and (self.model is None or fnmatch.fnmatchcase(row.model, self.model))
+            and (self.request_id is None or (row.request_id or "\0").endswith(self.request_id))
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    """A column of a table: its cell, and a shorter cell for a narrow terminal (None: none)."""
+
+    name: str
+    cell: Callable[[Row], str]
+    right: bool = False
+    short: Callable[[Row], str] | None = None
+
+
+RECENT: Final = (
+    Column("time", lambda r: r.time, short=lambda r: r.time[-8:]),
+    Column("request id", lambda r: r.request_id, short=lambda r: "…" + r.request_id[-12:]),
+    Column("tenant", lambda r: r.tenant),
+    Column("customer", lambda r: r.customer),
+    Column("model", lambda r: r.model),
+    Column("api", lambda r: r.api),
+    Column("in", lambda r: str(r.input_tokens), right=True),
+    Column("out", lambda r: str(r.output_tokens), right=True),
+    Column("amount", lambda r: amount(r.amount_micro), right=True),
+    Column("outcome", lambda r: r.outcome),
+    Column("usage", lambda r: r.usage_source),
+)
+# How the table of recent envelopes gets narrower until it fits the terminal, step by step:
+# the columns of least use when settling a bill go first; tokens and amount always stay.
+NARROWER: Final = (
+    ("api", "drop"),
+    ("usage", "drop"),
+    ("tenant", "drop"),
+    ("time", "short"),
+    ("request id", "short"),
+    ("time", "drop"),
+    ("outcome", "drop"),
+    ("model", "drop"),
+    ("customer", "drop"),
+)
+# The plain rows of a pipe: every column, values in full (the time as in the envelope).
+TSV_HEADER: Final = (
+    "completed_at\trequest_id\ttenant_id\tcustomer_id\tmodel\tapi\tinput_tokens\t"
+    "output_tokens\tamount\tcurrency\toutcome\tusage_source"
+)
+
+
+def tsv_row(row: Row, completed_at: str) -> str:
+    cells = (
+        completed_at,
+        row.request_id,
+        row.tenant,
+        row.customer,
+        row.model,
+        row.api,
+        str(row.input_tokens),
+        str(row.output_tokens),
+        amount(row.amount_micro),
+        row.currency,
+        row.outcome,
+        row.usage_source,
+    )
+    # A tab or line break inside a value would shift the columns of a pipe's reader.
+    return "\t".join(" ".join(c.split()) if c and not c.isprintable() else c for c in cells)
+
+
+def _fits(console: Console, table: Table) -> bool:
+    # Measured unbounded: a measurement within the console's width is clamped to it.
+    wide = console.options.update_width(1 << 20)
+    return Measurement.get(console, wide, table).maximum <= console.width
+
+
+def narrowest_fit(
+    console: Console, make: Callable[[Sequence[tuple[str, str]]], Table], steps: Sequence[Any]
+) -> Table:
+    """The widest variant of a table that fits the console: `make(steps[:n])` for the
+    smallest n that fits; with every step taken, what is left (text cut with an ellipsis)."""
+    for n in range(len(steps) + 1):
+        table = make(steps[:n])
+        if _fits(console, table):
+            return table
+    return table
+
+
 @dataclass
 class Total:
     requests: int = 0
@@ -99,13 +209,18 @@ class Total:
 
 @dataclass
 class TailView:
-    """The last envelopes and the running totals per (tenant, model); rich renders it live."""
+    """The last envelopes and the running totals per (tenant, model); rich renders it live, as
+    wide as the terminal allows (`NARROWER`)."""
 
     last: int = 20
     rows: collections.deque[Row] = field(default_factory=collections.deque)
     totals: dict[tuple[str, str], Total] = field(default_factory=dict)
+    # Envelopes shown (those --customer and the other filters let through) and seen.
     envelopes: int = 0
+    scanned: int = 0
     malformed: int = 0
+    # Said under the table: where a search of the stream's history stands.
+    note: str = ""
 
     def add(self, row: Row) -> None:
         self.envelopes += 1
@@ -120,50 +235,68 @@ class TailView:
         if total.currency != row.currency:
             total.currency = "mixed"
 
-    def __rich__(self) -> Group:
-        recent = Table(
-            title=f"last {len(self.rows)} of {self.envelopes} envelopes", title_justify="left"
+    def recent(self, steps: Sequence[tuple[str, str]], room: int | None = None) -> Table:
+        """The last envelopes, at most `room` of them (None: every one kept)."""
+        rows = list(self.rows)[-room:] if room is not None else list(self.rows)
+        dropped = {name for name, how in steps if how == "drop"}
+        shortened = {name for name, how in steps if how == "short"}
+        columns = [c for c in RECENT if c.name not in dropped]
+        notes = [n for n in (self.note, self._skipped()) if n]
+        table = Table(
+            title=f"last {len(rows)} of {self.envelopes} envelopes",
+            title_justify="left",
+            caption="; ".join(notes) or None,
+            caption_justify="left",
+            box=box.SIMPLE_HEAD,
         )
-        for name in ("time", "tenant", "customer", "model", "api"):
-            recent.add_column(name, no_wrap=True)
-        for name in ("in", "out", "amount"):
-            recent.add_column(name, justify="right", no_wrap=True)
-        recent.add_column("outcome", no_wrap=True)
-        recent.add_column("usage", no_wrap=True)
-        for r in self.rows:
-            recent.add_row(
-                r.time,
-                r.tenant,
-                r.customer,
-                r.model,
-                r.api,
-                str(r.input_tokens),
-                str(r.output_tokens),
-                amount(r.amount_micro),
-                r.outcome,
-                r.usage_source,
+        for c in columns:
+            # Numbers are never cut; text is (rich narrows only wrapping columns before it
+            # narrows all), once no step of NARROWER is left.
+            table.add_column(
+                c.name, justify="right" if c.right else "left", no_wrap=c.right, overflow="ellipsis"
+            )
+        for r in rows:
+            table.add_row(
+                *(c.short(r) if c.short and c.name in shortened else c.cell(r) for c in columns),
                 style=None if r.outcome in ("complete", "") else "yellow",
             )
-        caption = f"{self.malformed} malformed messages skipped" if self.malformed else None
+        return table
+
+    def _skipped(self) -> str:
+        return f"{self.malformed} malformed messages skipped" if self.malformed else ""
+
+    def totals_table(self, steps: Sequence[tuple[str, str]]) -> Table:
+        currencies = {t.currency for t in self.totals.values()}
+        # One currency (the usual case) is said in the title instead of a column on each row.
+        one = next(iter(currencies)) if len(currencies) == 1 and steps else None
         totals = Table(
-            title="totals", title_justify="left", caption=caption, caption_justify="left"
+            title=f"totals ({one})" if one else "totals", title_justify="left", box=box.SIMPLE_HEAD
         )
         for name in ("tenant", "model"):
-            totals.add_column(name, no_wrap=True)
+            totals.add_column(name, overflow="ellipsis")
         for name in ("requests", "in", "out", "amount"):
             totals.add_column(name, justify="right", no_wrap=True)
-        totals.add_column("currency", no_wrap=True)
+        if one is None:
+            totals.add_column("currency", no_wrap=True)
         for (tenant, model), t in sorted(self.totals.items()):
-            totals.add_row(
+            cells = [
                 tenant,
                 model,
                 str(t.requests),
                 str(t.input_tokens),
                 str(t.output_tokens),
                 amount(t.amount_micro),
-                t.currency,
-            )
-        return Group(recent, totals)
+            ]
+            totals.add_row(*cells, *(() if one else (t.currency,)))
+        return totals
+
+    def __rich_console__(self, console: Console, options: Any) -> Any:
+        totals = narrowest_fit(console, self.totals_table, (("currency", "title"),))
+        # The totals stay in view: the recent rows get the lines the terminal has left (a
+        # title, a header, a rule and blank lines around each table; a caption).
+        room = max(console.height - (len(self.totals) + 5) - 7, 1)
+        yield narrowest_fit(console, lambda steps: self.recent(steps, room), NARROWER)
+        yield totals
 
 
 def parse_since(text: str, now: datetime) -> datetime:
@@ -185,12 +318,17 @@ _REDRAW_S: Final = 0.25
 async def _tail(
     config: NatsConfig,
     args: argparse.Namespace,
+    match: Match,
     view: TailView,
-    show: Callable[[dict[str, Any] | None], None],
+    show: Callable[[tuple[dict[str, Any], Row] | None], None],
+    caught_up: Callable[[], None],
 ) -> bool:
-    """Feed envelopes from the stream into view until --count or --timeout; True when --count
-    was reached. `show` gets each envelope, and None at least once a second."""
+    """Feed the envelopes that match into view until --count or --timeout; True when --count
+    was reached. `show` gets each envelope shown, and None at least once a second;
+    `caught_up` is called once a search of the stream's history (--all, --since) has read
+    what was there when it started."""
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    history = args.all or args.since is not None
     nc = await connect(config, args.connect_timeout)
     try:
         js = nc.jetstream(timeout=args.connect_timeout)
@@ -213,16 +351,24 @@ async def _tail(
             try:
                 msg = await sub.next_msg(timeout=wait)
             except nats.errors.TimeoutError:
+                if history:  # nothing (more) to read from the past
+                    history = False
+                    caught_up()
                 show(None)
                 continue
             parsed = parse_envelope(msg.data)
             if parsed is None:
                 view.malformed += 1
+            else:
+                view.scanned += 1
+                if match(parsed[1]):
+                    view.add(parsed[1])
+                    show(parsed)
+            if history and msg.metadata.num_pending == 0:
+                history = False
+                caught_up()
+            if parsed is None or not match(parsed[1]):
                 show(None)
-                continue
-            envelope, row = parsed
-            view.add(row)
-            show(envelope)
         return True
     finally:
         with contextlib.suppress(Exception):
@@ -232,33 +378,49 @@ async def _tail(
 def tail(args: argparse.Namespace, io: Io) -> int:
     config = broker_config(args)
     view = TailView(last=args.last)
+    match = Match(args.customer, args.tenant, args.model, args.request_id)
+    # A terminal gets the live table; a pipe, JSON lines (--json) or tab-separated rows.
+    table = not args.json and io.stdout.isatty()
 
     # Redrawn from the loop that changes the view, not by rich's refresh thread, which would
     # read the view while it changes.
-    live = None if args.json else Live(view, console=io.console, auto_refresh=False)
+    live = Live(view, console=io.console, auto_refresh=False) if table else None
     drawn = 0.0
+    if not table and not args.json:
+        io.stdout.write(TSV_HEADER + "\n")
+        io.stdout.flush()
 
-    def show(envelope: dict[str, Any] | None) -> None:
+    def show(parsed: tuple[dict[str, Any], Row] | None) -> None:
         nonlocal drawn
         if live is None:
-            if envelope is not None:
-                io.stdout.write(json.dumps(envelope, ensure_ascii=False, separators=(",", ":")))
-                io.stdout.write("\n")
+            if parsed is not None:
+                envelope, row = parsed
+                if args.json:
+                    line = json.dumps(envelope, ensure_ascii=False, separators=(",", ":"))
+                else:
+                    completed_at = envelope["metadata"].get("completed_at")
+                    line = tsv_row(row, completed_at if isinstance(completed_at, str) else "")
+                io.stdout.write(line + "\n")
                 io.stdout.flush()  # a pipe gets each envelope as it comes
         elif time.monotonic() - drawn >= _REDRAW_S:
             live.refresh()
             drawn = time.monotonic()
 
+    def caught_up() -> None:
+        found = f", {view.envelopes} matched" if match.filtering else ""
+        view.note = f"history read: {view.scanned} envelopes{found}; following new ones"
+        if live is None:
+            io.say(view.note)
+
     reached = False
     try:
         with live or contextlib.nullcontext():
-            reached = asyncio.run(_tail(config, args, view, show))
+            reached = asyncio.run(_tail(config, args, match, view, show, caught_up))
     except KeyboardInterrupt:
         reached = True  # Ctrl-C is how a live tail ends
-    if not args.json and not io.console.is_terminal:
-        io.stdout.write("\n")
     skipped = f", {view.malformed} malformed messages skipped" if view.malformed else ""
-    io.say(f"{view.envelopes} envelopes{skipped}")
+    of = f" of {view.scanned} matched" if match.filtering else ""
+    io.say(f"{view.envelopes} envelopes{of}{skipped}")
     if args.count is not None and not reached:
         io.error(f"saw {view.envelopes} of {args.count} envelopes within {args.timeout:g}s")
         return EXIT_FAILED
@@ -269,11 +431,15 @@ def add_tail(commands: SubParsers) -> None:
     command = commands.add_parser(
         "tail",
         parents=[nats_options()],
-        help="a live table of envelopes on the stream, with totals per tenant and model",
+        help="envelopes on the stream as they come, with totals per tenant and model",
         description="""Follow the stream bound to the subject with an ordered consumer (ephemeral,
-        in memory, no acks: it takes nothing from the billing consumer) and show the last
-        envelopes and running totals per tenant and model. Messages that are not envelopes are
-        counted and skipped. Ctrl-C ends it.""",
+        in memory, no acks: it takes nothing from the billing consumer). On a terminal: a live
+        table of the last envelopes and running totals per tenant and model, as wide as the
+        terminal (at 80 columns: request id, customer, model, tokens in and out, amount and
+        outcome); piped: one tab-separated row per envelope after a header line, or JSON lines
+        with --json. The filters find any request: with --all or --since, in the stream's
+        history too. Messages that are not envelopes are counted and skipped. Ctrl-C ends
+        it.""",
         epilog="""Exit codes: 0 stopped by Ctrl-C, --count reached or --timeout (without
         --count); 1 broker unreachable, no stream, or --count not reached within --timeout;
         2 usage error.""",
@@ -286,8 +452,17 @@ def add_tail(commands: SubParsers) -> None:
         metavar="WHEN",
         help="start at a time: 15m, 2h, 1d ago, or an ISO time (default: new envelopes only)",
     )
+    only = command.add_argument_group("filters (all that are given must match)")
+    only.add_argument("--customer", metavar="ID", help="only this customer_id")
+    only.add_argument("--tenant", metavar="ID", help="only this tenant_id")
+    only.add_argument("--model", metavar="NAME", help="only this model (a glob: 'gpt-4o*')")
+    only.add_argument(
+        "--request-id",
+        metavar="ID",
+        help="only this request id (a ledger row's external_ref), whole or its end",
+    )
     command.add_argument("--json", action="store_true", help="one envelope per line, for pipes")
-    command.add_argument("--count", type=positive, metavar="N", help="stop after N envelopes")
+    command.add_argument("--count", type=positive, metavar="N", help="stop after N envelopes shown")
     command.add_argument("--timeout", type=seconds, metavar="S", help="stop after S seconds")
     command.add_argument(
         "--last", type=positive, default=20, metavar="N", help="rows shown (default: 20)"

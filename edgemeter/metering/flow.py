@@ -98,6 +98,8 @@ class FlowMeter:
         "stopped",
         "stream",
         "strip",
+        "stripped",
+        "trimmed",
         "truncated",
     )
 
@@ -117,6 +119,9 @@ class FlowMeter:
         # Remove that usage from the client's stream; then events are passed on whole.
         self.strip = False
         self.splitter: EventSplitter | None = None
+        # What stripping took out: usage-only events dropped, events that lost their usage key.
+        self.stripped = 0
+        self.trimmed = 0
         # The client gets decoded bytes (stripping a compressed stream), to the end.
         self.decoded_out = False
         # Why parsing stopped early (oversize_event, decompression_limit, oversize); the bytes
@@ -181,7 +186,9 @@ class FlowMeter:
                 self._finalized()
             if self.strip and b'"usage"' in chunk:
                 sent = strip_event(chunk)
-                return [sent] if sent else []
+                # The same object when nothing was taken out: every include_usage chunk
+                # carries "usage":null, so this is the path of nearly every chunk here.
+                return [chunk] if sent is chunk else self._stripped(chunk, sent)
         except Exception as e:
             # As on the framing paths: the chunk goes on untouched, the meter stops parsing.
             self._warn("usage parsing failed", e)
@@ -290,10 +297,20 @@ class FlowMeter:
         if not self.strip:
             out.append(self.splitter.take())
 
+    def _stripped(self, chunk: bytes, sent: bytes) -> list[bytes]:
+        """What strip_event made of a whole event, counted: dropped, or its usage removed."""
+        if not sent:
+            self.stripped += 1
+            return []
+        if sent != chunk:
+            self.trimmed += 1
+        return [sent]
+
     def _strip_event(self, raw: bytes) -> bytes:
         try:
             self._events(raw, end=False)
-            return strip_event(raw)
+            sent = strip_event(raw)
+            return raw if sent is raw else b"".join(self._stripped(raw, sent))
         except Exception as e:
             self._warn("usage stripping failed", e)
             self.broken, self.strip = True, False
