@@ -7,6 +7,7 @@ into the write-ahead spool that the publisher drains to NATS JetStream (docs/ARC
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import Awaitable
@@ -19,6 +20,7 @@ from edgemeter import hookcache
 from edgemeter.admin import AdminServer, Thresholds, bind
 from edgemeter.errors import DecodeError, MeterError, SettingsError
 from edgemeter.ids import uuid7, uuid7_ms
+from edgemeter.metering import cloudevents
 from edgemeter.metering import stream_usage as include_usage
 from edgemeter.metering.apis import classify
 from edgemeter.metering.attribution import (
@@ -30,10 +32,12 @@ from edgemeter.metering.attribution import (
     header_names,
     picked_headers,
 )
+from edgemeter.metering.contract import Routed, route
 from edgemeter.metering.decoding import decode_body
-from edgemeter.metering.flow import FlowMeter, Limits, Request, Result
+from edgemeter.metering.envelope import encode
+from edgemeter.metering.flow import FlowMeter, Limits, Request
 from edgemeter.metering.keymap import KeyBook
-from edgemeter.metering.prices import PriceBook
+from edgemeter.metering.prices import Price, PriceBook
 from edgemeter.metering.usage import clean_name
 from edgemeter.options import OPTIONS
 from edgemeter.settings import Settings, nats_config, parse_settings
@@ -42,11 +46,16 @@ from edgemeter.webview import UsageContentview, annotation
 from spool.deadletter import DeadLetters
 from spool.errors import SpoolError, SpoolFullError
 from spool.publisher import Publisher, check_creds_file
+from spool.routing import Route, pack
 from spool.store import Spool
 
 logger = logging.getLogger("edgemeter")
 
 _ERROR_LOG_INTERVAL_S = 60.0
+# The header that says why an envelope on the unbillable subject is there.
+UNBILLABLE_REASON_HEADER = "Edgemeter-Unbillable-Reason"
+# The price of a call whose API shape is free by nature (Shape.free).
+FREE = Price(0, "free")
 # Longer paths (or ones with characters unfit for an envelope) are left out of metadata.path.
 _MAX_PATH_CHARS = 2048
 
@@ -85,6 +94,9 @@ class Meter:
         self.stats = Stats()
         self.admin: AdminServer | None = None
         self._last_spool_error_log = 0.0
+        # Per reason: when the last unbillable request was logged, and how many since then.
+        self._unbillable_logged: dict[str, float] = {}
+        self._unbillable_unlogged: collections.Counter[str] = collections.Counter()
         self._tasks: set[asyncio.Task[Any]] = set()
         # Set by done(): new metered requests are answered 503 while the open ones finish.
         self.shutting_down = False
@@ -443,12 +455,12 @@ class Meter:
         if spool is None:
             return
         try:
-            result = self._result(meter, aborted=False)
-            if result.envelope is None:
-                meter.early = (None, None, 0.0)  # not billable, and already counted so
+            routed, value = self._result(meter, aborted=False)
+            if value is None:
+                meter.early = (routed, None, 0.0)  # nothing to spool, and counted so
                 return
             key = meter.request.request_id
-            meter.early = (result.envelope, self._submit(spool, key, result.data), time.monotonic())
+            meter.early = (routed, self._submit(spool, key, value), time.monotonic())
         except Exception:
             # Never out of the stream callable: the end of the flow spools it instead.
             logger.warning("early spooling failed; spooling at the end of the response")
@@ -457,39 +469,94 @@ class Meter:
         self, meter: FlowMeter, *, aborted: bool, flow: http.HTTPFlow | None = None
     ) -> Awaitable[None] | None:
         spool, key = self.spool, meter.request.request_id
+        routed: Routed | None
+        future: asyncio.Future[None] | None = None
+        started = 0.0
         if meter.early is not None:
-            envelope, future, started = meter.early
-            if envelope is None:
-                return None
-        elif spool is None or (result := self._result(meter, aborted=aborted)).envelope is None:
+            routed, future, started = meter.early
+        elif spool is None:
             return None
         else:
-            envelope, started = result.envelope, time.monotonic()
-            future = self._submit(spool, key, result.data)
-        if flow is not None:
+            routed, value = self._result(meter, aborted=aborted)
+            if value is not None:
+                future, started = self._submit(spool, key, value), time.monotonic()
+        if flow is not None and routed is not None:
             # For mitmweb: the envelope on the flow, and what it says at a glance.
-            flow.metadata["edgemeter"] = envelope
-            flow.comment, flow.marked = annotation(envelope)
+            flow.metadata["edgemeter"] = routed.envelope
+            flow.comment, flow.marked = annotation(
+                routed.envelope, routed.destination, routed.reason
+            )
+        if future is None:
+            return None
         return self._counted(self._spool(future, key, started))
 
-    def _result(self, meter: FlowMeter, *, aborted: bool) -> Result:
-        """The request's envelope, counted in the stats; none (counted) when not billable."""
+    def _result(self, meter: FlowMeter, *, aborted: bool) -> tuple[Routed | None, bytes | None]:
+        """The request's envelope, where it goes (contract.route) and the spool value that sends
+        it there, counted in the stats; no value for a request that is not billable or free."""
         settings = self.settings
         if settings is None:
-            return Result(None, "not_configured")
-        prices, flat = self.prices, settings.price_micro_per_token
+            return None, None
+        prices, flat, free = self.prices, settings.price_micro_per_token, meter.shape.free
         result = meter.finish(
             aborted=aborted,
             now=time.time(),
             currency=settings.currency,
-            price_of=lambda usage, model: prices.price(usage, model, flat),
+            # A call free by nature costs nothing, whatever a price table says of its model.
+            price_of=(lambda usage, model: FREE)
+            if free
+            else (lambda usage, model: prices.price(usage, model, flat)),
             anthropic_counts=settings.anthropic_counts,
         )
         if result.envelope is None:
             self.stats.unmetered[result.reason] += 1
-        else:
-            self.stats.billed(result.envelope, result.reason)
-        return result
+            return None, None
+        routed = route(result.envelope, house=settings.house, free=free)
+        destination = routed.destination
+        if destination == "free":
+            self.stats.unmetered["free"] += 1
+            return routed, None
+        self.stats.billed(routed.envelope, result.reason, booked=destination != "reconciliation")
+        if destination == "billing":
+            data = result.data  # byte for byte what finish encoded
+            if not settings.cloudevents:
+                return routed, data
+            return routed, pack(Route("", cloudevents.headers(routed.envelope)), data)
+        self._unbillable(meter.request.request_id, routed)
+        data = encode(routed.envelope)
+        if destination == "house":
+            headers = cloudevents.headers(routed.envelope) if settings.cloudevents else {}
+            return routed, pack(Route("", headers), data) if headers else data
+        headers = {UNBILLABLE_REASON_HEADER: routed.reason}
+        if settings.cloudevents:
+            headers |= cloudevents.headers(routed.envelope, unbillable=True)
+        return routed, pack(Route(settings.unbillable_subject, headers), data)
+
+    def _unbillable(self, request_id: str, routed: Routed) -> None:
+        """Count a request the consumer could not book as it came; log it, once a minute per
+        reason (WARNING for reconciliation, INFO for the house account the operator chose)."""
+        reason, destination = routed.reason, routed.destination
+        self.stats.unbillable[(reason, destination)] += 1
+        self.stats.last_unbillable = (request_id, reason, destination, time.time())
+        now = time.monotonic()
+        last = self._unbillable_logged.get(reason)
+        if last is not None and now - last < _ERROR_LOG_INTERVAL_S:
+            self._unbillable_unlogged[reason] += 1
+            return
+        self._unbillable_logged[reason] = now
+        unlogged = self._unbillable_unlogged.pop(reason, 0)
+        more = f" ({unlogged} more since the last such line)" if unlogged else ""
+        assert self.settings is not None
+        if destination == "house":
+            house = self.settings.house
+            logger.info(
+                f"request {request_id} cannot be billed as it came ({reason}): booked to the "
+                f"house account {house.customer_id if house else ''}{more}"
+            )
+            return
+        logger.warning(
+            f"request {request_id} cannot be billed ({reason}): published on "
+            f"{self.settings.unbillable_subject} for reconciliation{more}"
+        )
 
     @staticmethod
     def _submit(spool: Spool, key: str, data: bytes) -> asyncio.Future[None]:
@@ -570,7 +637,21 @@ class Meter:
             keymap=self.keys is not None,
             dead_letters_shown=dead_shown,
             dead_lettered=pub.dead_lettered if pub else 0,
+            unbillable=dict(st.unbillable),
+            last_unbillable=self._last_unbillable(),
+            unbillable_subject=self.settings.unbillable_subject if self.settings else "",
+            house_customer=self.settings.house.customer_id
+            if self.settings and self.settings.house
+            else "",
         )
+
+    def _last_unbillable(self) -> tuple[str, str, str, float] | None:
+        """The latest unbillable request, with how long ago it ended instead of when."""
+        last = self.stats.last_unbillable
+        if last is None:
+            return None
+        request_id, reason, destination, at = last
+        return request_id, reason, destination, max(time.time() - at, 0.0)
 
     def _thresholds(self) -> Thresholds:
         settings = self.settings

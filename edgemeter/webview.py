@@ -15,12 +15,19 @@ from edgemeter.metering.sse import SSEDecoder
 
 MARK_REPORTED: Final = ":moneybag:"
 MARK_ESTIMATED: Final = ":heavy_dollar_sign:"
+# Not booked as it came: sent to reconciliation, booked to the house account, or free.
+MARK_UNBILLABLE: Final = ":warning:"
+MARK_HOUSE: Final = ":house:"
+MARK_FREE: Final = ":free:"
 # Bodies larger than this are not parsed for the view (mitmweb renders on the proxy's loop).
 _MAX_VIEW_BYTES: Final = 16 * 1024 * 1024
 
 
-def annotation(envelope: dict[str, Any]) -> tuple[str, str]:
-    """The flow comment and mark for a metered flow's envelope."""
+def annotation(
+    envelope: dict[str, Any], destination: str = "billing", reason: str = ""
+) -> tuple[str, str]:
+    """The flow comment and mark for a metered flow's envelope, and where it went
+    (contract.route): billing, reconciliation (why), the house account (why), or nowhere (free)."""
     meta = envelope["metadata"]
     amount = -int(envelope["amount_micro_omr"])
     comment = (
@@ -28,6 +35,15 @@ def annotation(envelope: dict[str, Any]) -> tuple[str, str]:
         f"{amount / 1e6:.6f} {meta.get('currency', '')}".rstrip()
         + f", {meta['outcome']} ({meta['usage_source']}), {meta['price_version']}"
     )
+    if destination == "reconciliation":
+        return f"{comment}; UNBILLABLE ({reason}): sent to reconciliation", MARK_UNBILLABLE
+    if destination == "house":
+        return (
+            f"{comment}; booked to the house account {envelope['customer_id']} ({reason})",
+            MARK_HOUSE,
+        )
+    if destination == "free":
+        return f"{comment}; free call, not published", MARK_FREE
     mark = MARK_REPORTED if meta["usage_source"] == "reported" else MARK_ESTIMATED
     return comment, mark
 

@@ -15,7 +15,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from edgemeter.ids import uuid7
-from spool import DeadLetters, NatsConfig, Publisher, Route, RouteError, Spool, pack, unpack
+from spool import (
+    DeadLetter,
+    DeadLetters,
+    NatsConfig,
+    Publisher,
+    Route,
+    RouteError,
+    Spool,
+    pack,
+    unpack,
+)
 from spool.routing import ROUTED
 from tools.harness import NatsServer
 from tools.streams import ensure_stream
@@ -185,3 +195,12 @@ async def test_a_damaged_route_is_set_aside_and_published_nowhere(
         [letter] = list(dead)
         assert (letter.key, letter.error) == (damaged, "RouteError")
     assert await messages(nats_server.url) == [(BILLING, {"Nats-Msg-Id": good}, BODY)]
+
+
+def test_a_routed_dead_letter_exports_its_route_and_its_envelope() -> None:
+    value = pack(Route(ELSEWHERE, {"Why": "no_customer"}), BODY.split(b"\n\n{}")[0])
+    exported = DeadLetter("k", value, "RouteError", "x", 0.0).to_json()
+    assert exported["subject"] == ELSEWHERE
+    assert exported["headers"] == {"Why": "no_customer"}
+    assert exported["envelope"] == {"text": "one\n\ntwo", "metadata": {"request_id": "r"}}
+    assert exported["size"] == len(value)

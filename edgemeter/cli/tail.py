@@ -9,7 +9,7 @@ import contextlib
 import json
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
@@ -20,7 +20,13 @@ from rich.console import Group
 from rich.live import Live
 from rich.table import Table
 
-from edgemeter.cli.broker import broker_config, connect, nats_options
+from edgemeter.cli.broker import (
+    add_unbillable_subject,
+    broker_config,
+    connect,
+    nats_options,
+    unbillable_subject,
+)
 from edgemeter.cli.common import (
     EXIT_FAILED,
     EXIT_OK,
@@ -49,6 +55,8 @@ class Row:
     currency: str
     outcome: str
     usage_source: str
+    # Why the billing consumer could not book it (envelopes on the unbillable subject).
+    unbillable_reason: str = ""
 
 
 def parse_envelope(data: bytes) -> tuple[dict[str, Any], Row] | None:
@@ -85,6 +93,7 @@ def parse_envelope(data: bytes) -> tuple[dict[str, Any], Row] | None:
         currency=text(meta, "currency"),
         outcome=text(meta, "outcome"),
         usage_source=text(meta, "usage_source"),
+        unbillable_reason=text(meta, "unbillable_reason"),
     )
 
 
@@ -104,6 +113,8 @@ class TailView:
     last: int = 20
     rows: collections.deque[Row] = field(default_factory=collections.deque)
     totals: dict[tuple[str, str], Total] = field(default_factory=dict)
+    # Totals per unbillable_reason, for envelopes that carry one (`tail --unbillable`).
+    reasons: dict[str, Total] = field(default_factory=dict)
     envelopes: int = 0
     malformed: int = 0
 
@@ -112,13 +123,22 @@ class TailView:
         self.rows.append(row)
         while len(self.rows) > self.last:
             self.rows.popleft()
-        total = self.totals.setdefault((row.tenant, row.model), Total(currency=row.currency))
-        total.requests += 1
-        total.input_tokens += row.input_tokens
-        total.output_tokens += row.output_tokens
-        total.amount_micro += row.amount_micro
-        if total.currency != row.currency:
-            total.currency = "mixed"
+        totals = [self.totals.setdefault((row.tenant, row.model), Total(currency=row.currency))]
+        if row.unbillable_reason:
+            totals.append(
+                self.reasons.setdefault(row.unbillable_reason, Total(currency=row.currency))
+            )
+        for total in totals:
+            total.requests += 1
+            total.input_tokens += row.input_tokens
+            total.output_tokens += row.output_tokens
+            total.amount_micro += row.amount_micro
+            if total.currency != row.currency:
+                total.currency = "mixed"
+
+    def by_reason(self) -> str:
+        """The unbillable envelopes per reason, in one line ("" when there are none)."""
+        return ", ".join(f"{reason} {t.requests}" for reason, t in sorted(self.reasons.items()))
 
     def __rich__(self) -> Group:
         recent = Table(
@@ -163,7 +183,23 @@ class TailView:
                 amount(t.amount_micro),
                 t.currency,
             )
-        return Group(recent, totals)
+        if not self.reasons:
+            return Group(recent, totals)
+        reasons = Table(title="unbillable, by reason", title_justify="left")
+        reasons.add_column("reason", no_wrap=True)
+        for name in ("requests", "in", "out", "amount"):
+            reasons.add_column(name, justify="right", no_wrap=True)
+        reasons.add_column("currency", no_wrap=True)
+        for reason, t in sorted(self.reasons.items()):
+            reasons.add_row(
+                reason,
+                str(t.requests),
+                str(t.input_tokens),
+                str(t.output_tokens),
+                amount(t.amount_micro),
+                t.currency,
+            )
+        return Group(recent, totals, reasons)
 
 
 def parse_since(text: str, now: datetime) -> datetime:
@@ -231,6 +267,8 @@ async def _tail(
 
 def tail(args: argparse.Namespace, io: Io) -> int:
     config = broker_config(args)
+    if args.unbillable:
+        config = replace(config, subject=unbillable_subject(args))
     view = TailView(last=args.last)
 
     # Redrawn from the loop that changes the view, not by rich's refresh thread, which would
@@ -258,7 +296,8 @@ def tail(args: argparse.Namespace, io: Io) -> int:
     if not args.json and not io.console.is_terminal:
         io.stdout.write("\n")
     skipped = f", {view.malformed} malformed messages skipped" if view.malformed else ""
-    io.say(f"{view.envelopes} envelopes{skipped}")
+    reasons = f"; unbillable by reason: {view.by_reason()}" if view.reasons else ""
+    io.say(f"{view.envelopes} envelopes{skipped}{reasons}")
     if args.count is not None and not reached:
         io.error(f"saw {view.envelopes} of {args.count} envelopes within {args.timeout:g}s")
         return EXIT_FAILED
@@ -273,7 +312,8 @@ def add_tail(commands: SubParsers) -> None:
         description="""Follow the stream bound to the subject with an ordered consumer (ephemeral,
         in memory, no acks: it takes nothing from the billing consumer) and show the last
         envelopes and running totals per tenant and model. Messages that are not envelopes are
-        counted and skipped. Ctrl-C ends it.""",
+        counted and skipped. Ctrl-C ends it. With --unbillable, the envelopes the billing
+        consumer could not book (sent to reconciliation), with totals by reason.""",
         epilog="""Exit codes: 0 stopped by Ctrl-C, --count reached or --timeout (without
         --count); 1 broker unreachable, no stream, or --count not reached within --timeout;
         2 usage error.""",
@@ -286,6 +326,13 @@ def add_tail(commands: SubParsers) -> None:
         metavar="WHEN",
         help="start at a time: 15m, 2h, 1d ago, or an ISO time (default: new envelopes only)",
     )
+    command.add_argument(
+        "--unbillable",
+        action="store_true",
+        help="follow the unbillable subject instead (envelopes sent to reconciliation), with "
+        "totals by reason",
+    )
+    add_unbillable_subject(command)
     command.add_argument("--json", action="store_true", help="one envelope per line, for pipes")
     command.add_argument("--count", type=positive, metavar="N", help="stop after N envelopes")
     command.add_argument("--timeout", type=seconds, metavar="S", help="stop after S seconds")
