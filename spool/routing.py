@@ -17,14 +17,22 @@ from spool.errors import RouteError
 
 # No JSON text, and no other text a spool is likely to hold, starts with a NUL byte.
 ROUTED: Final = b"\x00route/1\n"
+_ROUTED_TEXT: Final = ROUTED.decode("ascii")
 # The publisher sets this one itself (the key of the value): a route cannot replace it.
 MSG_ID_HEADER: Final = "Nats-Msg-Id"
 # A NATS subject to publish on: dot-separated tokens of printable ASCII without wildcards.
 _TOKEN: Final = r"[^\x00-\x20\x7f-\U0010ffff*>.]+"
-_SUBJECT: Final = re.compile(rf"^{_TOKEN}(\.{_TOKEN})*$")
+_SUBJECT: Final = re.compile(rf"{_TOKEN}(\.{_TOKEN})*")
 # RFC 9110 token characters (NATS headers follow HTTP's), and values in printable ASCII.
-_NAME: Final = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-_VALUE: Final = re.compile(r"^[!-~]([ -~]*[!-~])?$")
+_NAME_CHARS: Final = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_VALUE_CHARS: Final = r"[!-~](?:[ -~]*[!-~])?"
+_NAME: Final = re.compile(_NAME_CHARS)
+_VALUE: Final = re.compile(_VALUE_CHARS)
+_LINE: Final = re.compile(f"({_NAME_CHARS}): ({_VALUE_CHARS})")
+# Subjects and header names routes used before: they repeat, and need checking once.
+_GOOD_SUBJECTS: set[str] = set()
+_GOOD_NAMES: set[str] = set()
+_GOOD_MAX: Final = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,17 +47,28 @@ def pack(route: Route, body: bytes) -> bytes:
     """The spool value of `body` sent along `route`. RouteError for a subject that cannot be
     published on, or a header NATS cannot carry (values must be printable ASCII: encode them)."""
     subject = route.subject
-    if subject and not _SUBJECT.match(subject):
-        raise RouteError("not a subject to publish on", subject=subject)
-    lines = [ROUTED, subject.encode("ascii"), b"\n"]
+    if subject and subject not in _GOOD_SUBJECTS:
+        if not _SUBJECT.fullmatch(subject):
+            raise RouteError("not a subject to publish on", subject=subject)
+        _remember(_GOOD_SUBJECTS, subject)
+    lines = [_ROUTED_TEXT, subject, "\n"]
     for name, value in route.headers.items():
-        if not _NAME.match(name) or name.lower() == MSG_ID_HEADER.lower():
-            raise RouteError("not a header a route may set", header=name)
-        if not _VALUE.match(value):
+        if name not in _GOOD_NAMES:
+            if not _NAME.fullmatch(name) or name.lower() == MSG_ID_HEADER.lower():
+                raise RouteError("not a header a route may set", header=name)
+            _remember(_GOOD_NAMES, name)
+        if not _VALUE.fullmatch(value):
             raise RouteError("header value is not printable ASCII", header=name)
-        lines += (name.encode("ascii"), b": ", value.encode("ascii"), b"\n")
-    lines += (b"\n", body)
-    return b"".join(lines)
+        lines += (name, ": ", value, "\n")
+    lines.append("\n")
+    # Every piece is checked ASCII: one encode of the whole block.
+    return "".join(lines).encode("ascii") + body
+
+
+def _remember(good: set[str], text: str) -> None:
+    if len(good) >= _GOOD_MAX:  # a bound, should they ever vary without end
+        good.clear()
+    good.add(text)
 
 
 def unpack(value: bytes) -> tuple[Route, bytes]:
@@ -67,11 +86,11 @@ def unpack(value: bytes) -> tuple[Route, bytes]:
         raise RouteError("routed value with non-ASCII headers") from None
     headers: dict[str, str] = {}
     for line in lines:
-        name, sep, text = line.partition(": ")
-        if not sep or not _NAME.match(name) or not _VALUE.match(text):
+        found = _LINE.fullmatch(line)
+        if found is None:
             raise RouteError("routed value with a malformed header line")
-        headers[name] = text
-    if subject and not _SUBJECT.match(subject):
+        headers[found[1]] = found[2]
+    if subject and not _SUBJECT.fullmatch(subject):
         raise RouteError("routed value with a malformed subject")
     return Route(subject, headers), value[end + 2 :]
 

@@ -73,6 +73,8 @@ def test_a_plain_value_is_its_own_body_on_the_publishers_subject(body: bytes) ->
         Route("", {"nats-msg-id": "mine"}),
         Route("", {"Bad Name": "x"}),
         Route("", {"X": "line\r\nInjected: yes"}),
+        Route("", {"X": "value\n"}),
+        Route("catalyst.usage\n"),
         Route("", {"X": " padded"}),
         Route("", {"X": ""}),
         Route("", {"X": "caf\u00e9"}),

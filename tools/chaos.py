@@ -1163,7 +1163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutil.rmtree(work_dir, ignore_errors=True)
     elif not ok:
         print(f"logs, spools and stores kept in {work_dir}")
-    print("all scenarios: 0 lost, 0 duplicated" if ok else "FAILED", flush=True)
+    print("all scenarios: 0 lost, 0 duplicated, 0 misrouted" if ok else "FAILED", flush=True)
     return 0 if ok else 1
 
 

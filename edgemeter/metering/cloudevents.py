@@ -27,6 +27,7 @@ def headers(envelope: Mapping[str, Any], *, unbillable: bool = False) -> dict[st
     """ce-specversion, ce-id (the request id), ce-source, ce-type, ce-time (completed_at),
     ce-subject (the customer, left out when there is none) and content-type."""
     meta = envelope["metadata"]
+    # The constants need no encoding; the ids and the time are encoded, should they need it.
     found = {
         "ce-specversion": SPECVERSION,
         "ce-id": percent_encoded(str(meta["request_id"])),
