@@ -511,27 +511,29 @@ class Meter:
             self.stats.unmetered[result.reason] += 1
             return None, None
         routed = route(result.envelope, house=settings.house, free=free)
-        destination = routed.destination
-        if destination == "free":
+        if routed.destination == "free":
             self.stats.unmetered["free"] += 1
             return routed, None
-        self.stats.billed(routed.envelope, result.reason, booked=destination != "reconciliation")
-        if destination == "billing":
-            data = result.data  # byte for byte what finish encoded
-            if not settings.cloudevents:
-                return routed, data
-            return routed, pack(Route("", cloudevents.headers(routed.envelope)), data)
-        self._unbillable(meter.request.request_id, routed)
-        data = encode(routed.envelope)
-        if destination == "house":
-            headers = cloudevents.headers(routed.envelope) if settings.cloudevents else {}
-            return routed, pack(Route("", headers), data) if headers else data
-        headers = {UNBILLABLE_REASON_HEADER: routed.reason}
-        if settings.cloudevents:
-            headers |= cloudevents.headers(routed.envelope, unbillable=True)
-        return routed, pack(Route(settings.unbillable_subject, headers), data)
+        booked = routed.destination != "reconciliation"
+        self.stats.billed(routed.envelope, result.reason, booked=booked)
+        if routed.destination != "billing":
+            self._unbillable(meter.request.request_id, routed, settings)
+        return routed, self._value(routed, result.data, settings)
 
-    def _unbillable(self, request_id: str, routed: Routed) -> None:
+    @staticmethod
+    def _value(routed: Routed, built: bytes, settings: Settings) -> bytes:
+        """The spool value that sends the envelope where it goes: for billing, the bytes
+        finish encoded, as they are (unless meter_cloudevents adds its headers); else a value
+        routed to the unbillable subject with the reason, or the re-attributed envelope."""
+        unbillable = routed.destination == "reconciliation"
+        data = built if routed.destination == "billing" else encode(routed.envelope)
+        subject = settings.unbillable_subject if unbillable else ""
+        headers = {UNBILLABLE_REASON_HEADER: routed.reason} if unbillable else {}
+        if settings.cloudevents:
+            headers |= cloudevents.headers(routed.envelope, unbillable=unbillable)
+        return pack(Route(subject, headers), data) if subject or headers else data
+
+    def _unbillable(self, request_id: str, routed: Routed, settings: Settings) -> None:
         """Count a request the consumer could not book as it came; log it, once a minute per
         reason (WARNING for reconciliation, INFO for the house account the operator chose)."""
         reason, destination = routed.reason, routed.destination
@@ -545,17 +547,15 @@ class Meter:
         self._unbillable_logged[reason] = now
         unlogged = self._unbillable_unlogged.pop(reason, 0)
         more = f" ({unlogged} more since the last such line)" if unlogged else ""
-        assert self.settings is not None
         if destination == "house":
-            house = self.settings.house
             logger.info(
                 f"request {request_id} cannot be billed as it came ({reason}): booked to the "
-                f"house account {house.customer_id if house else ''}{more}"
+                f"house account {routed.envelope['customer_id']}{more}"
             )
             return
         logger.warning(
             f"request {request_id} cannot be billed ({reason}): published on "
-            f"{self.settings.unbillable_subject} for reconciliation{more}"
+            f"{settings.unbillable_subject} for reconciliation{more}"
         )
 
     @staticmethod

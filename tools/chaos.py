@@ -860,7 +860,7 @@ async def run_scenario(
         code = await asyncio.to_thread(rig.meter.stop, config.grace_ms / 1000 + 30)
         evidence.check(f"meter exit code after the final SIGTERM: {code}", code == 0)
         left = await rig.depth()
-        messages = await stream_messages(rig.broker_url)
+        messages = await messages_by_subject(rig.broker_url)
         tally = count(load.records, messages)
         return Result(
             scenario=scenario.name,
@@ -876,7 +876,7 @@ async def run_scenario(
         await rig.down()
 
 
-async def stream_messages(url: str) -> list[tuple[str, dict[str, str] | None, bytes]]:
+async def messages_by_subject(url: str) -> list[tuple[str, dict[str, str] | None, bytes]]:
     """Every message on the stream, in sequence order, as (subject, headers, payload)."""
     async with _connect(url) as nc:
         jsm = nc.jsm()
