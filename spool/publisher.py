@@ -714,7 +714,8 @@ class Publisher:
             # A new headers dict per call: nats-py adds keys to the dict it is given.
             headers = {"Nats-Msg-Id": key}
             subject, body = self.config.subject, data
-            # Measured: the check costs a plain value 0.06 µs; a routed one is read in 2 µs.
+            # Measured: the check costs a plain value 0.05 µs; a routed one is read in 2.2 µs
+            # (to the unbillable subject) to 4.4 µs (seven CloudEvents headers).
             if data.startswith(ROUTED):
                 route, body = unpack(data)
                 subject = route.subject or subject

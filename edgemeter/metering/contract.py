@@ -227,8 +227,8 @@ def check(envelope: Mapping[str, Any]) -> str:
 
 def _built(envelope: Mapping[str, Any], meta: Any) -> bool:
     """Whether every field has the type `envelope.build` gives it, within int64 where Go wants
-    one: the one test of nearly every envelope (measured: 1.1 µs, against 3.5 µs for _typed
-    on both objects)."""
+    one: the one test of nearly every envelope (measured: 0.37 µs, against 1.35 µs for _typed
+    on both objects; the whole check of a billable envelope 0.75 µs)."""
     return (
         type(meta) is dict
         and type(envelope.get("customer_id")) is str
