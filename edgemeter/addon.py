@@ -7,6 +7,7 @@ into the write-ahead spool that the publisher drains to NATS JetStream (docs/ARC
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import sys
 import time
@@ -20,6 +21,7 @@ from edgemeter import hookcache
 from edgemeter.admin import AdminServer, Thresholds, bind
 from edgemeter.errors import DecodeError, MeterError, SettingsError
 from edgemeter.ids import uuid7, uuid7_ms
+from edgemeter.metering import cloudevents
 from edgemeter.metering import stream_usage as include_usage
 from edgemeter.metering.apis import classify
 from edgemeter.metering.attribution import (
@@ -31,10 +33,12 @@ from edgemeter.metering.attribution import (
     header_names,
     picked_headers,
 )
+from edgemeter.metering.contract import Routed, route
 from edgemeter.metering.decoding import decode_body
-from edgemeter.metering.flow import FlowMeter, Limits, Request, Result
+from edgemeter.metering.envelope import encode
+from edgemeter.metering.flow import FlowMeter, Limits, Request
 from edgemeter.metering.keymap import KeyBook
-from edgemeter.metering.prices import PriceBook
+from edgemeter.metering.prices import Price, PriceBook
 from edgemeter.metering.usage import clean_name
 from edgemeter.options import OPTIONS
 from edgemeter.settings import Settings, nats_config, parse_settings
@@ -43,11 +47,16 @@ from edgemeter.webview import UsageContentview, not_billed, record
 from spool.deadletter import DeadLetters
 from spool.errors import SpoolError, SpoolFullError
 from spool.publisher import Publisher, check_creds_file
+from spool.routing import Route, pack
 from spool.store import Spool
 
 logger = logging.getLogger("edgemeter")
 
 _ERROR_LOG_INTERVAL_S = 60.0
+# The header that says why an envelope on the unbillable subject is there.
+UNBILLABLE_REASON_HEADER = "Edgemeter-Unbillable-Reason"
+# The price of a call whose API shape is free by nature (Shape.free).
+FREE = Price(0, "free")
 # Longer paths (or ones with characters unfit for an envelope) are left out of metadata.path.
 _MAX_PATH_CHARS = 2048
 
@@ -86,6 +95,9 @@ class Meter:
         self.stats = Stats()
         self.admin: AdminServer | None = None
         self._last_spool_error_log = 0.0
+        # Per reason: when the last unbillable request was logged, and how many since then.
+        self._unbillable_logged: dict[str, float] = {}
+        self._unbillable_unlogged: collections.Counter[str] = collections.Counter()
         self._tasks: set[asyncio.Task[Any]] = set()
         # Set by done(): new metered requests are answered 503 while the open ones finish.
         self.shutting_down = False
@@ -457,14 +469,12 @@ class Meter:
         if spool is None:
             return
         try:
-            result = self._result(meter, aborted=False)
-            if result.envelope is None:
-                # Not billable, and already counted so.
-                meter.early = (None, None, 0.0, result.reason)
+            routed, value, reason = self._result(meter, aborted=False)
+            if value is None:
+                meter.early = (routed, None, 0.0, reason)  # nothing to spool, and counted so
                 return
             key = meter.request.request_id
-            future = self._submit(spool, key, result.data)
-            meter.early = (result.envelope, future, time.monotonic(), result.reason)
+            meter.early = (routed, self._submit(spool, key, value), time.monotonic(), reason)
         except Exception:
             # Never out of the stream callable: the end of the flow spools it instead.
             logger.warning("early spooling failed; spooling at the end of the response")
@@ -473,46 +483,101 @@ class Meter:
         self, meter: FlowMeter, *, aborted: bool, flow: http.HTTPFlow | None = None
     ) -> Awaitable[None] | None:
         spool, key = self.spool, meter.request.request_id
+        routed: Routed | None
+        future: asyncio.Future[None] | None = None
+        started = 0.0
         if meter.early is not None:
-            envelope, future, started, reason = meter.early
+            routed, future, started, reason = meter.early
         elif spool is None:
             return None
         else:
-            result = self._result(meter, aborted=aborted)
-            envelope, reason, started = result.envelope, result.reason, time.monotonic()
-            future = None if envelope is None else self._submit(spool, key, result.data)
+            routed, value, reason = self._result(meter, aborted=aborted)
+            if value is not None:
+                future, started = self._submit(spool, key, value), time.monotonic()
         if flow is not None:
-            # For mitmweb: what was billed and what the meter changed, kept on the flow.
+            # For mitmweb: what was billed, where it went and what the meter changed.
             done = {
                 "injected": meter.injected,
                 "stripped": meter.stripped,
                 "trimmed": meter.trimmed,
                 "decoded": meter.decoded_out,
             }
-            done["despite" if envelope is not None else "not_billed"] = reason
-            record(flow, envelope, done)
+            done["despite" if routed is not None else "not_billed"] = reason
+            record(flow, routed, done)
         if future is None:
             return None
         return self._counted(self._spool(future, key, started))
 
-    def _result(self, meter: FlowMeter, *, aborted: bool) -> Result:
-        """The request's envelope, counted in the stats; none (counted) when not billable."""
+    def _result(
+        self, meter: FlowMeter, *, aborted: bool
+    ) -> tuple[Routed | None, bytes | None, str]:
+        """The request's envelope, where it goes (contract.route), the spool value that sends
+        it there and the reason finish gave (billed despite, or why none), counted in the stats;
+        no value for a request that is not billable or free."""
         settings = self.settings
         if settings is None:
-            return Result(None, "not_configured")
-        prices, flat = self.prices, settings.price_micro_per_token
+            return None, None, "not_configured"
+        prices, flat, free = self.prices, settings.price_micro_per_token, meter.shape.free
         result = meter.finish(
             aborted=aborted,
             now=time.time(),
             currency=settings.currency,
-            price_of=lambda usage, model: prices.price(usage, model, flat),
+            # A call free by nature costs nothing, whatever a price table says of its model.
+            price_of=(lambda usage, model: FREE)
+            if free
+            else (lambda usage, model: prices.price(usage, model, flat)),
             anthropic_counts=settings.anthropic_counts,
         )
         if result.envelope is None:
             self.stats.unmetered[result.reason] += 1
-        else:
-            self.stats.billed(result.envelope, result.reason)
-        return result
+            return None, None, result.reason
+        routed = route(result.envelope, house=settings.house, free=free)
+        if routed.destination == "free":
+            self.stats.unmetered["free"] += 1
+            return routed, None, result.reason
+        booked = routed.destination != "reconciliation"
+        self.stats.billed(routed.envelope, result.reason, booked=booked)
+        if routed.destination != "billing":
+            self._unbillable(meter.request.request_id, routed, settings)
+        return routed, self._value(routed, result.data, settings), result.reason
+
+    @staticmethod
+    def _value(routed: Routed, built: bytes, settings: Settings) -> bytes:
+        """The spool value that sends the envelope where it goes: for billing, the bytes
+        finish encoded, as they are (unless meter_cloudevents adds its headers); else a value
+        routed to the unbillable subject with the reason, or the re-attributed envelope."""
+        unbillable = routed.destination == "reconciliation"
+        data = built if routed.destination == "billing" else encode(routed.envelope)
+        subject = settings.unbillable_subject if unbillable else ""
+        headers = {UNBILLABLE_REASON_HEADER: routed.reason} if unbillable else {}
+        if settings.cloudevents:
+            headers |= cloudevents.headers(routed.envelope, unbillable=unbillable)
+        return pack(Route(subject, headers), data) if subject or headers else data
+
+    def _unbillable(self, request_id: str, routed: Routed, settings: Settings) -> None:
+        """Count a request the consumer could not book as it came; log it, once a minute per
+        reason (WARNING for reconciliation, INFO for the house account the operator chose)."""
+        reason, destination = routed.reason, routed.destination
+        self.stats.unbillable[(reason, destination)] += 1
+        self.stats.last_unbillable = (request_id, reason, destination, time.time())
+        now = time.monotonic()
+        last = self._unbillable_logged.get(reason)
+        if last is not None and now - last < _ERROR_LOG_INTERVAL_S:
+            self._unbillable_unlogged[reason] += 1
+            return
+        self._unbillable_logged[reason] = now
+        unlogged = self._unbillable_unlogged.pop(reason, 0)
+        more = f" ({unlogged} more since the last such line)" if unlogged else ""
+        if destination == "house":
+            logger.info(
+                f"request {request_id} cannot be billed as it came ({reason}): booked to the "
+                f"house account {routed.envelope['customer_id']}{more}"
+            )
+            return
+        logger.warning(
+            f"request {request_id} cannot be billed ({reason}): published on "
+            f"{settings.unbillable_subject} for reconciliation{more}"
+        )
 
     @staticmethod
     def _submit(spool: Spool, key: str, data: bytes) -> asyncio.Future[None]:
@@ -594,7 +659,21 @@ class Meter:
             dead_letters_shown=dead_shown,
             dead_lettered=pub.dead_lettered if pub else 0,
             genai=st.genai.copy(),
+            unbillable=dict(st.unbillable),
+            last_unbillable=self._last_unbillable(),
+            unbillable_subject=self.settings.unbillable_subject if self.settings else "",
+            house_customer=self.settings.house.customer_id
+            if self.settings and self.settings.house
+            else "",
         )
+
+    def _last_unbillable(self) -> tuple[str, str, str, float] | None:
+        """The latest unbillable request, with how long ago it ended instead of when."""
+        last = self.stats.last_unbillable
+        if last is None:
+            return None
+        request_id, reason, destination, at = last
+        return request_id, reason, destination, max(time.time() - at, 0.0)
 
     def _thresholds(self) -> Thresholds:
         settings = self.settings

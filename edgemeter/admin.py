@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from edgemeter.errors import AdminError
+from edgemeter.metering.contract import ATTRIBUTION_REASONS, REASONS
 from edgemeter.metering.usage import TOKEN_KINDS
 from edgemeter.stats import Distribution, GenAI, Histograms, Snapshot
 
@@ -94,7 +95,8 @@ class _SnapshotCollector(Collector):
         yield tokens
         amount = CounterMetricFamily(
             "edgemeter_amount_micro",
-            "Amount debited in spooled envelopes, in micro-units of the currency.",
+            "Amount debited in spooled envelopes billing will book (not those sent to "
+            "reconciliation), in micro-units of the currency.",
             labels=("currency",),
         )
         amount.add_metric((s.currency,), s.amount_micro)
@@ -105,6 +107,19 @@ class _SnapshotCollector(Collector):
             "(meter_on_spool_full=reject).",
             value=s.rejected,
         )
+        unbillable = CounterMetricFamily(
+            "edgemeter_unbillable_requests",
+            "Envelopes the billing consumer could not book as they came (no customer, no "
+            "tenant, unknown key, zero amount...), by reason and where they went: "
+            "reconciliation (meter_unbillable_subject) or house (the house account).",
+            labels=("reason", "destination"),
+        )
+        # Every reason from the start at 0, so increase() sees the first one.
+        series = {(reason, "reconciliation") for reason in REASONS}
+        series |= {(reason, "house") for reason in ATTRIBUTION_REASONS}
+        for reason, destination in sorted(series | set(s.unbillable)):
+            unbillable.add_metric((reason, destination), s.unbillable.get((reason, destination), 0))
+        yield unbillable
         yield CounterMetricFamily(
             "edgemeter_unknown_keys",
             "Metered requests whose API key the key map does not know (meter_attribution=keymap): "

@@ -96,6 +96,41 @@ OPTIONS: tuple[Option, ...] = (
         consumer must bind it; the meter never creates or changes streams.""",
     ),
     Option(
+        "meter_unbillable_subject",
+        str,
+        "catalyst.usage.unbillable",
+        """Subject of the envelopes the billing consumer could not book (no customer, a
+        customer without a tenant, an unknown key, a zero amount...): published there, with
+        the reason in metadata.unbillable_reason and the Edgemeter-Unbillable-Reason header,
+        for reconciliation. The default is under catalyst.usage., so the billing service's
+        catalyst.> stream keeps them while its consumer of meter_subject never sees them.
+        Must differ from meter_subject.""",
+    ),
+    Option(
+        "meter_house_customer",
+        str,
+        "",
+        """Customer the requests nobody can be billed for are booked to instead (no customer,
+        no tenant, an unknown key), marked in metadata.house_account with the reason and the
+        attribution it replaced. Set together with meter_house_tenant. Empty: they go to
+        meter_unbillable_subject.""",
+    ),
+    Option(
+        "meter_house_tenant",
+        str,
+        "",
+        """Tenant of meter_house_customer (billing creates an unknown customer only with a
+        tenant).""",
+    ),
+    Option(
+        "meter_cloudevents",
+        bool,
+        False,
+        """Also publish each envelope's CloudEvents attributes as binary-mode headers (ce-id:
+        the request id, ce-source, ce-type, ce-time, ce-subject: the customer), for
+        CloudEvents readers such as OpenMeter's collector. The body stays the same.""",
+    ),
+    Option(
         "meter_spool_dir",
         str,
         "",

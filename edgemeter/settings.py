@@ -14,10 +14,12 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from edgemeter.errors import SettingsError
+from edgemeter.metering.attribution import MAX_ID_CHARS
 from edgemeter.metering.attribution import Mode as AttributionMode
 from edgemeter.metering.attribution import Spec as AttributionSpec
+from edgemeter.metering.contract import House
 from edgemeter.metering.prices import CURRENCY
-from edgemeter.metering.usage import CountRule
+from edgemeter.metering.usage import CountRule, clean_name
 from spool.publisher import NatsConfig, redact_url
 
 StreamUsageMode = Literal["inject-strip", "inject", "off"]
@@ -72,6 +74,9 @@ class Settings:
     tune_mitmproxy: bool = True
     publish_linger_ms: int = 250
     metrics_max_models: int = 100
+    unbillable_subject: str = "catalyst.usage.unbillable"
+    house: House | None = None
+    cloudevents: bool = False
 
     @property
     def attribution_spec(self) -> AttributionSpec:
@@ -117,6 +122,34 @@ def parse_subject(value: str, option: str = "meter_subject") -> str:
             "not a publishable NATS subject (no spaces or wildcards)", option=option, value=value
         )
     return value
+
+
+def parse_unbillable_subject(
+    value: str, subject: str, option: str = "meter_unbillable_subject"
+) -> str:
+    """Another subject than the billing one: on that one the consumer would skip them again."""
+    parse_subject(value, option)
+    if value == subject:
+        raise SettingsError("must differ from meter_subject", option=option, value=value)
+    return value
+
+
+def parse_house(customer: str, tenant: str) -> House | None:
+    """The house account, or None: both ids or neither, each one an id fit for an envelope."""
+    if not customer and not tenant:
+        return None
+    for option, value in (("meter_house_customer", customer), ("meter_house_tenant", tenant)):
+        if not value:
+            raise SettingsError(
+                "set meter_house_customer and meter_house_tenant together", option=option
+            )
+        if clean_name(value, MAX_ID_CHARS) != value:
+            raise SettingsError(
+                f"not an id (printable, at most {MAX_ID_CHARS} characters, no surrounding spaces)",
+                option=option,
+                value=value,
+            )
+    return House(customer, tenant)
 
 
 def parse_paths(value: str, option: str = "meter_paths") -> tuple[str, ...]:
@@ -288,6 +321,7 @@ def parse_settings(options: Mapping[str, object]) -> Settings:
         return value
 
     attribution = parse_attribution(text("meter_attribution"))
+    subject = parse_subject(text("meter_subject"))
     return Settings(
         nats_servers=parse_nats_urls(text("meter_nats_url")),
         nats_creds=parse_file(text("meter_nats_creds"), "meter_nats_creds"),
@@ -297,7 +331,10 @@ def parse_settings(options: Mapping[str, object]) -> Settings:
         nats_tls_ca=parse_file(text("meter_nats_tls_ca"), "meter_nats_tls_ca"),
         nats_tls_cert=parse_file(text("meter_nats_tls_cert"), "meter_nats_tls_cert"),
         nats_tls_key=parse_file(text("meter_nats_tls_key"), "meter_nats_tls_key"),
-        subject=parse_subject(text("meter_subject")),
+        subject=subject,
+        unbillable_subject=parse_unbillable_subject(text("meter_unbillable_subject"), subject),
+        house=parse_house(text("meter_house_customer"), text("meter_house_tenant")),
+        cloudevents=flag("meter_cloudevents"),
         spool_dir=parse_spool_dir(text("meter_spool_dir")),
         spool_sync=parse_spool_sync(text("meter_spool_sync")),
         spool_max_bytes=parse_spool_max_mb(number("meter_spool_max_mb")),

@@ -249,17 +249,26 @@ class Stats:
     rejected: int = 0
     # Metered requests in keymap mode with no key in the map (billed unattributed).
     unknown_keys: int = 0
+    # Envelopes the billing consumer could not book as they came, by (reason, destination):
+    # reconciliation (the unbillable subject) or house (booked to the house account).
+    unbillable: Counter[tuple[str, str]] = field(default_factory=Counter)
+    # The latest of them: (request_id, reason, destination, wall-clock time).
+    last_unbillable: tuple[str, str, str, float] | None = None
     histograms: Histograms = field(default_factory=Histograms)
     genai: GenAI = field(default_factory=GenAI)
 
-    def billed(self, envelope: Mapping[str, Any], anomaly: str = "") -> None:
-        """Count an envelope on its way to the spool."""
+    def billed(
+        self, envelope: Mapping[str, Any], anomaly: str = "", *, booked: bool = True
+    ) -> None:
+        """Count an envelope on its way to the spool; its amount only if billing will book it
+        (not one that goes to reconciliation)."""
         meta = envelope["metadata"]
         self.metered[(meta["api"], meta["outcome"], meta["usage_source"])] += 1
         tokens = self.tokens
         for kind in TOKEN_KINDS:
             tokens[kind] += meta[f"{kind}_tokens"]
-        amount = -envelope["amount_micro_omr"]
+        # Spend counts what billing will book: not an envelope sent to reconciliation.
+        amount = -envelope["amount_micro_omr"] if booked else 0
         self.amount_micro += amount
         if anomaly:
             self.anomalies[anomaly] += 1
@@ -298,6 +307,12 @@ class Snapshot:
     dead_lettered: int = 0
     # A copy of the per-model GenAI metrics at the snapshot's instant.
     genai: GenAI = field(default_factory=GenAI)
+    unbillable: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    # The latest unbillable request (request_id, reason, destination, seconds ago), where
+    # reconciliation envelopes go, and the house account's customer ("" without one).
+    last_unbillable: tuple[str, str, str, float] | None = None
+    unbillable_subject: str = ""
+    house_customer: str = ""
 
 
 def status_text(s: Snapshot, *, one_line: bool = False) -> str:
@@ -323,4 +338,18 @@ def status_text(s: Snapshot, *, one_line: bool = False) -> str:
         lines.append(f"not metered ({reason}): {n}")
     for reason, n in sorted(s.anomalies.items()):
         lines.append(f"metered despite {reason}: {n}")
+    for (reason, destination), n in sorted(s.unbillable.items()):
+        lines.append(f"unbillable ({reason}): {n} {_where(s, destination)}")
+    if s.last_unbillable is not None:
+        request_id, reason, destination, ago = s.last_unbillable
+        lines.append(
+            f"last unbillable: request {request_id} ({reason}) {ago:.0f}s ago, "
+            + _where(s, destination)
+        )
     return (" · " if one_line else "\n").join(lines)
+
+
+def _where(s: Snapshot, destination: str) -> str:
+    if destination == "house":
+        return f"booked to the house account {s.house_customer}".rstrip()
+    return f"sent to reconciliation on {s.unbillable_subject}".rstrip()

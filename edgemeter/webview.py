@@ -11,6 +11,7 @@ from typing import Any, Final
 from mitmproxy import contentviews, http
 
 from edgemeter.metering.apis import classify
+from edgemeter.metering.contract import Routed
 from edgemeter.metering.extraction import Extraction
 from edgemeter.metering.sse import SSEDecoder
 
@@ -23,6 +24,10 @@ RECORD: Final = "edgemeter.meter"
 
 MARK_REPORTED: Final = ":moneybag:"
 MARK_ESTIMATED: Final = ":heavy_dollar_sign:"
+# Not booked as it came: sent to reconciliation, booked to the house account, or free.
+MARK_UNBILLABLE: Final = ":warning:"
+MARK_HOUSE: Final = ":house:"
+MARK_FREE: Final = ":free:"
 # Flows this run did not bill although they carry an envelope.
 MARK_REPLAYED: Final = ":repeat:"
 MARK_LOADED: Final = ":floppy_disk:"
@@ -59,10 +64,13 @@ def _billed(envelope: Mapping[str, Any]) -> str:
     return f"{_decimal(amount)} {meta.get('currency', '')}".rstrip()
 
 
-def annotation(envelope: Mapping[str, Any]) -> tuple[str, str]:
-    """The comment and mark of a flow billed by this run. The comment starts with what fits the
-    flow list's narrow column (amount, outcome, request id) and carries the request id in full,
-    so `~comment <request_id>` finds the flow."""
+def annotation(
+    envelope: Mapping[str, Any], destination: str = "billing", reason: str = ""
+) -> tuple[str, str]:
+    """The comment and mark of a flow billed by this run, and where its envelope went
+    (contract.route): billing, reconciliation (why), the house account (why), or nowhere (free).
+    The comment starts with what fits the flow list's narrow column (amount, outcome, request
+    id) and carries the request id in full, so `~comment <request_id>` finds the flow."""
     meta = envelope["metadata"]
     micro = -envelope["amount_micro_omr"]
     # One f-string: this runs for every billed request, and joining parts took twice as long.
@@ -74,17 +82,26 @@ def annotation(envelope: Mapping[str, Any]) -> tuple[str, str]:
         f"customer {envelope['customer_id'] or '-'} tenant {meta['tenant_id'] or '-'}"
         f"{_SEP}edgemeter"
     )
+    if destination == "reconciliation":
+        return f"{comment}; UNBILLABLE ({reason}): sent to reconciliation", MARK_UNBILLABLE
+    if destination == "house":
+        return (
+            f"{comment}; booked to the house account {envelope['customer_id']} ({reason})",
+            MARK_HOUSE,
+        )
+    if destination == "free":
+        return f"{comment}; free call, not published", MARK_FREE
     mark = MARK_REPORTED if meta["usage_source"] == "reported" else MARK_ESTIMATED
     return comment, mark
 
 
-def record(flow: http.HTTPFlow, envelope: dict[str, Any] | None, done: dict[str, Any]) -> None:
-    """What the meter did to a flow it metered, kept on the flow: the envelope it billed (with
-    comment and mark), or in `done["not_billed"]` why there is none."""
+def record(flow: http.HTTPFlow, routed: Routed | None, done: dict[str, Any]) -> None:
+    """What the meter did to a flow it metered, kept on the flow: the envelope it billed and
+    where it went (with comment and mark), or in `done["not_billed"]` why there is none."""
     flow.metadata[RECORD] = done
-    if envelope is not None:
-        flow.metadata[ENVELOPE] = envelope
-        flow.comment, flow.marked = annotation(envelope)
+    if routed is not None:
+        flow.metadata[ENVELOPE] = routed.envelope
+        flow.comment, flow.marked = annotation(routed.envelope, routed.destination, routed.reason)
 
 
 def not_billed(flow: http.HTTPFlow, why: str) -> None:
@@ -100,7 +117,8 @@ def not_billed(flow: http.HTTPFlow, why: str) -> None:
     for earlier in NOT_BILLED_MARKS:
         comment = comment.removeprefix(earlier + _NOT_BILLED + _SEP)
     flow.comment = why + _NOT_BILLED + _SEP + comment
-    if flow.marked in (MARK_REPORTED, MARK_ESTIMATED, *NOT_BILLED_MARKS.values()):
+    billed_marks = (MARK_REPORTED, MARK_ESTIMATED, MARK_UNBILLABLE, MARK_HOUSE, MARK_FREE)
+    if flow.marked in (*billed_marks, *NOT_BILLED_MARKS.values()):
         flow.marked = NOT_BILLED_MARKS.get(why, flow.marked)
 
 

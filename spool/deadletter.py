@@ -18,7 +18,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
-from spool.errors import SpoolError
+from spool.errors import RouteError, SpoolError
+from spool.routing import unpack
 from spool.store import Spool
 
 if sys.platform != "win32":
@@ -43,7 +44,8 @@ class DeadLetter:
     dead_lettered_at: float
 
     def to_json(self) -> dict[str, Any]:
-        """The export form: the envelope as parsed JSON (base64 if it is not JSON)."""
+        """The export form: the envelope as parsed JSON (base64 if it is not JSON), and the
+        subject and headers of a routed one."""
         obj: dict[str, Any] = {
             "key": self.key,
             "error": self.error,
@@ -51,8 +53,15 @@ class DeadLetter:
             "dead_lettered_at": iso_time(self.dead_lettered_at),
             "size": len(self.envelope),
         }
+        body = self.envelope
+        with contextlib.suppress(RouteError):  # a damaged route: the bytes as they are
+            route, body = unpack(self.envelope)
+            if route.subject:
+                obj["subject"] = route.subject
+            if route.headers:
+                obj["headers"] = dict(route.headers)
         try:
-            obj["envelope"] = json.loads(self.envelope)
+            obj["envelope"] = json.loads(body)
         except ValueError:
             obj["envelope_base64"] = base64.b64encode(self.envelope).decode("ascii")
         return obj

@@ -3,7 +3,8 @@ messages and structured fields (`fields`); `describe` is how any exception is sh
 
     SpoolError            the on-disk spool cannot be opened, read or written (fields: path, ...)
     ├── SpoolFullError    the spool holds max_bytes of envelopes: nothing more is taken
-    └── PublishError      a publish, or the publisher's configuration, failed; envelopes stay
+    ├── PublishError      a publish, or the publisher's configuration, failed; envelopes stay
+    └── RouteError        a routed value (spool.routing) cannot be packed, or read back
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ class SpoolFullError(SpoolError):
 
 class PublishError(SpoolError):
     """A publish to JetStream (or the publisher's configuration) failed; envelopes stay spooled."""
+
+
+class RouteError(SpoolError):
+    """A routed value cannot be packed (a subject or header NATS cannot carry) or read back (its
+    framing is damaged): the publisher sets such a value aside, never sends it elsewhere."""
 
 
 def describe(exc: BaseException) -> str:

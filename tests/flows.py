@@ -8,8 +8,11 @@ from typing import Any
 from mitmproxy import http
 from mitmproxy.test import tflow, tutils
 
-from edgemeter.addon import Meter
+from edgemeter.addon import UNBILLABLE_REASON_HEADER, Meter
+from edgemeter.metering.contract import check, consume, route
+from edgemeter.metering.envelope import encode
 from edgemeter.metering.flow import DEFAULT_LIMITS, FlowMeter, Limits, Request
+from spool.routing import unpack
 from tests.corpus import chunked
 
 KEY = "sk-live-0123456789abcdef"
@@ -51,9 +54,58 @@ async def run_flow(
     return sent
 
 
+def published(addon: Meter) -> list[tuple[str, dict[str, str], bytes]]:
+    """(subject, headers, body) of every spooled envelope, as the publisher will send it."""
+    assert addon.spool is not None and addon.settings is not None
+    found = []
+    for _, value in addon.spool.read_page("", 100):
+        where, body = unpack(value)
+        found.append((where.subject or addon.settings.subject, dict(where.headers), body))
+    return found
+
+
 def spooled(addon: Meter) -> list[dict[str, Any]]:
-    assert addon.spool is not None
-    return [json.loads(data) for _, data in addon.spool.read_page("", 100)]
+    return [json.loads(body) for _, _, body in published(addon)]
+
+
+def assert_contract(addon: Meter) -> list[str]:
+    """Every spooled envelope is one the billing consumer books (a customer new to it) on
+    meter_subject, or one on meter_unbillable_subject, with the reason the edge check gives
+    in its header and metadata. Returns the reasons of the unbillable ones."""
+    assert addon.settings is not None
+    reasons = []
+    for subject, headers, body in published(addon):
+        envelope = json.loads(body)
+        if subject == addon.settings.subject:
+            assert consume(body) == ("book", ""), envelope
+            assert "unbillable_reason" not in envelope["metadata"]
+            continue
+        assert subject == addon.settings.unbillable_subject
+        meta = envelope["metadata"]
+        reason = meta.pop("unbillable_reason")
+        assert headers[UNBILLABLE_REASON_HEADER] == reason
+        assert check(envelope) == reason != ""
+        assert consume(body)[0] != "book", (reason, envelope)
+        reasons.append(reason)
+    return reasons
+
+
+def assert_books_or_reconciles(envelope: dict[str, Any], data: bytes) -> str:
+    """The edge's decision on a built envelope (`data` its bytes) holds up against the model
+    of the consumer: billing books it unchanged, else it is marked for reconciliation with the
+    reason the edge check gives, and the consumer would not have booked it. Returns that
+    reason ("" for billing)."""
+    routed = route(envelope)
+    if routed.destination == "billing":
+        assert routed.envelope is envelope
+        assert consume(data) == ("book", ""), envelope
+        return ""
+    assert routed.destination == "reconciliation"
+    assert routed.reason == check(envelope) != ""
+    assert routed.envelope["metadata"]["unbillable_reason"] == routed.reason
+    assert consume(data)[0] != "book", envelope
+    assert consume(encode(routed.envelope))[0] != "book"
+    return routed.reason
 
 
 def flow_meter(

@@ -467,7 +467,8 @@ async def test_a_stream_is_spooled_when_its_last_event_is_parsed_before_the_clie
     stream(body[:last])
     assert addon.flows[flow.id].early is None
     stream(body[last:])  # the last event: spooled before it is returned to mitmproxy
-    envelope, future, _, _ = addon.flows[flow.id].early
+    routed, future, _, _ = addon.flows[flow.id].early
+    envelope = routed.envelope
     await asyncio.wait_for(future, 10)
     assert [e["metadata"]["request_id"] for e in spooled(addon)] == [
         envelope["metadata"]["request_id"]

@@ -264,8 +264,14 @@ def test_a_running_meter_reports_health_readiness_and_metrics(
         demo_upstream.url, nats_server.url, f"meter_admin_listen=127.0.0.1:{admin_port}"
     )
     wait_until_listening(admin_port)
-    client = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="sk-admin-test", max_retries=0)
-    for _ in range(2):
+    who = {"x-tenant-id": "t_admin", "x-customer-id": "cus_admin"}
+    for headers in (who, who, {}):  # the last one names no customer: unbillable
+        client = openai.OpenAI(
+            base_url=f"{proxy.url}/v1",
+            api_key="sk-admin-test",
+            max_retries=0,
+            default_headers=headers,
+        )
         client.chat.completions.create(
             model="demo-chat", messages=[{"role": "user", "content": "hi"}]
         )
@@ -274,23 +280,35 @@ def test_a_running_meter_reports_health_readiness_and_metrics(
         # Deleted from the spool up to 100 ms after the ack (in the next commit's transaction).
         found = samples(get(admin_port, "/metrics").content)
         acked = found.get(("edgemeter_publishes_total", (("error", ""), ("result", "acked"))))
-        return acked == 2 and found.get(("edgemeter_spool_envelopes", ())) == 0
+        return acked == 3 and found.get(("edgemeter_spool_envelopes", ())) == 0
 
     wait_for(acked_and_deleted)
     found = samples(get(admin_port, "/metrics").content)
     key = (("api", "openai.chat"), ("outcome", "complete"), ("usage_source", "reported"))
-    assert found[("edgemeter_metered_requests_total", key)] == 2
+    assert found[("edgemeter_metered_requests_total", key)] == 3
     tokens = {
         kind: found[("edgemeter_tokens_total", (("kind", kind),))] for kind in ("input", "output")
     }
-    assert tokens["output"] == 2 * 14  # the demo's canned reply is 14 tokens
-    assert found[("edgemeter_amount_micro_total", (("currency", "OMR"),))] == 156 * sum(
-        tokens.values()
+    assert tokens["output"] == 3 * 14  # the demo's canned reply is 14 tokens
+    # Only what billing books is debited: the unbillable one's 16 tokens are not.
+    assert found[("edgemeter_amount_micro_total", (("currency", "OMR"),))] == 156 * (
+        sum(tokens.values()) * 2 // 3
     )
+    unbillable = {
+        labels: n
+        for (name, labels), n in found.items()
+        if name == "edgemeter_unbillable_requests_total"
+    }
+    # Every reason is there from the start (at 0), so an alert's increase() sees the first one.
+    assert {dict(labels)["reason"] for labels in unbillable} >= {"no_customer", "no_tenant"}
+    assert {labels: n for labels, n in unbillable.items() if n} == {
+        (("destination", "reconciliation"), ("reason", "no_customer")): 1
+    }
     assert found[("edgemeter_spool_envelopes", ())] == 0
     assert found[("edgemeter_broker_connected", ())] == 1
-    assert found[("edgemeter_added_latency_seconds_count", ())] == 2
-    assert found[("edgemeter_publish_latency_seconds_count", ())] == 2
+    assert found[("edgemeter_added_latency_seconds_count", ())] == 3
+    assert found[("edgemeter_publish_latency_seconds_count", ())] == 3
+    # GenAI token usage counts every metered request, the unbillable one too.
     genai = {
         (name, dict(labels)["gen_ai_token_type"]): value
         for (name, labels), value in found.items()

@@ -28,13 +28,25 @@ SUBJECT = "catalyst.usage.recorded"
 # --- counting ---------------------------------------------------------------------------------
 
 
-def message(tag: str, request_id: str, outcome: str = "complete") -> tuple[dict[str, str], bytes]:
-    meta = {"client_request_id": tag, "request_id": request_id, "outcome": outcome}
-    return {"Nats-Msg-Id": request_id}, json.dumps({"metadata": meta}).encode()
+def message(
+    tag: str, request_id: str, outcome: str = "complete", subject: str = SUBJECT, **top: Any
+) -> tuple[str, dict[str, str], bytes]:
+    """An envelope the billing consumer books (unless `top` changes its fields)."""
+    meta = {
+        "client_request_id": tag,
+        "request_id": request_id,
+        "outcome": outcome,
+        "tenant_id": "t_chaos",
+    }
+    envelope = {"customer_id": "cus", "amount_micro_omr": -156, "reason": "usage:newapi:m"}
+    data = json.dumps(envelope | top | {"metadata": meta}).encode()
+    return subject, {"Nats-Msg-Id": request_id}, data
 
 
-def record(tag: str, state: Any, saw_terminal: bool = False) -> Record:
-    return Record(tag, "chat", True, 0.0, state=state, saw_terminal=saw_terminal)
+def record(tag: str, state: Any, saw_terminal: bool = False, attributed: bool = True) -> Record:
+    return Record(
+        tag, "chat", True, 0.0, state=state, saw_terminal=saw_terminal, attributed=attributed
+    )
 
 
 @pytest.mark.parametrize(
@@ -62,12 +74,47 @@ def test_envelopes_are_counted_per_tag(
 
 
 def test_an_envelope_nobody_sent_or_with_a_foreign_msg_id_is_a_stranger() -> None:
-    headers, data = message("t", "r1")
+    subject, headers, data = message("t", "r1")
     tally = count(
         {"t": record("t", "completed")},
-        [message("other", "r0"), ({"Nats-Msg-Id": "not-r1"}, data), (headers, data)],
+        [
+            message("other", "r0"),
+            (subject, {"Nats-Msg-Id": "not-r1"}, data),
+            (subject, headers, data),
+        ],
     )
     assert (tally["strangers"], tally["lost"], tally["envelopes"]) == (2, [], 1)
+
+
+UNBILLABLE = "catalyst.usage.unbillable"
+
+
+@pytest.mark.parametrize(
+    ("attributed", "sent", "misrouted", "unbillable"),
+    [
+        (True, message("t", "r1"), [], 0),
+        (False, message("t", "r1", subject=UNBILLABLE, customer_id=""), [], 1),
+        # An unattributed request on the billing subject, or an attributed one sent away.
+        (False, message("t", "r1", customer_id=""), ["t"], 0),
+        (True, message("t", "r1", subject=UNBILLABLE), ["t"], 1),
+        # On the billing subject, but the billing consumer would not book it.
+        (True, message("t", "r1", amount_micro_omr=0), ["t"], 0),
+        (True, message("t", "r1", subject="catalyst.usage.elsewhere"), ["t"], 0),
+    ],
+)
+def test_each_request_must_land_on_its_subject(
+    attributed: bool,
+    sent: tuple[str, dict[str, str], bytes],
+    misrouted: list[str],
+    unbillable: int,
+) -> None:
+    tally = count({"t": record("t", "completed", attributed=attributed)}, [sent])
+    assert (tally["misrouted"], tally["unbillable"], tally["lost"]) == (misrouted, unbillable, [])
+
+
+def test_one_request_on_both_subjects_is_a_duplicate() -> None:
+    both = [message("t", "r1"), message("t", "r2", subject=UNBILLABLE)]
+    assert count({"t": record("t", "completed")}, both)["duplicated"] == ["t"]
 
 
 def test_a_stream_cut_after_its_last_event_is_counted_apart() -> None:
@@ -88,6 +135,8 @@ def result(**overrides: Any) -> chaos.Result:
         "envelopes": 10,
         "lost": [],
         "duplicated": [],
+        "unbillable": 1,
+        "misrouted": [],
         "aborted_wrong": [],
         "aborted_outcomes": {},
         "completed_wrong": [],
@@ -110,6 +159,7 @@ def result(**overrides: Any) -> chaos.Result:
         ({}, True),
         ({"lost": ["t"]}, False),
         ({"duplicated": ["t"]}, False),
+        ({"misrouted": ["t"]}, False),
         ({"aborted_wrong": ["t"]}, False),
         ({"left_spooled": 1}, False),
         ({"strangers": 1}, False),
@@ -135,6 +185,8 @@ def test_the_table_is_markdown_with_one_row_per_scenario() -> None:
     assert set(lines[1]) <= {"|", "-", ":"}
     cells = dict(zip(chaos.COLUMNS, (c.strip() for c in lines[3].split("|")[1:-1]), strict=True))
     assert (cells["scenario"], cells["lost"], cells["duplicated"]) == ("sigterm", "2", "0")
+    assert (cells["to reconciliation"], cells["misrouted"]) == ("1", "0")
+    assert "MISROUTED: 1: m" in details(result(misrouted=["m"]))
     assert "LOST: 2: a, b" in details(result(lost=["a", "b"]))
 
 
@@ -241,6 +293,9 @@ def test_scenario_loses_and_duplicates_nothing(scenario: str, tmp_path: Path) ->
     [outcome] = asyncio.run(chaos.run([scenario], SHORT, tmp_path))
     assert outcome.lost == [], details(outcome)
     assert outcome.duplicated == [], details(outcome)
+    # One request in ten named no customer: each on the unbillable subject, nothing misrouted.
+    assert outcome.misrouted == [], details(outcome)
+    assert outcome.unbillable >= SHORT.requests // chaos.UNATTRIBUTED_EVERY, details(outcome)
     assert outcome.completed >= SHORT.requests
     assert outcome.left_spooled == 0
     assert outcome.exercised, details(outcome)

@@ -37,6 +37,7 @@ from edgemeter.cli.spooldir import in_use_by
 from edgemeter.cli.status import subject_matches
 from edgemeter.cli.tail import TSV_HEADER, TailView, parse_envelope, parse_since, tsv_row
 from edgemeter.ids import uuid7
+from edgemeter.metering.contract import route
 from edgemeter.metering.envelope import Facts, build, encode
 from edgemeter.metering.prices import flat_price
 from edgemeter.metering.usage import Usage
@@ -306,11 +307,13 @@ class Stream:
 
 
 @pytest.fixture
-def stream(module_nats_server: NatsServer) -> Stream:
-    """A stream of its own on the module's broker, bound to a subject of its own."""
+def stream(module_nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch) -> Stream:
+    """A stream of its own on the module's broker, bound to a subject of its own, and to an
+    unbillable subject of its own (as the meter's environment names it)."""
     tag = uuid.uuid4().hex[:12]
     made = Stream(module_nats_server.url, f"CLI_{tag}", f"cli.{tag}.usage")
-    asyncio.run(ensure_stream(made.url, made.name, [made.subject]))
+    monkeypatch.setenv("EDGEMETER_UNBILLABLE_SUBJECT", f"cli.{tag}.unbillable")
+    asyncio.run(ensure_stream(made.url, made.name, [made.subject, f"cli.{tag}.unbillable"]))
     return made
 
 
@@ -371,10 +374,10 @@ def on_stream(stream: Stream) -> list[tuple[str, bytes]]:
 
 
 def publish_when_tailed(
-    stream: Stream, payloads: list[tuple[str, bytes]]
+    stream: Stream, payloads: list[tuple[str, bytes]], subject: str | None = None
 ) -> concurrent.futures.Future[None]:
     """Publish from another thread once a consumer (the tail's) is on the stream, so a tail of
-    new messages only sees every one of them."""
+    new messages only sees every one of them (on the stream's subject unless told)."""
 
     async def publish() -> None:
         nc = await nats.connect(stream.url, connect_timeout=5)
@@ -385,7 +388,7 @@ def publish_when_tailed(
                 assert time.monotonic() < deadline, "the tail never subscribed"
                 await asyncio.sleep(0.05)
             for key, data in payloads:
-                await js.publish(stream.subject, data, headers={"Nats-Msg-Id": key})
+                await js.publish(subject or stream.subject, data, headers={"Nats-Msg-Id": key})
         finally:
             await nc.close()
 
@@ -615,11 +618,15 @@ def test_status_needs_attention_when_the_named_consumer_would_not_book_the_envel
     name: str,
     elsewhere: bool,
     problem: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     tag = uuid.uuid4().hex[:12]
     stream = Stream(module_nats_server.url, f"CLI_{tag}", f"cli.{tag}.usage")
     other = f"cli.{tag}.other"
-    asyncio.run(ensure_stream(stream.url, stream.name, [stream.subject, other]))
+    # The unbillable subject is bound too: the consumer is the only problem here.
+    monkeypatch.setenv("EDGEMETER_UNBILLABLE_SUBJECT", f"cli.{tag}.unbillable")
+    subjects = [stream.subject, other, f"cli.{tag}.unbillable"]
+    asyncio.run(ensure_stream(stream.url, stream.name, subjects))
     if elsewhere:
         asyncio.run(billing_consumer(stream, name, other))
     filled_spool(tmp_path / "spool", 1)
@@ -1060,6 +1067,118 @@ def test_ctrl_c_ends_a_live_tail_with_exit_0(stream: Stream) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+async def publish(url: str, subject: str, payloads: list[tuple[str, bytes]]) -> None:
+    nc = await nats.connect(url, connect_timeout=5)
+    try:
+        for key, data in payloads:
+            await nc.jetstream().publish(subject, data, headers={"Nats-Msg-Id": key})
+    finally:
+        await nc.close()
+
+
+def unbillable_envelope(key: str, drop: str) -> bytes:
+    """An envelope without its customer or tenant, as the meter sends it to reconciliation."""
+    built = json.loads(usage_envelope(key))
+    if drop == "customer":
+        built["customer_id"] = ""
+    else:
+        built["metadata"]["tenant_id"] = ""
+    return encode(route(built).envelope)
+
+
+def test_tail_unbillable_follows_reconciliation_with_totals_by_reason(
+    capsys: pytest.CaptureFixture[str], stream: Stream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    unbillable = os.environ["EDGEMETER_UNBILLABLE_SUBJECT"]
+    keys = [uuid7() for _ in range(3)]
+    payloads = [
+        (keys[0], unbillable_envelope(keys[0], "customer")),
+        (keys[1], unbillable_envelope(keys[1], "tenant")),
+        (keys[2], unbillable_envelope(keys[2], "customer")),
+    ]
+    billed = uuid7()
+    published = publish_when_tailed(stream, [(billed, usage_envelope(billed))])
+    unpublished = publish_when_tailed(stream, payloads, subject=unbillable)
+    code, out, err = run(
+        capsys, "tail", "--unbillable", "--count", "3", "--timeout", "60", *stream.flags()
+    )
+    published.result(timeout=60)
+    unpublished.result(timeout=60)
+    assert code == EXIT_OK
+    assert "3 envelopes; unbillable by reason: no_customer 2, no_tenant 1" in err
+    header, *rows = [line.split("\t") for line in out.splitlines()]
+    assert header[3] == "customer_id" and header[-1] == "unbillable_reason"
+    assert [(r[3], r[-1]) for r in rows] == [
+        ("", "no_customer"),
+        ("cus_42", "no_tenant"),
+        ("", "no_customer"),
+    ]
+    # On a terminal, the totals by reason under the running totals.
+    view = TailView()
+    for _, data in payloads:
+        parsed = parse_envelope(data)
+        assert parsed is not None
+        view.add(parsed[1])
+    console = Console(file=io.StringIO(), width=200, height=60, record=True)
+    console.print(view)
+    reasons = console.export_text().split("unbillable, by reason")[1]
+    assert [line.split() for line in reasons.splitlines() if line.strip().startswith("no_")] == [
+        ["no_customer", "2", "240", "62", "-0.047112", "OMR"],
+        ["no_tenant", "1", "120", "31", "-0.023556", "OMR"],
+    ]
+    # Its own subject, given on the command line, and --json: the envelopes as they came.
+    other = f"{stream.subject}.unbillable"
+    asyncio.run(ensure_stream(stream.url, f"{stream.name}_U", [other]))
+    asyncio.run(publish(stream.url, other, payloads[:1]))
+    code, out, err = run(
+        capsys,
+        "tail",
+        *("--unbillable", "--unbillable-subject", other, "--all", "--json"),
+        *("--count", "1", "--timeout", "60", *stream.flags()),
+    )
+    assert code == EXIT_OK
+    assert json.loads(out)["metadata"]["unbillable_reason"] == "no_customer"
+    assert "unbillable by reason: no_customer 1" in err
+
+
+def test_status_says_how_many_went_to_reconciliation_and_the_latest_why(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    stream: Stream,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    unbillable = os.environ["EDGEMETER_UNBILLABLE_SUBJECT"]
+    filled_spool(tmp_path / "spool", 1)
+    argv = ["status", "--spool-dir", str(tmp_path / "spool"), *stream.flags()]
+    code, out, _ = run(capsys, *argv, "--json")
+    assert (code, json.loads(out)["broker"]["unbillable"]) == (EXIT_OK, 0)
+    keys = [uuid7(), uuid7()]
+    payloads = [
+        (keys[0], unbillable_envelope(keys[0], "customer")),
+        (keys[1], unbillable_envelope(keys[1], "tenant")),
+    ]
+    asyncio.run(publish(stream.url, unbillable, payloads))
+    code, out, _ = run(capsys, *argv, "--json")
+    assert code == EXIT_OK  # reconciliation is for the billing team: not the meter's health
+    broker = json.loads(out)["broker"]
+    assert (broker["unbillable"], broker["unbillable_stream"]) == (2, stream.name)
+    assert broker["last_unbillable_reason"] == "no_tenant"
+    assert 0 <= broker["last_unbillable_age_s"] < 60
+    code, out, _ = run(capsys, *argv)
+    assert f"2 on {unbillable} ({stream.name}), last " in out
+    assert "ago (no_tenant)" in out
+
+    # Where no stream keeps them, they wait in the spool: that needs attention.
+    code, out, _ = run(capsys, *argv, "--json", "--unbillable-subject", "cli.nowhere.unbillable")
+    assert code == EXIT_FAILED
+    assert json.loads(out)["problems"] == [
+        "no stream is bound to the unbillable subject 'cli.nowhere.unbillable': envelopes "
+        "sent to reconciliation stay spooled"
+    ]
 
 
 @pytest.mark.parametrize(

@@ -31,7 +31,7 @@ import pytest
 
 from edgemeter.addon import Meter
 from tests.corpus import is_stream, wire_body
-from tests.flows import make_flow, run_flow, spooled
+from tests.flows import assert_contract, make_flow, run_flow, spooled
 
 Outcome = Literal["complete", "client_aborted", "upstream_error"]
 Source = Literal["reported", "estimated"]
@@ -236,6 +236,8 @@ async def test_a_recorded_file_is_metered_as_the_table_says(
     if not stream:
         assert flow.response.content == body
 
+    # The downstream contract: the model of the billing consumer books it as it is.
+    assert assert_contract(addon) == []
     envelopes = spooled(addon)
     if row.model is None:
         assert [env["metadata"] for env in envelopes] == [], "no envelope expected"
@@ -277,3 +279,25 @@ async def test_a_recorded_file_is_metered_as_the_table_says(
     assert env["reason"] == "usage:newapi:" + row.model.lower()
     if row.source == "reported":
         assert isinstance(meta["usage_raw"], dict) and meta["usage_raw"], "usage_raw: verbatim"
+
+
+@pytest.mark.parametrize(
+    ("drop", "reason"),
+    [(("x-customer-id",), "no_customer"), (("x-tenant-id",), "no_tenant")],
+    ids=["no-customer", "no-tenant"],
+)
+@pytest.mark.parametrize("row", ROWS, ids=lambda row: row.fixture)
+async def test_a_recorded_answer_nobody_can_be_billed_for_goes_to_reconciliation(
+    meter: tuple[Meter, Any], recorded: Path, row: Row, drop: tuple[str, ...], reason: str
+) -> None:
+    """Every recorded answer again, with an attribution the consumer cannot book: each
+    envelope is on the unbillable subject, never on the billing one (assert_contract)."""
+    addon, _ = meter
+    file = recorded / row.fixture
+    flow = make_flow(row.path)
+    for header in drop:
+        del flow.request.headers[header]
+    await run_flow(addon, flow, row.status, wire_body(file), is_stream(file), 0)
+    expected = [] if row.model is None else [reason]
+    assert assert_contract(addon) == expected
+    assert addon.stats.unbillable == ({(reason, "reconciliation"): 1} if expected else {})

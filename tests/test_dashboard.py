@@ -23,13 +23,6 @@ from tools.harness import ROOT, MeterFactory, NatsServer, free_port
 from tools.streams import ensure_stream
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "edgemeter.json"
-# Metrics other branches add, named here before the meter exposes them; each must leave this
-# list the moment it does (the test below fails then), so nothing stays pending unnoticed.
-PENDING = {
-    # Issue 16: envelopes the billing consumer cannot book, counted by reason on their way to
-    # the reconciliation subject (name assumed until that branch lands).
-    "edgemeter_unbillable_envelopes_total": "issue 16",
-}
 # Grafana's own variables, as a query sees them once Grafana has filled them in.
 _GRAFANA = {"$__rate_interval": "1m", "$__interval": "30s", "$__range": "6h"}
 _LABEL_VALUES = re.compile(r"^label_values\((?:(?P<metric>[^,]+),\s*)?(?P<label>\w+)\)$")
@@ -109,7 +102,7 @@ def test_a_broken_expression_does_not_parse() -> None:
         ("latency", "gen_ai_server_request_duration_seconds_bucket"),
         ("time to first token", "gen_ai_server_time_to_first_token_seconds_bucket"),
         ("unmetered reasons", "edgemeter_unmetered_requests_total"),
-        ("reconciliation reasons", "edgemeter_unbillable_envelopes_total"),
+        ("reconciliation reasons", "edgemeter_unbillable_requests_total"),
         ("spool depth", "edgemeter_spool_envelopes"),
         ("spool age", "edgemeter_spool_oldest_age_seconds"),
         ("publish results", "edgemeter_publishes_total"),
@@ -189,13 +182,8 @@ def test_every_metric_the_dashboard_names_is_exposed_by_a_running_meter(
     exposed: set[str],
 ) -> None:
     named = set().union(*(metric_names(e) for e in expressions(dashboard())))
-    missing = named - exposed - PENDING.keys()
+    missing = named - exposed
     assert missing == set(), f"the dashboard names metrics the meter does not expose: {missing}"
-
-
-def test_pending_metrics_are_not_exposed_yet(exposed: set[str]) -> None:
-    landed = PENDING.keys() & exposed
-    assert landed == set(), f"now exposed: take them off PENDING in {__file__}: {landed}"
 
 
 def test_every_alert_of_the_chart_parses_and_names_an_exposed_metric(exposed: set[str]) -> None:

@@ -28,7 +28,7 @@ from edgemeter.metering.sse import SSEDecoder, SSEEvent
 from edgemeter.metering.stream_usage import inject, strip_event
 from edgemeter.metering.usage import MAX_TOKENS, Usage, clean_name
 from tests import flows
-from tests.flows import feed_stream
+from tests.flows import assert_books_or_reconciles, feed_stream
 
 FUZZ = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 APIS: list[str] = [
@@ -354,7 +354,11 @@ def test_the_envelope_is_always_strict_utf8_json_with_validated_names(
         upstream_id=upstream_id,
     )
     usage = Usage(counts[0], 0, 0, counts[1], 0, raw)
-    env = strict(encode(build(facts, usage, flat_price(usage, 156))))
+    built = build(facts, usage, flat_price(usage, 156))
+    data = encode(built)
+    # Whatever the names and counts, billing books it or it is marked for reconciliation.
+    assert_books_or_reconciles(built, data)
+    env = strict(data)
     meta = env["metadata"]
     assert meta["model"] == (clean_name(model) or "unknown")
     assert env["reason"] == "usage:newapi:" + meta["model"].lower()
@@ -385,7 +389,9 @@ def finish_checked(m: FlowMeter, aborted: bool) -> None:
     if result.envelope is None:
         assert result.reason
         return
-    meta = strict(encode(result.envelope))["metadata"]
+    assert result.data == encode(result.envelope)
+    assert_books_or_reconciles(result.envelope, result.data)
+    meta = strict(result.data)["metadata"]
     for key in ("input_tokens", "output_tokens", "tokens_used"):
         assert type(meta[key]) is int and 0 <= meta[key] <= 2 * MAX_TOKENS
     assert clean_name(meta["model"]) == meta["model"]

@@ -7,7 +7,10 @@ a mix of streamed and non-streamed requests through the official SDKs, each tagg
 `X-Request-Id`. While the load runs it injects the scenario's fault; then it waits for the spool
 to drain, stops the meter with SIGTERM and reads the whole stream. It prints one row per
 scenario — requests completed at the client, lost, duplicated — and exits 1 on any loss, any
-duplicate, or a scenario whose fault did not demonstrably hit the load.
+duplicate, or a scenario whose fault did not demonstrably hit the load. One request in
+UNATTRIBUTED_EVERY names no customer: it must land on the unbillable subject, every other one on
+the billing subject where the model of the billing consumer books it, each exactly once across
+both (anything else is misrouted).
 """
 
 from __future__ import annotations
@@ -30,9 +33,12 @@ from typing import Any, Literal
 
 import anthropic
 import nats
+import nats.js.errors
 import openai
 from nats.aio.client import Client as NatsClient
 
+from edgemeter.metering.contract import consume
+from edgemeter.options import DEFAULTS
 from tools.harness import (
     DemoProcess,
     MeterFactory,
@@ -41,9 +47,14 @@ from tools.harness import (
     NatsServer,
     NatsTap,
 )
-from tools.streams import STREAM, STREAM_SUBJECTS, ensure_stream, stream_messages
+from tools.streams import STREAM, STREAM_SUBJECTS, ensure_stream
 
 SUBJECTS = STREAM_SUBJECTS
+# The meter's subjects, as it runs here (its defaults): both under the stream's catalyst.>.
+BILLING_SUBJECT: str = DEFAULTS["meter_subject"]
+UNBILLABLE_SUBJECT: str = DEFAULTS["meter_unbillable_subject"]
+# Every this many requests, one names no customer: the billing consumer could not book it.
+UNATTRIBUTED_EVERY = 10
 # A scenario that has not counted its envelopes by then is reported as failed.
 SCENARIO_TIMEOUT_S = 900
 API_KEY = "sk-chaos-0123456789abcdef"
@@ -97,6 +108,8 @@ class Record:
     # Meant to hang up mid-stream, but the whole stream had arrived by then.
     late_hang_up: bool = False
     error: str = ""
+    # Sent with a customer (billing books it) or without (it goes to reconciliation).
+    attributed: bool = True
 
 
 class Load:
@@ -187,7 +200,10 @@ class Load:
     async def _one(self, index: int) -> Record:
         shape, stream = MIX[index % len(MIX)]
         tag = f"{self.prefix}-{index:06d}"
-        record = self.records[tag] = Record(tag, shape, stream, time.monotonic())
+        attributed = index % UNATTRIBUTED_EVERY != UNATTRIBUTED_EVERY - 1
+        record = self.records[tag] = Record(
+            tag, shape, stream, time.monotonic(), attributed=attributed
+        )
         abort = False
         if stream:
             self._streams += 1
@@ -195,10 +211,11 @@ class Load:
         headers = {
             "x-request-id": tag,
             "x-tenant-id": "t_chaos",
-            "x-customer-id": f"cus_{self.prefix}",
             "x-demo-chunk-size": str(CHUNK_SIZE),
             "x-demo-delay-ms": str(self.delay_ms),
         }
+        if attributed:
+            headers["x-customer-id"] = f"cus_{self.prefix}"
         body = bytearray()
         try:
             async with self._request(shape, stream, headers) as response:
@@ -680,6 +697,11 @@ class Result:
     envelopes: int
     lost: list[str]
     duplicated: list[str]
+    # Envelopes on the unbillable subject (requests sent without a customer), and the tags on
+    # the wrong subject: unattributed on the billing one, attributed on the unbillable one, or
+    # on the billing subject but not booked by the model of the billing consumer.
+    unbillable: int
+    misrouted: list[str]
     # Aborted on purpose but not billed exactly once (see BILLED_ONCE_ABORTED).
     aborted_wrong: list[str]
     # Envelope outcomes of the requests aborted on purpose ("client_aborted" for each, or
@@ -715,6 +737,7 @@ class Result:
         return (
             not self.lost
             and not self.duplicated
+            and not self.misrouted
             and not self.aborted_wrong
             and not self.completed_wrong
             and self.strangers == 0
@@ -725,13 +748,15 @@ class Result:
 
 def count(
     records: Mapping[str, Record],
-    messages: Sequence[tuple[dict[str, str] | None, bytes]],
+    messages: Sequence[tuple[str, dict[str, str] | None, bytes]],
 ) -> dict[str, Any]:
-    """Envelopes per tag (client_request_id) against what the client saw: the lost, the
-    duplicated and the misbilled. Returns the counting fields of a Result."""
+    """Envelopes per tag (client_request_id) across both subjects against what the client
+    saw: the lost, the duplicated, the misrouted and the misbilled. `messages` are (subject,
+    headers, payload). Returns the counting fields of a Result."""
     per_tag: dict[str, list[dict[str, Any]]] = {}
-    strangers = 0
-    for headers, data in messages:
+    strangers = unbillable = 0
+    misrouted: set[str] = set()
+    for subject, headers, data in messages:
         envelope = json.loads(data)
         meta = envelope.get("metadata", {})
         tag = meta.get("client_request_id", "")
@@ -739,6 +764,11 @@ def count(
             strangers += 1
             continue
         per_tag.setdefault(tag, []).append(meta)
+        if subject == UNBILLABLE_SUBJECT:
+            unbillable += 1
+        expected = BILLING_SUBJECT if records[tag].attributed else UNBILLABLE_SUBJECT
+        if subject != expected or (subject == BILLING_SUBJECT and consume(data)[0] != "book"):
+            misrouted.add(tag)
     completed = [r for r in records.values() if r.state == "completed"]
     aborted = [r for r in records.values() if r.state == "aborted"]
     failed = [r for r in records.values() if r.state == "failed"]
@@ -752,6 +782,8 @@ def count(
         "envelopes": sum(len(v) for v in per_tag.values()),
         "lost": sorted(r.tag for r in completed if r.tag not in per_tag),
         "duplicated": sorted(tag for tag, found in per_tag.items() if len(found) > 1),
+        "unbillable": unbillable,
+        "misrouted": sorted(misrouted),
         "aborted_wrong": sorted(
             r.tag
             for r in aborted
@@ -828,7 +860,7 @@ async def run_scenario(
         code = await asyncio.to_thread(rig.meter.stop, config.grace_ms / 1000 + 30)
         evidence.check(f"meter exit code after the final SIGTERM: {code}", code == 0)
         left = await rig.depth()
-        messages = await stream_messages(rig.broker_url, STREAM)
+        messages = await messages_by_subject(rig.broker_url)
         tally = count(load.records, messages)
         return Result(
             scenario=scenario.name,
@@ -844,6 +876,29 @@ async def run_scenario(
         await rig.down()
 
 
+async def messages_by_subject(url: str) -> list[tuple[str, dict[str, str] | None, bytes]]:
+    """Every message on the stream, in sequence order, as (subject, headers, payload)."""
+    async with _connect(url) as nc:
+        jsm = nc.jsm()
+        state = (await jsm.stream_info(STREAM)).state
+        if not state.messages:
+            return []
+        limit = asyncio.Semaphore(64)
+
+        async def get(seq: int) -> tuple[str, dict[str, str] | None, bytes] | None:
+            async with limit:
+                try:
+                    msg = await jsm.get_msg(STREAM, seq)
+                except nats.js.errors.NotFoundError:
+                    return None  # deleted or purged sequence
+            return msg.subject or "", msg.headers, msg.data or b""
+
+        found = await asyncio.gather(
+            *(get(seq) for seq in range(state.first_seq, state.last_seq + 1))
+        )
+        return [m for m in found if m is not None]
+
+
 def crashed(scenario: Scenario, exc: BaseException, seconds: float) -> Result:
     """The row of a scenario that could not run to its count: failed, with the reason."""
     what = "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
@@ -857,6 +912,8 @@ def crashed(scenario: Scenario, exc: BaseException, seconds: float) -> Result:
         envelopes=0,
         lost=[],
         duplicated=[],
+        unbillable=0,
+        misrouted=[],
         aborted_wrong=[],
         aborted_outcomes=Counter(),
         completed_wrong=[],
@@ -884,6 +941,8 @@ COLUMNS = (
     "aborted, billed once",
     "lost",
     "duplicated",
+    "to reconciliation",
+    "misrouted",
     "retries deduped",
     "s",
 )
@@ -902,6 +961,8 @@ def table(results: Sequence[Result]) -> str:
             str(r.aborted - len(r.aborted_wrong)),
             str(len(r.lost)),
             str(len(r.duplicated)),
+            str(r.unbillable),
+            str(len(r.misrouted)),
             str(r.duplicate_acks),
             f"{r.seconds:.0f}",
         )
@@ -947,12 +1008,15 @@ def details(result: Result) -> str:
         common = ", ".join(f"{name} x{n}" for name, n in result.errors.most_common(4))
         out.append(f"  client errors: {common}")
     out.append(
-        f"  envelopes on the stream: {result.envelopes}; publishes repeated on the wire: "
-        f"{result.republished}; acks the broker marked duplicate: {result.duplicate_acks}"
+        f"  envelopes on the stream: {result.envelopes} ({result.envelopes - result.unbillable} "
+        f"on {BILLING_SUBJECT}, {result.unbillable} on {UNBILLABLE_SUBJECT}); publishes "
+        f"repeated on the wire: {result.republished}; acks the broker marked duplicate: "
+        f"{result.duplicate_acks}"
     )
     for label, tags in (
         ("LOST", result.lost),
         ("DUPLICATED", result.duplicated),
+        ("MISROUTED", result.misrouted),
         ("ABORTED BUT NOT BILLED EXACTLY ONCE", result.aborted_wrong),
         ("COMPLETED BUT NOT BILLED complete", result.completed_wrong),
     ):
@@ -1099,7 +1163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutil.rmtree(work_dir, ignore_errors=True)
     elif not ok:
         print(f"logs, spools and stores kept in {work_dir}")
-    print("all scenarios: 0 lost, 0 duplicated" if ok else "FAILED", flush=True)
+    print("all scenarios: 0 lost, 0 duplicated, 0 misrouted" if ok else "FAILED", flush=True)
     return 0 if ok else 1
 
 

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 # The meter's own defaults, from its option table.
 DEFAULT_NATS_URL: Final[str] = DEFAULTS["meter_nats_url"]
 DEFAULT_SUBJECT: Final[str] = DEFAULTS["meter_subject"]
+DEFAULT_UNBILLABLE_SUBJECT: Final[str] = DEFAULTS["meter_unbillable_subject"]
 DEFAULT_PUBLISH_TIMEOUT_MS: Final[int] = DEFAULTS["meter_publish_timeout_ms"]
 DEFAULT_CONNECT_TIMEOUT_S: Final = 3.0
 
@@ -136,6 +137,32 @@ def nats_config(args: argparse.Namespace, env: Mapping[str, str]) -> NatsConfig:
         tls_key_file=parse_file(*pick("--nats-tls-key", "meter_nats_tls_key")),
         name="edgemeter-cli",
     )
+
+
+def add_unbillable_subject(parser: argparse.ArgumentParser) -> None:
+    """--unbillable-subject, for the commands that look at the reconciliation subject."""
+    variable = variable_of("meter_unbillable_subject")
+    parser.add_argument(
+        "--unbillable-subject",
+        metavar="SUBJECT",
+        help=f"the meter's subject of unbillable envelopes ({variable}; "
+        f"{DEFAULT_UNBILLABLE_SUBJECT})",
+    )
+
+
+def unbillable_subject(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> str:
+    """--unbillable-subject, else EDGEMETER_UNBILLABLE_SUBJECT, else the meter's default."""
+    env = os.environ if env is None else env
+    given = getattr(args, "unbillable_subject", None)
+    value, source = given, "--unbillable-subject"
+    if value is None:
+        source = variable_of("meter_unbillable_subject")
+        value = env.get(source, DEFAULT_UNBILLABLE_SUBJECT)
+    try:
+        return parse_subject(value, source)
+    except SettingsError as exc:
+        parser: argparse.ArgumentParser = args.parser
+        parser.error(str(exc))  # exits 2
 
 
 def read_secret_file(path: str, flag: str) -> str:

@@ -19,7 +19,13 @@ from nats.js.manager import JetStreamManager
 from rich.console import Console
 from rich.table import Table
 
-from edgemeter.cli.broker import broker_config, connect, nats_options
+from edgemeter.cli.broker import (
+    add_unbillable_subject,
+    broker_config,
+    connect,
+    nats_options,
+    unbillable_subject,
+)
 from edgemeter.cli.common import (
     EXIT_FAILED,
     EXIT_OK,
@@ -86,6 +92,13 @@ class BrokerState:
     duplicate_window_s: float | None = None
     error: str = ""
     consumer: ConsumerState | None = None
+    # The envelopes sent to reconciliation: on the stream bound to the unbillable subject (None:
+    # not known), and the latest one's reason and age.
+    unbillable_subject: str = ""
+    unbillable_stream: str | None = None
+    unbillable: int | None = None
+    last_unbillable_reason: str = ""
+    last_unbillable_age_s: float | None = None
 
 
 def subject_matches(pattern: str, subject: str) -> bool:
@@ -164,11 +177,13 @@ def spool_state(directory: Path, now: float) -> SpoolState:
 
 
 async def broker_state(
-    config: NatsConfig, timeout: float, consumer: str | None = None
+    config: NatsConfig, timeout: float, consumer: str | None = None, unbillable_subject: str = ""
 ) -> BrokerState:
-    """Whether the broker answers, the stream bound to the subject and the named durable
-    `consumer` on it; never raises for a broker that is down or has no such stream."""
+    """Whether the broker answers, the stream bound to the subject, the named durable `consumer`
+    on it and the envelopes on the unbillable subject; never raises for a broker that is down
+    or has no such stream."""
     state = BrokerState([redact_url(s) for s in config.servers], config.subject)
+    state.unbillable_subject = unbillable_subject
     try:
         nc = await connect(config, timeout)
     except (MeterError, SpoolError) as exc:
@@ -193,6 +208,8 @@ async def broker_state(
         state.duplicate_window_s = info.config.duplicate_window
         if consumer is not None:
             state.consumer = await consumer_state(jsm, state.stream, consumer, config.subject)
+        if unbillable_subject:
+            await _unbillable_state(jsm, state)
     except nats.errors.NoRespondersError:
         state.error = "JetStream is not enabled on this server"
     except (nats.errors.Error, TimeoutError) as exc:
@@ -201,6 +218,26 @@ async def broker_state(
         with contextlib.suppress(Exception):
             await nc.close()
     return state
+
+
+async def _unbillable_state(jsm: JetStreamManager, state: BrokerState) -> None:
+    """How many envelopes wait on the unbillable subject, and the latest one's reason."""
+    subject = state.unbillable_subject
+    try:
+        stream = await jsm.find_stream_name_by_subject(subject)
+    except nats.js.errors.NotFoundError:
+        return
+    state.unbillable_stream = stream
+    info = await jsm.stream_info(stream, subjects_filter=subject)
+    state.unbillable = (info.state.subjects or {}).get(subject, 0)
+    if not state.unbillable:
+        return
+    last = await jsm.get_last_msg(stream, subject)
+    with contextlib.suppress(ValueError, AttributeError, TypeError):
+        meta = json.loads(last.data or b"")["metadata"]
+        state.last_unbillable_reason = str(meta.get("unbillable_reason", ""))
+        ended = datetime.fromisoformat(str(meta["completed_at"]).replace("Z", "+00:00"))
+        state.last_unbillable_age_s = round(max(time.time() - ended.timestamp(), 0.0), 3)
 
 
 def problems(spool: SpoolState, broker: BrokerState) -> list[str]:
@@ -221,13 +258,19 @@ def problems(spool: SpoolState, broker: BrokerState) -> list[str]:
         )
     elif broker.error:
         found.append(broker.error)
-    elif (consumer := broker.consumer) is not None:
-        if not consumer.found:
-            found.append(f"{consumer.error}: nothing books the envelopes there")
-        elif not consumer.reads_subject:
+    else:
+        if (consumer := broker.consumer) is not None:
+            if not consumer.found:
+                found.append(f"{consumer.error}: nothing books the envelopes there")
+            elif not consumer.reads_subject:
+                found.append(
+                    f"consumer {consumer.name!r} does not read subject {broker.subject!r} "
+                    f"(its filter: {', '.join(consumer.filter_subjects)})"
+                )
+        if broker.unbillable_subject and broker.unbillable_stream is None:
             found.append(
-                f"consumer {consumer.name!r} does not read subject {broker.subject!r} "
-                f"(its filter: {', '.join(consumer.filter_subjects)})"
+                f"no stream is bound to the unbillable subject {broker.unbillable_subject!r}: "
+                "envelopes sent to reconciliation stay spooled"
             )
     return found
 
@@ -236,7 +279,9 @@ def status(args: argparse.Namespace, io: Io) -> int:
     config = broker_config(args)
     directory = args.spool_dir.expanduser() if args.spool_dir else default_spool_dir()
     spool = spool_state(directory, time.time())
-    broker = asyncio.run(broker_state(config, args.connect_timeout, args.consumer))
+    broker = asyncio.run(
+        broker_state(config, args.connect_timeout, args.consumer, unbillable_subject(args))
+    )
     found = problems(spool, broker)
     if args.json:
         report = {"healthy": not found, "problems": found, "spool": asdict(spool)}
@@ -288,6 +333,12 @@ def _print_status(
             f"{consumer.redelivered} redelivered; "
             + ("never delivered to" if seen is None else f"last delivery {age(seen)} ago"),
         )
+    if broker.unbillable is not None:
+        line = f"{broker.unbillable} on {broker.unbillable_subject} ({broker.unbillable_stream})"
+        if broker.last_unbillable_age_s is not None:
+            line += f", last {age(broker.last_unbillable_age_s)} ago"
+            line += f" ({broker.last_unbillable_reason})" if broker.last_unbillable_reason else ""
+        grid.add_row("unbillable", line)
     console.print(grid)
     if found:
         console.print("[bold red]needs attention[/]")
@@ -304,14 +355,16 @@ def add_status(commands: SubParsers) -> None:
         help="spool depth and age, dead letters, broker and stream",
         description="""Report what a meter's spool holds (envelopes, bytes, the oldest one's
         age, dead letters, whether a meter has it open) and whether the broker answers, with
-        the stream bound to the subject (messages, duplicate window) and, with --consumer,
-        whether that durable consumer keeps up (messages pending for it, delivered and
-        awaiting its ack, redelivered, its last delivery). Reads only: a missing spool is
-        reported, never created, and a running meter's spool is safe to read.""",
+        the stream bound to the subject (messages, duplicate window), with --consumer whether
+        that durable consumer keeps up (messages pending for it, delivered and awaiting its ack,
+        redelivered, its last delivery), and the envelopes sent to reconciliation on the
+        unbillable subject (how many, the latest one's age and reason). Reads only: a missing
+        spool is reported, never created, and a running meter's spool is safe to read.""",
         epilog="""Exit codes: 0 healthy; 1 needs attention (spool missing or unreadable, dead
-        letters, broker unreachable, no stream bound to the subject, the --consumer missing
-        or not reading the subject); 2 usage error.""",
+        letters, broker unreachable, no stream bound to the subject or to the unbillable
+        subject, the --consumer missing or not reading the subject); 2 usage error.""",
     )
+    add_unbillable_subject(command)
     command.add_argument("--json", action="store_true", help="one JSON object, for scripts")
     command.add_argument(
         "--consumer",

@@ -12,7 +12,7 @@ import fnmatch
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
@@ -25,7 +25,13 @@ from rich.live import Live
 from rich.measure import Measurement
 from rich.table import Table
 
-from edgemeter.cli.broker import broker_config, connect, nats_options
+from edgemeter.cli.broker import (
+    add_unbillable_subject,
+    broker_config,
+    connect,
+    nats_options,
+    unbillable_subject,
+)
 from edgemeter.cli.common import (
     EXIT_FAILED,
     EXIT_OK,
@@ -55,6 +61,8 @@ class Row:
     currency: str
     outcome: str
     usage_source: str
+    # Why the billing consumer could not book it (envelopes on the unbillable subject).
+    unbillable_reason: str = ""
 
 
 def parse_envelope(data: bytes) -> tuple[dict[str, Any], Row] | None:
@@ -92,6 +100,7 @@ def parse_envelope(data: bytes) -> tuple[dict[str, Any], Row] | None:
         currency=text(meta, "currency"),
         outcome=text(meta, "outcome"),
         usage_source=text(meta, "usage_source"),
+        unbillable_reason=text(meta, "unbillable_reason"),
     )
 
 
@@ -161,7 +170,8 @@ TSV_HEADER: Final = (
 )
 
 
-def tsv_row(row: Row, completed_at: str) -> str:
+def tsv_row(row: Row, completed_at: str, unbillable: bool = False) -> str:
+    """A pipe's row; with `unbillable` (tail --unbillable), the reason is its last column."""
     cells = (
         completed_at,
         row.request_id,
@@ -175,6 +185,7 @@ def tsv_row(row: Row, completed_at: str) -> str:
         row.currency,
         row.outcome,
         row.usage_source,
+        *((row.unbillable_reason,) if unbillable else ()),
     )
     # A tab or line break inside a value would shift the columns of a pipe's reader.
     return "\t".join(" ".join(c.split()) if c and not c.isprintable() else c for c in cells)
@@ -215,6 +226,8 @@ class TailView:
     last: int = 20
     rows: collections.deque[Row] = field(default_factory=collections.deque)
     totals: dict[tuple[str, str], Total] = field(default_factory=dict)
+    # Totals per unbillable_reason, for envelopes that carry one (`tail --unbillable`).
+    reasons: dict[str, Total] = field(default_factory=dict)
     # Envelopes shown (those --customer and the other filters let through) and seen.
     envelopes: int = 0
     scanned: int = 0
@@ -227,13 +240,22 @@ class TailView:
         self.rows.append(row)
         while len(self.rows) > self.last:
             self.rows.popleft()
-        total = self.totals.setdefault((row.tenant, row.model), Total(currency=row.currency))
-        total.requests += 1
-        total.input_tokens += row.input_tokens
-        total.output_tokens += row.output_tokens
-        total.amount_micro += row.amount_micro
-        if total.currency != row.currency:
-            total.currency = "mixed"
+        totals = [self.totals.setdefault((row.tenant, row.model), Total(currency=row.currency))]
+        if row.unbillable_reason:
+            totals.append(
+                self.reasons.setdefault(row.unbillable_reason, Total(currency=row.currency))
+            )
+        for total in totals:
+            total.requests += 1
+            total.input_tokens += row.input_tokens
+            total.output_tokens += row.output_tokens
+            total.amount_micro += row.amount_micro
+            if total.currency != row.currency:
+                total.currency = "mixed"
+
+    def by_reason(self) -> str:
+        """The unbillable envelopes per reason, in one line ("" when there are none)."""
+        return ", ".join(f"{reason} {t.requests}" for reason, t in sorted(self.reasons.items()))
 
     def recent(self, steps: Sequence[tuple[str, str]], room: int | None = None) -> Table:
         """The last envelopes, at most `room` of them (None: every one kept)."""
@@ -290,13 +312,34 @@ class TailView:
             totals.add_row(*cells, *(() if one else (t.currency,)))
         return totals
 
+    def reasons_table(self) -> Table:
+        """Totals per unbillable reason (`tail --unbillable`)."""
+        reasons = Table(title="unbillable, by reason", title_justify="left", box=box.SIMPLE_HEAD)
+        reasons.add_column("reason", overflow="ellipsis")
+        for name in ("requests", "in", "out", "amount"):
+            reasons.add_column(name, justify="right", no_wrap=True)
+        reasons.add_column("currency", no_wrap=True)
+        for reason, t in sorted(self.reasons.items()):
+            reasons.add_row(
+                reason,
+                str(t.requests),
+                str(t.input_tokens),
+                str(t.output_tokens),
+                amount(t.amount_micro),
+                t.currency,
+            )
+        return reasons
+
     def __rich_console__(self, console: Console, options: Any) -> Any:
         totals = narrowest_fit(console, self.totals_table, (("currency", "title"),))
         # The totals stay in view: the recent rows get the lines the terminal has left (a
         # title, a header, a rule and blank lines around each table; a caption).
-        room = max(console.height - (len(self.totals) + 5) - 7, 1)
+        below = len(self.totals) + 5 + (len(self.reasons) + 5 if self.reasons else 0)
+        room = max(console.height - below - 7, 1)
         yield narrowest_fit(console, lambda steps: self.recent(steps, room), NARROWER)
         yield totals
+        if self.reasons:
+            yield self.reasons_table()
 
 
 def parse_since(text: str, now: datetime) -> datetime:
@@ -377,6 +420,8 @@ async def _tail(
 
 def tail(args: argparse.Namespace, io: Io) -> int:
     config = broker_config(args)
+    if args.unbillable:
+        config = replace(config, subject=unbillable_subject(args))
     view = TailView(last=args.last)
     match = Match(args.customer, args.tenant, args.model, args.request_id)
     # A terminal gets the live table; a pipe, JSON lines (--json) or tab-separated rows.
@@ -387,7 +432,7 @@ def tail(args: argparse.Namespace, io: Io) -> int:
     live = Live(view, console=io.console, auto_refresh=False) if table else None
     drawn = 0.0
     if not table and not args.json:
-        io.stdout.write(TSV_HEADER + "\n")
+        io.stdout.write(TSV_HEADER + ("\tunbillable_reason" if args.unbillable else "") + "\n")
         io.stdout.flush()
 
     def show(parsed: tuple[dict[str, Any], Row] | None) -> None:
@@ -399,7 +444,8 @@ def tail(args: argparse.Namespace, io: Io) -> int:
                     line = json.dumps(envelope, ensure_ascii=False, separators=(",", ":"))
                 else:
                     completed_at = envelope["metadata"].get("completed_at")
-                    line = tsv_row(row, completed_at if isinstance(completed_at, str) else "")
+                    when = completed_at if isinstance(completed_at, str) else ""
+                    line = tsv_row(row, when, args.unbillable)
                 io.stdout.write(line + "\n")
                 io.stdout.flush()  # a pipe gets each envelope as it comes
         elif time.monotonic() - drawn >= _REDRAW_S:
@@ -420,7 +466,8 @@ def tail(args: argparse.Namespace, io: Io) -> int:
         reached = True  # Ctrl-C is how a live tail ends
     skipped = f", {view.malformed} malformed messages skipped" if view.malformed else ""
     of = f" of {view.scanned} matched" if match.filtering else ""
-    io.say(f"{view.envelopes} envelopes{of}{skipped}")
+    reasons = f"; unbillable by reason: {view.by_reason()}" if view.reasons else ""
+    io.say(f"{view.envelopes} envelopes{of}{skipped}{reasons}")
     if args.count is not None and not reached:
         io.error(f"saw {view.envelopes} of {args.count} envelopes within {args.timeout:g}s")
         return EXIT_FAILED
@@ -438,8 +485,9 @@ def add_tail(commands: SubParsers) -> None:
         terminal (at 80 columns: request id, customer, model, tokens in and out, amount and
         outcome); piped: one tab-separated row per envelope after a header line, or JSON lines
         with --json. The filters find any request: with --all or --since, in the stream's
-        history too. Messages that are not envelopes are counted and skipped. Ctrl-C ends
-        it.""",
+        history too. Messages that are not envelopes are counted and skipped. Ctrl-C ends it.
+        With --unbillable, the envelopes the billing consumer could not book (sent to
+        reconciliation), with totals by reason.""",
         epilog="""Exit codes: 0 stopped by Ctrl-C, --count reached or --timeout (without
         --count); 1 broker unreachable, no stream, or --count not reached within --timeout;
         2 usage error.""",
@@ -452,6 +500,13 @@ def add_tail(commands: SubParsers) -> None:
         metavar="WHEN",
         help="start at a time: 15m, 2h, 1d ago, or an ISO time (default: new envelopes only)",
     )
+    command.add_argument(
+        "--unbillable",
+        action="store_true",
+        help="follow the unbillable subject instead (envelopes sent to reconciliation), with "
+        "totals by reason",
+    )
+    add_unbillable_subject(command)
     only = command.add_argument_group("filters (all that are given must match)")
     only.add_argument("--customer", metavar="ID", help="only this customer_id")
     only.add_argument("--tenant", metavar="ID", help="only this tenant_id")

@@ -29,6 +29,9 @@ class Shape:
     """False where an answer has no output tokens (embeddings): estimates bill none."""
     openai_counts: bool = False
     """Its usage is OpenAI's prompt/completion object: meter_anthropic_counts may apply."""
+    free: bool = False
+    """Its calls cost nothing by nature (as moderations do): one that amounts to nothing is
+    counted (`free`) and never published, instead of going to reconciliation."""
 
     def normalize(self, usage: dict[str, Any], *, anthropic_counts: bool = False) -> Usage:
         raise NotImplementedError
