@@ -146,7 +146,8 @@ KINDS = [
 
 @pytest.mark.parametrize(("usage", "total"), KINDS)
 def test_each_kind_of_token_is_priced_at_its_rate(usage: Usage, total: int) -> None:
-    million = Rates(*(r * 1_000_000 for r in (3, 5, 7, 11, 13)))
+    input, cached, write, output, reasoning = (r * 1_000_000 for r in (3, 5, 7, 11, 13))
+    million = Rates(input, cached, write, output, reasoning)
     assert charge_micro(usage, million) == total
 
 

@@ -131,9 +131,10 @@ def modalities(obj: Any, side: str) -> dict[str, int]:
     (`text_tokens`, `audio_tokens`, `image_tokens`, `video_tokens`); {} when not an object."""
     if not isinstance(obj, dict):
         return {}
-    return {
-        f"{side}_{kind}": count(obj, f"{kind}_tokens") for kind in ("text", "audio", "image", "video")
-    }
+    return {f"{side}_{kind}": count(obj, f"{kind}_tokens") for kind in _MODALITIES}
+
+
+_MODALITIES = ("text", "audio", "image", "video")
 
 
 def unit_count(value: object, name: str) -> int:

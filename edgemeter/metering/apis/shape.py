@@ -91,8 +91,12 @@ class Shape:
             ex.set_usage(usage)
 
     def requested_model(self, asked: Asked) -> str:
-        """The model the request names, unchecked ("" if none): the JSON body's `model`."""
-        return requested_model(asked.body)
+        """The model the request names, unchecked ("" if none): the JSON body's `model`, else
+        the one in a legacy `/engines/{model}/...` path."""
+        model = requested_model(asked.body)
+        if not model and "/engines/" in asked.path:
+            model = asked.path.split("/engines/", 1)[1].split("/", 1)[0]
+        return model
 
     def estimate_input(self, asked: Asked) -> int:
         """Input tokens of a request whose answer reported none: its text, four characters a
