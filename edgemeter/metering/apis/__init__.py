@@ -61,13 +61,25 @@ def classify(path: str) -> Shape | None:
     return None
 
 
+# Sub-resources of the metered routes (a stored completion's update, /responses/{id}/cancel,
+# /messages/count_tokens, /messages/batches): their answers repeat the usage of a request
+# billed already, or bill nothing, so they are never GENERIC.
+_SUBRESOURCES: tuple[str, ...] = tuple(
+    {suffix + "/" for shape in SHAPES for suffix in shape.suffixes if suffix.startswith("/")}
+)
+
+
 def route(path: str, method: str) -> Shape | None:
     """The shape that meters a request on a metered path: its own, else GENERIC for any other
-    POST; None for what no shape meters (a GET of /v1/models, a DELETE): `unknown_endpoint`."""
+    POST; None for what no shape meters (a GET of /v1/models, a DELETE, a sub-resource of a
+    metered route): counted `unknown_endpoint`."""
     shape = classify(path)
     if shape is not None and method in shape.methods:
         return shape
-    return GENERIC if method == "POST" else None
+    if method != "POST":
+        return None
+    bare = path.split("?", 1)[0]
+    return None if any(sub in bare for sub in _SUBRESOURCES) else GENERIC
 
 
 def shape_of(api: str) -> Shape:
