@@ -14,7 +14,6 @@ from edgemeter.metering.usage import (
     bounded,
     clean_name,
     count,
-    detail,
     json_object,
     tier,
 )
@@ -41,10 +40,12 @@ def normalize_anthropic(usage: dict[str, Any]) -> Usage:
     for part in parts or [usage]:
         base += count(part, "input_tokens")
         write += count(part, "cache_creation_input_tokens")
-        write_1h += count(part, "cache_creation", "ephemeral_1h_input_tokens")
+        if part.get("cache_creation_input_tokens"):  # no 1-hour writes without writes
+            write_1h += count(part, "cache_creation", "ephemeral_1h_input_tokens")
         read += count(part, "cache_read_input_tokens")
         out += count(part, "output_tokens")
-    searches = count(usage, "server_tool_use", "web_search_requests")
+    tools = usage.get("server_tool_use")
+    searches = count(tools, "web_search_requests") if tools else 0
     return bounded(
         Usage(
             input_tokens=base + write + read,
@@ -55,7 +56,7 @@ def normalize_anthropic(usage: dict[str, Any]) -> Usage:
             raw=usage,
             # 1-hour cache writes cost twice the input rate (5-minute ones 1.25x): a part of
             # cache_write_tokens priced apart.
-            detail=detail(cache_write_1h=min(write_1h, write)),
+            detail={"cache_write_1h": min(write_1h, write)} if write_1h else {},
             units={"web_search_calls": searches} if searches else {},
             service_tier=tier(usage.get("service_tier")) if "service_tier" in usage else "",
         )
@@ -85,7 +86,9 @@ class AnthropicMessages(Shape):
             or b'"usage"' in data
             or b'"error"' in data
             or b"message_stop" in data
-            or b'"fallback"' in data
+            # A fallback block opens like any content block: only those events are looked into
+            # (or every event of a stream without event names), not each delta.
+            or (event in ("content_block_start", "") and b'"fallback"' in data)
         ):
             return
         obj = json_object(data)

@@ -8,7 +8,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from edgemeter.metering.apis.shape import Asked, Shape
-from edgemeter.metering.usage import Usage, as_dict, bounded, count, detail, modalities, tier
+from edgemeter.metering.usage import Usage, as_dict, bounded, count, split, tier
 
 if TYPE_CHECKING:
     from edgemeter.metering.extraction import Extraction
@@ -55,10 +55,7 @@ def normalize_openai(usage: dict[str, Any], *, anthropic_counts: bool = False) -
             # "Of which reasoning" stays true even when a provider reports more (OpenRouter does).
             reasoning_tokens=min(reasoning, output),
             raw=usage,
-            detail=detail(
-                **modalities(details, "input"),
-                **modalities(usage.get("completion_tokens_details"), "output"),
-            ),
+            detail=split(details, usage.get("completion_tokens_details")),
         )
     )
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from edgemeter.metering.apis.shape import Shape
-from edgemeter.metering.usage import Usage, bounded, count, detail, modalities
+from edgemeter.metering.usage import Usage, bounded, count, split
 
 REALTIME_COUNTS = frozenset({"input_tokens", "output_tokens", "total_tokens"})
 
@@ -24,10 +24,7 @@ def normalize_realtime(usage: dict[str, Any]) -> Usage:
             cached_input_tokens=min(count(details, "cached_tokens"), inp),
             output_tokens=out,
             raw=usage,
-            detail=detail(
-                **modalities(details, "input"),
-                **modalities(usage.get("output_token_details"), "output"),
-            ),
+            detail=split(details, usage.get("output_token_details")),
         )
     )
 

@@ -14,9 +14,8 @@ from edgemeter.metering.usage import (
     as_str,
     bounded,
     count,
-    detail,
     json_object,
-    modalities,
+    split,
 )
 
 if TYPE_CHECKING:
@@ -42,10 +41,7 @@ def normalize_responses(usage: dict[str, Any]) -> Usage:
             output_tokens=output,
             reasoning_tokens=min(count(usage, "output_tokens_details", "reasoning_tokens"), output),
             raw=usage,
-            detail=detail(
-                **modalities(details, "input"),
-                **modalities(usage.get("output_tokens_details"), "output"),
-            ),
+            detail=split(details, usage.get("output_tokens_details")),
         )
     )
 
