@@ -22,10 +22,8 @@ CASES = {
         "openai.completions",
     ),
     "openai.embeddings body": ("openai-embeddings-base64.json", "openai.embeddings"),
-    "openai.responses stream": (
-        "openai-responses-stream-reasoning-usage.raw.sse",
-        "openai.responses",
-    ),
+    # Not the flex-tier recording: its envelope gains service_tier, which is new work on purpose.
+    "openai.responses stream": ("openai-responses-stream.raw.sse", "openai.responses"),
     "anthropic.messages stream": (
         "anthropic-messages-stream-text.chunks.txt",
         "anthropic.messages",

@@ -126,9 +126,13 @@ class Extraction:
         counts = self.shape.counts
         # A few lookups of the shape's counts (the first is nearly always there), not a walk
         # over the object's keys.
-        if counts and not any(key in usage for key in counts):
-            self.hollow = True
-            return
+        for key in counts:
+            if key in usage:
+                break
+        else:
+            if counts:
+                self.hollow = True
+                return
         try:
             self.usage = self.shape.normalize(usage)
         except InvalidUsage as e:

@@ -8,7 +8,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from edgemeter.metering.apis.shape import Asked, Shape
-from edgemeter.metering.usage import Usage, as_dict, bounded, count, split, tier
+from edgemeter.metering.usage import BASE_TIERS, Usage, as_dict, bounded, count, split, tier
 
 if TYPE_CHECKING:
     from edgemeter.metering.extraction import Extraction
@@ -33,14 +33,11 @@ def normalize_openai(usage: dict[str, Any], *, anthropic_counts: bool = False) -
     cached = (
         count(details, "cached_tokens")
         or count(usage, "prompt_cache_hit_tokens")
-        or count(usage, "cache_read_input_tokens")
-        or count(details, "cache_read_input_tokens")
+        or _anthropic_named(usage, details, "cache_read_input_tokens")
     )
     reasoning = count(usage, "completion_tokens_details", "reasoning_tokens")
-    write = (
-        count(details, "cache_write_tokens")
-        or count(usage, "cache_creation_input_tokens")
-        or count(details, "cache_creation_input_tokens")
+    write = count(details, "cache_write_tokens") or _anthropic_named(
+        usage, details, "cache_creation_input_tokens"
     )
     output = max(completion, total - prompt)
     if anthropic_counts:
@@ -60,9 +57,25 @@ def normalize_openai(usage: dict[str, Any], *, anthropic_counts: bool = False) -
     )
 
 
+def _anthropic_named(usage: dict[str, Any], details: Any, key: str) -> int:
+    """A count under Anthropic's name, at the top of the usage or in its prompt details; two
+    membership tests when absent (every OpenAI answer)."""
+    if key in usage:
+        return count(usage, key)
+    if type(details) is dict and key in details:
+        return count(details, key)
+    return 0
+
+
 def read_tier(ex: Extraction, obj: dict[str, Any]) -> None:
-    """The service tier an OpenAI answer names beside its usage (the first one named)."""
-    if not ex.service_tier and (value := obj.get("service_tier")) is not None:
+    """The service tier an OpenAI answer names beside its usage (the first one named); a base
+    tier ("default") by one lookup, as nearly every answer names it."""
+    value = obj.get("service_tier")
+    if (
+        value is not None
+        and not ex.service_tier
+        and not (type(value) is str and value in BASE_TIERS)
+    ):
         ex.service_tier = tier(value)
 
 
@@ -94,9 +107,9 @@ class OpenAIChat(Shape):
     def settle(
         self, ex: Extraction, usage: Usage, asked: Asked, model: str, *, reported: bool
     ) -> Usage:
-        usage = super().settle(ex, usage, asked, model, reported=reported)
-        name = model.lower()
-        if "search-preview" in name or "search-api" in name:
+        if ex.units is not None or ex.service_tier:
+            usage = super().settle(ex, usage, asked, model, reported=reported)
+        if "search-preview" in model or "search-api" in model:
             # OpenAI's search models run one web search per completion, billed per call on
             # top of the tokens (the answer does not count it).
             usage = replace(usage, units={**usage.units, "web_search_calls": 1})

@@ -50,11 +50,13 @@ def web_searches(ex: Extraction, response: dict[str, Any]) -> None:
     """Web searches the response ran: one `web_search_call` output item each (billed per call;
     its usage object does not count them)."""
     output = response.get("output")
-    if isinstance(output, list):
-        calls = sum(
-            1 for item in output if isinstance(item, dict) and item.get("type") == "web_search_call"
-        )
-        ex.add_units(web_search_calls=calls)
+    if type(output) is list:
+        calls = 0
+        for item in output:
+            if type(item) is dict and item.get("type") == "web_search_call":
+                calls += 1
+        if calls:
+            ex.add_units(web_search_calls=calls)
 
 
 class OpenAIResponses(Shape):
