@@ -1,7 +1,5 @@
-"""End to end over the gateway's whole surface: the official SDKs (openai: images, audio,
-moderations, Realtime over its WebSocket client; google-genai: generateContent, streamed and
-not) and a rerank request call a real mitmdump running the meter in front of the demo upstream;
-each envelope is read back from a real JetStream stream and checked field by field."""
+"""End to end over the whole surface: the openai and google-genai SDKs (and a rerank request) call
+a real mitmdump in front of the demo upstream; envelopes are read back from JetStream."""
 
 from __future__ import annotations
 

@@ -1,7 +1,5 @@
-"""The demo upstream's answers on the rest of the gateway's surface: images, audio, rerank,
-moderations, Gemini's generateContent, and a Realtime session over a WebSocket.
-
-Canned like the rest of the demo: a word is a token, so a reader checks every count by eye.
+"""The demo upstream's answers on the rest of the gateway's surface (images, audio, rerank,
+moderations, Gemini, a Realtime WebSocket session): canned, a word a token, checkable by eye.
 """
 
 from __future__ import annotations

@@ -1,6 +1,5 @@
-"""CPU per request of the metering wing for the five original API shapes, on recorded answers:
-FlowMeter from the request to its encoded envelope, streams one chunk per event (as upstreams
-flush). Run it against two trees to compare (PYTHONPATH=<tree> python -m tools.shape_cost).
+"""CPU per request of the metering wing for the five original API shapes on recorded answers
+(docs/PERFORMANCE.md); compare two trees with PYTHONPATH=<tree> python -m tools.shape_cost.
 """
 
 from __future__ import annotations

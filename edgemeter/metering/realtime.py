@@ -1,8 +1,5 @@
-"""Metering of one Realtime API session (a WebSocket), independent of mitmproxy: the server's
-events in, one envelope per billed event out (`response.done`, input audio transcriptions).
-
-A response still open when the session ends (the client left, the connection broke) is billed
-like an aborted stream: `client_aborted`, on an estimate of what was streamed, marked so.
+"""Metering of one Realtime session (a WebSocket), independent of mitmproxy: server events in, an
+envelope per billed event out; a response cut off by the session's end is billed as aborted.
 """
 
 from __future__ import annotations
@@ -79,7 +76,9 @@ PriceOf = Callable[[Usage, str], Price]
 
 class RealtimeMeter:
     """One session. `server` and `client` take each message's bytes as they pass; `end` bills
-    what is still open. Each envelope gets its own request id from `mint`."""
+    what is still open (the client left, the connection broke) like an aborted stream:
+    `client_aborted`, on an estimate of what was streamed. Each envelope gets its own request id
+    from `mint`."""
 
     def __init__(self, request: Request, model: str, mint: Callable[[], str]) -> None:
         self.request = request

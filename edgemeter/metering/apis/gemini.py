@@ -1,9 +1,5 @@
 """Gemini's own API (`models/{model}:generateContent`, `:streamGenerateContent`, as NewAPI relays
-it under /v1beta/ and /v1/): `usageMetadata`, cumulative over a stream (the last one counts).
-
-Input is `promptTokenCount` (cached content inside) plus `toolUsePromptTokenCount` (search and
-tool results, billed as input but outside the prompt count); output is `candidatesTokenCount`
-plus `thoughtsTokenCount` (thinking, billed as output but outside the candidates count).
+it): `usageMetadata`, cumulative over a stream, so the last one counts (see normalize_gemini).
 """
 
 from __future__ import annotations
@@ -32,8 +28,10 @@ _MODALITY = {"TEXT": "text", "AUDIO": "audio", "IMAGE": "image", "VIDEO": "video
 
 
 def normalize_gemini(usage: dict[str, Any]) -> Usage:
-    """usageMetadata: see the module docstring; `cachedContentTokenCount` is inside the prompt,
-    the `*TokensDetails` lists split counts by modality."""
+    """usageMetadata. Input is `promptTokenCount` (`cachedContentTokenCount` inside) plus
+    `toolUsePromptTokenCount` (search and tool results, billed as input, outside the prompt
+    count); output is `candidatesTokenCount` plus `thoughtsTokenCount` (thinking, billed as
+    output, outside the candidates count); the `*TokensDetails` lists split them by modality."""
     inp = count(usage, "promptTokenCount") + count(usage, "toolUsePromptTokenCount")
     thoughts = count(usage, "thoughtsTokenCount")
     output = max(

@@ -1,8 +1,5 @@
-"""OpenAI audio transcriptions (`/audio/transcriptions`): gpt-4o-transcribe reports tokens
-(audio input priced apart), whisper-1 a duration; text formats and streams as they come.
-
-An answer that says neither (text, srt or vtt formats) is billed on the uploaded file's length,
-read from the file itself, else on the transcript's length: marked estimated.
+"""OpenAI audio transcriptions (`/audio/transcriptions`): tokens (gpt-4o-transcribe) or a duration
+(whisper-1); an answer that says neither is billed on the upload's length, marked estimated.
 """
 
 from __future__ import annotations

@@ -1,8 +1,5 @@
-"""OpenAI images (`/images/generations`, `/images/edits`, `/images/variations`): GPT Image
-models report tokens (image output priced apart); per-image models (dall-e) are billed per image.
-
-An answer without usage is billed per image of `data[]` (or of the stream's completed events),
-at the size and quality the answer echoes or the request asked for: units, marked estimated.
+"""OpenAI images (`/images/generations`, `/edits`, `/variations`): GPT Image reports tokens; an
+answer without usage (dall-e) is billed per image at its size and quality, marked estimated.
 """
 
 from __future__ import annotations
