@@ -21,9 +21,8 @@ from edgemeter import hookcache
 from edgemeter.admin import AdminServer, Thresholds, bind
 from edgemeter.errors import DecodeError, MeterError, SettingsError
 from edgemeter.ids import uuid7, uuid7_ms
-from edgemeter.metering import cloudevents
+from edgemeter.metering import apis, cloudevents
 from edgemeter.metering import stream_usage as include_usage
-from edgemeter.metering.apis import classify
 from edgemeter.metering.attribution import (
     Spec as AttributionSpec,
 )
@@ -36,10 +35,11 @@ from edgemeter.metering.attribution import (
 from edgemeter.metering.contract import Routed, route
 from edgemeter.metering.decoding import decode_body
 from edgemeter.metering.envelope import encode
-from edgemeter.metering.flow import FlowMeter, Limits, Request
+from edgemeter.metering.flow import FlowMeter, Limits, Request, Result
 from edgemeter.metering.keymap import KeyBook
 from edgemeter.metering.prices import Price, PriceBook
-from edgemeter.metering.usage import clean_name
+from edgemeter.metering.realtime import RealtimeMeter
+from edgemeter.metering.usage import Usage, clean_name
 from edgemeter.options import OPTIONS
 from edgemeter.settings import Settings, nats_config, parse_settings
 from edgemeter.stats import Snapshot, Stats, status_text
@@ -55,8 +55,8 @@ logger = logging.getLogger("edgemeter")
 _ERROR_LOG_INTERVAL_S = 60.0
 # The header that says why an envelope on the unbillable subject is there.
 UNBILLABLE_REASON_HEADER = "Edgemeter-Unbillable-Reason"
-# The price of a call whose API shape is free by nature (Shape.free).
-FREE = Price(0, "free")
+# Models told about once each (units without a price): past this many, no more are remembered.
+_MAX_WARNED_MODELS = 1024
 # Longer paths (or ones with characters unfit for an envelope) are left out of metadata.path.
 _MAX_PATH_CHARS = 2048
 
@@ -92,6 +92,10 @@ class Meter:
         self.who = AttributionSpec()
         self.is_running = False
         self.flows: dict[str, FlowMeter] = {}
+        # Realtime sessions (WebSockets), from the upgrade request to websocket_end.
+        self.sessions: dict[str, RealtimeMeter] = {}
+        # Models whose envelopes carried units without a price, each logged once.
+        self._unpriced_models: set[str] = set()
         self.stats = Stats()
         self.admin: AdminServer | None = None
         self._last_spool_error_log = 0.0
@@ -282,8 +286,11 @@ class Meter:
         path = req.path
         if not path.startswith(settings.paths):
             return
-        shape = classify(path)
-        if shape is None or req.method not in shape.methods:
+        shape = apis.route(path, req.method)
+        if shape is None or shape.free:
+            # Never silently ignored: a request on a metered path without an envelope is
+            # counted, by why (a route no shape meters, a free one such as moderations).
+            self.stats.unmetered["free" if shape is not None else "unknown_endpoint"] += 1
             return
         if self.shutting_down:
             flow.response = http.Response.make(
@@ -309,19 +316,24 @@ class Meter:
         if who.refused:
             self.stats.anomalies["invalid_attribution_header"] += 1
         client_request_id = header_id(headers, "x-request-id") or ""
+        facts = Request(
+            request_id=uuid7(),
+            api=shape.api,
+            path=clean_name(path.split("?", 1)[0], _MAX_PATH_CHARS) or "",
+            started_at=req.timestamp_start,
+            tenant_id=who.tenant_id,
+            customer_id=who.customer_id,
+            client_request_id=client_request_id,
+            api_key_fingerprint=who.fingerprint,
+            attribution=who.source,
+        )
+        if shape.websocket:
+            # Billed per event of the session, each envelope with an id of its own.
+            model = req.query.get("model", "") if "?" in path else ""
+            self.sessions[flow.id] = RealtimeMeter(facts, model, uuid7)
+            return
         self.flows[flow.id] = FlowMeter(
-            Request(
-                request_id=uuid7(),
-                api=shape.api,
-                path=clean_name(path.split("?", 1)[0], _MAX_PATH_CHARS) or "",
-                started_at=req.timestamp_start,
-                tenant_id=who.tenant_id,
-                customer_id=who.customer_id,
-                client_request_id=client_request_id,
-                api_key_fingerprint=who.fingerprint,
-                attribution=who.source,
-            ),
-            Limits(settings.max_body_bytes, settings.max_event_bytes),
+            facts, Limits(settings.max_body_bytes, settings.max_event_bytes)
         )
 
     def request(self, flow: http.HTTPFlow) -> None:
@@ -340,6 +352,8 @@ class Meter:
         except DecodeError:
             return  # too large, a bomb or unreadable: left as it is, estimated as empty
         meter.request_body = body
+        if meter.shape.asks:
+            meter.request_type = req.headers.get("content-type", "")
         if self.settings.stream_usage == "off" or not meter.shape.stream_options:
             return
         if (injected := include_usage.inject(body)) is not None:
@@ -349,6 +363,8 @@ class Meter:
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         meter = self.flows.get(flow.id)
         if meter is None or flow.response is None:
+            if flow.id in self.sessions and flow.response is not None:
+                self._session_answered(flow, flow.response.status_code)
             return
         resp = flow.response
         if not 200 <= resp.status_code < 300:
@@ -356,7 +372,8 @@ class Meter:
             self.stats.unmetered["non_2xx"] += 1
             record(flow, None, {"not_billed": "non_2xx"})
             return
-        if resp.headers.get("content-type", "").startswith("text/event-stream"):
+        meter.response_type = content_type = resp.headers.get("content-type", "")
+        if content_type.startswith("text/event-stream"):
             strip = self.settings is not None and self.settings.stream_usage == "inject-strip"
             encoding = resp.headers.get("content-encoding", "")
             if meter.start_stream(resp.status_code, encoding, strip):
@@ -385,12 +402,42 @@ class Meter:
     def error(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         meter = self.flows.pop(flow.id, None)
         if meter is None:
+            if flow.websocket is None and self.sessions.pop(flow.id, None) is not None:
+                self.stats.unmetered["no_response"] += 1  # the upgrade was never answered
             return None
         if flow.response is None:
             self.stats.unmetered["no_response"] += 1
             record(flow, None, {"not_billed": "no_response"})
             return None
         return self._finish(meter, aborted=True, flow=flow)
+
+    def websocket_message(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        """A Realtime message: a server event that bills (response.done, a transcription with
+        usage) is spooled before mitmproxy passes it on, as a stream's last event is."""
+        session = self.sessions.get(flow.id)
+        if session is None or flow.websocket is None or self.settings is None:
+            return None
+        message = flow.websocket.messages[-1]
+        if message.from_client:
+            session.client(message.content)
+            return None
+        results = session.server(
+            message.content,
+            now=time.time(),
+            currency=self.settings.currency,
+            price_of=self._price_of,
+        )
+        return self._spool_results(results, flow) if results else None
+
+    def websocket_end(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        """The session is over (closed or broken): responses still open are billed cut off."""
+        session = self.sessions.pop(flow.id, None)
+        if session is None or self.settings is None:
+            return None
+        results = session.end(
+            now=time.time(), currency=self.settings.currency, price_of=self._price_of
+        )
+        return self._spool_results(results, flow) if results else None
 
     def done(self) -> Awaitable[None] | None:
         """Returns the final drain as a task: mitmproxy awaits it on shutdown, and on a script
@@ -443,6 +490,17 @@ class Meter:
         deadline = time.monotonic() + grace_s
         while (self.flows or self._spooling) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        if self.sessions and self.settings is not None:
+            # A Realtime session lasts as long as its client wants: what it has open is billed
+            # now, as cut off, like a stream still open.
+            sessions, self.sessions = list(self.sessions.values()), {}
+            settings = self.settings
+            for session in sessions:
+                results = session.end(
+                    now=time.time(), currency=settings.currency, price_of=self._price_of
+                )
+                if results and (write := self._spool_results(results)) is not None:
+                    await write
         if not self.flows:
             return
         logger.warning(
@@ -513,32 +571,51 @@ class Meter:
     ) -> tuple[Routed | None, bytes | None, str]:
         """The request's envelope, where it goes (contract.route), the spool value that sends
         it there and the reason finish gave (billed despite, or why none), counted in the stats;
-        no value for a request that is not billable or free."""
+        no value for a request that is not billable."""
         settings = self.settings
         if settings is None:
             return None, None, "not_configured"
-        prices, flat, free = self.prices, settings.price_micro_per_token, meter.shape.free
         result = meter.finish(
             aborted=aborted,
             now=time.time(),
             currency=settings.currency,
-            # A call free by nature costs nothing, whatever a price table says of its model.
-            price_of=(lambda usage, model: FREE)
-            if free
-            else (lambda usage, model: prices.price(usage, model, flat)),
+            price_of=self._price_of,
             anthropic_counts=settings.anthropic_counts,
         )
+        return self._routed(meter.request.request_id, result)
+
+    def _price_of(self, usage: Usage, model: str) -> Price:
+        """The price of a usage; units the rule has no price for are counted (`unpriced`) and
+        logged once per model, since they were billed nothing."""
+        assert self.settings is not None
+        price = self.prices.price(usage, model, self.settings.price_micro_per_token)
+        if price.unpriced:
+            self.stats.anomalies["unpriced"] += 1
+            if (
+                model not in self._unpriced_models
+                and len(self._unpriced_models) < _MAX_WARNED_MODELS
+            ):
+                self._unpriced_models.add(model)
+                logger.warning(
+                    f"meter: {model!r} is billed in {', '.join(price.unpriced)} that "
+                    f"{price.version} has no price for: those are billed nothing (the envelopes "
+                    "carry them in metadata.units); add them to the price table (docs/PRICES.md)"
+                )
+        return price
+
+    def _routed(self, request_id: str, result: Result) -> tuple[Routed | None, bytes | None, str]:
+        """Where finish's envelope goes (contract.route) and the spool value that sends it
+        there, counted in the stats; no value for a request that is not billable."""
+        settings = self.settings
+        assert settings is not None
         if result.envelope is None:
             self.stats.unmetered[result.reason] += 1
             return None, None, result.reason
-        routed = route(result.envelope, house=settings.house, free=free)
-        if routed.destination == "free":
-            self.stats.unmetered["free"] += 1
-            return routed, None, result.reason
+        routed = route(result.envelope, house=settings.house)
         booked = routed.destination != "reconciliation"
         self.stats.billed(routed.envelope, result.reason, booked=booked)
         if routed.destination != "billing":
-            self._unbillable(meter.request.request_id, routed, settings)
+            self._unbillable(request_id, routed, settings)
         return routed, self._value(routed, result.data, settings), result.reason
 
     @staticmethod
@@ -578,6 +655,39 @@ class Meter:
             f"request {request_id} cannot be billed ({reason}): published on "
             f"{settings.unbillable_subject} for reconciliation{more}"
         )
+
+    def _session_answered(self, flow: http.HTTPFlow, status: int) -> None:
+        """A Realtime upgrade's answer: 101 opens the session; anything else ends it unbilled."""
+        if status == 101:
+            return
+        del self.sessions[flow.id]
+        self.stats.unmetered["non_2xx" if not 200 <= status < 300 else "no_session"] += 1
+
+    def _spool_results(
+        self, results: list[Result], flow: http.HTTPFlow | None = None
+    ) -> Awaitable[None] | None:
+        """Spool a session's envelopes; the returned awaitable ends when all are committed."""
+        spool = self.spool
+        writes = []
+        for result in results:
+            if result.envelope is None:
+                self.stats.unmetered[result.reason] += 1
+                continue
+            key = result.envelope["metadata"]["request_id"]
+            routed, value, reason = self._routed(key, result)
+            if value is not None and spool is not None:
+                future = self._submit(spool, key, value)
+                writes.append(self._spool(future, key, time.monotonic()))
+            if flow is not None:
+                # For mitmweb, as on HTTP flows: the session's latest envelope.
+                record(flow, routed, {"despite": reason})
+        if not writes:
+            return None
+
+        async def committed() -> None:
+            await asyncio.gather(*writes)
+
+        return self._counted(committed())
 
     @staticmethod
     def _submit(spool: Spool, key: str, data: bytes) -> asyncio.Future[None]:

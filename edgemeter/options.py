@@ -165,9 +165,10 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "meter_paths",
         str,
-        "/v1/",
+        "/v1/,/v1beta/",
         """Comma-separated request path prefixes that are metered. Responses to other paths
-        (e.g. a gateway's /api/ admin surface) pass through without metering.""",
+        (e.g. a gateway's /api/ admin surface) pass through without metering. /v1beta/ is where
+        NewAPI relays Gemini's own API (models/{model}:generateContent).""",
     ),
     Option(
         "meter_price_micro_per_token",

@@ -24,10 +24,9 @@ RECORD: Final = "edgemeter.meter"
 
 MARK_REPORTED: Final = ":moneybag:"
 MARK_ESTIMATED: Final = ":heavy_dollar_sign:"
-# Not booked as it came: sent to reconciliation, booked to the house account, or free.
+# Not booked as it came: sent to reconciliation, or booked to the house account.
 MARK_UNBILLABLE: Final = ":warning:"
 MARK_HOUSE: Final = ":house:"
-MARK_FREE: Final = ":free:"
 # Flows this run did not bill although they carry an envelope.
 MARK_REPLAYED: Final = ":repeat:"
 MARK_LOADED: Final = ":floppy_disk:"
@@ -68,7 +67,7 @@ def annotation(
     envelope: Mapping[str, Any], destination: str = "billing", reason: str = ""
 ) -> tuple[str, str]:
     """The comment and mark of a flow billed by this run, and where its envelope went
-    (contract.route): billing, reconciliation (why), the house account (why), or nowhere (free).
+    (contract.route): billing, reconciliation (why) or the house account (why).
     The comment starts with what fits the flow list's narrow column (amount, outcome, request
     id) and carries the request id in full, so `~comment <request_id>` finds the flow."""
     meta = envelope["metadata"]
@@ -89,8 +88,6 @@ def annotation(
             f"{comment}; booked to the house account {envelope['customer_id']} ({reason})",
             MARK_HOUSE,
         )
-    if destination == "free":
-        return f"{comment}; free call, not published", MARK_FREE
     mark = MARK_REPORTED if meta["usage_source"] == "reported" else MARK_ESTIMATED
     return comment, mark
 
@@ -117,7 +114,7 @@ def not_billed(flow: http.HTTPFlow, why: str) -> None:
     for earlier in NOT_BILLED_MARKS:
         comment = comment.removeprefix(earlier + _NOT_BILLED + _SEP)
     flow.comment = why + _NOT_BILLED + _SEP + comment
-    billed_marks = (MARK_REPORTED, MARK_ESTIMATED, MARK_UNBILLABLE, MARK_HOUSE, MARK_FREE)
+    billed_marks = (MARK_REPORTED, MARK_ESTIMATED, MARK_UNBILLABLE, MARK_HOUSE)
     if flow.marked in (*billed_marks, *NOT_BILLED_MARKS.values()):
         flow.marked = NOT_BILLED_MARKS.get(why, flow.marked)
 

@@ -40,7 +40,9 @@ def wire_body(path: Path) -> bytes:
 
 def chunked(body: bytes, size: int) -> list[bytes]:
     """`size`-byte chunks; size 0: one chunk per SSE event (cut after each blank line), as
-    upstreams flush a stream."""
+    upstreams flush a stream; a negative size: the whole body in one piece."""
+    if size < 0:
+        return [body]
     if size == 0:
         return [piece for piece in _AFTER_BLANK_LINE.split(body) if piece]
     return [body[i : i + size] for i in range(0, len(body), size)]
@@ -58,3 +60,42 @@ def api_of(name: str) -> str:
     if "completions-legacy" in name:
         return "openai.completions"
     return "openai.chat"
+
+
+def wav(seconds_x10: int, rate: int = 8000) -> bytes:
+    """A silent mono 16-bit WAV file of `seconds_x10` tenths of a second (an upload whose length
+    is known exactly: rate * seconds frames)."""
+    import io
+    import wave
+
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(b"\0\0" * (rate * seconds_x10 // 10))
+    return out.getvalue()
+
+
+BOUNDARY = "edgemeter-test-boundary"
+FORM = f"multipart/form-data; boundary={BOUNDARY}"
+
+
+def form(fields: dict[str, str], file: bytes | None = None, filename: str = "audio.wav") -> bytes:
+    """A multipart/form-data body (RFC 7578) with text fields and one `file` part, as the
+    official SDKs upload audio and images; its Content-Type is FORM."""
+    out = b""
+    for name, value in fields.items():
+        out += (
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
+        ).encode()
+    if file is not None:
+        out += (
+            (
+                f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; '
+                f'filename="{filename}"\r\nContent-Type: application/octet-stream\r\n\r\n'
+            ).encode()
+            + file
+            + b"\r\n"
+        )
+    return out + f"--{BOUNDARY}--\r\n".encode()

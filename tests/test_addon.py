@@ -480,3 +480,45 @@ async def test_a_stream_is_spooled_when_its_last_event_is_parsed_before_the_clie
     [env] = spooled(addon)  # still one: the end of the flow does not spool it again
     assert env == envelope
     assert addon.stats.metered[(env["metadata"]["api"], "complete", "reported")] == 1
+
+
+@pytest.mark.parametrize(
+    ("path", "method", "reason"),
+    [
+        ("/v1/models", "GET", "unknown_endpoint"),
+        ("/v1/chat/completions", "GET", "unknown_endpoint"),
+        ("/v1/chat/completions/chatcmpl-1", "POST", "unknown_endpoint"),
+        ("/v1/moderations", "POST", "free"),
+    ],
+)
+async def test_a_request_on_a_metered_path_without_an_envelope_is_counted(
+    meter: tuple[Meter, Any], recorded: Path, path: str, method: str, reason: str
+) -> None:
+    addon, _ = meter
+    body = wire_body(recorded / "openai-moderations.json")
+    await run_flow(addon, make_flow(path, method), 200, body, stream=False)
+    assert spooled(addon) == []
+    assert addon.stats.unmetered == {reason: 1}
+
+
+async def test_any_other_post_that_reports_usage_is_billed_as_generic(
+    meter: tuple[Meter, Any],
+) -> None:
+    addon, _ = meter
+    body = b'{"id":"run_1","model":"gpt-4o","usage":{"prompt_tokens":7,"completion_tokens":3,"total_tokens":10}}'
+    await run_flow(addon, make_flow("/v1/threads/thread_1/runs"), 200, body, stream=False)
+    [env] = spooled(addon)
+    assert (env["metadata"]["api"], env["metadata"]["tokens_used"]) == ("generic", 10)
+
+
+async def test_units_without_a_price_are_counted_and_told_once_per_model(
+    meter: tuple[Meter, Any], recorded: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    addon, _ = meter
+    body = wire_body(recorded / "openai-audio-transcriptions-whisper-duration.json")
+    for _ in range(3):
+        await run_flow(addon, make_flow("/v1/audio/transcriptions"), 200, body, stream=False)
+    assert [env["metadata"]["units"] for env in spooled(addon)] == [{"audio_ms": 7000}] * 3
+    assert addon.stats.anomalies == {"unpriced": 3}
+    told = [r for r in caplog.records if "has no price for" in r.getMessage()]
+    assert len(told) == 1 and "audio_ms" in told[0].getMessage()

@@ -15,7 +15,6 @@ from mitmproxy import exceptions, http
 from mitmproxy.test import taddons
 
 from edgemeter.addon import Meter
-from edgemeter.metering.apis import shape_of
 from edgemeter.metering.attribution import fingerprint
 from edgemeter.metering.contract import (
     ATTRIBUTION_REASONS,
@@ -302,11 +301,10 @@ def test_a_house_account_does_not_take_what_it_cannot_mend() -> None:
     assert ATTRIBUTION_REASONS.isdisjoint({"zero_amount"})
 
 
-def test_a_free_call_goes_nowhere_but_a_priced_call_of_a_free_shape_is_billed() -> None:
-    assert route(envelope(tokens=(5, 0), price=0), free=True).destination == "free"
-    assert route(envelope(tokens=(5, 0)), free=True).destination == "billing"
-    # Free by nature, not by accident: a zero amount of any other call is reconciled.
+def test_a_zero_amount_is_reconciled_not_dropped() -> None:
+    # Free by nature (moderations) is counted on arrival; a zero amount here is an accident.
     assert route(envelope(tokens=(5, 0), price=0)).destination == "reconciliation"
+    assert route(envelope(tokens=(5, 0))).destination == "billing"
 
 
 # -- through the addon ------------------------------------------------------------------------
@@ -479,20 +477,14 @@ async def test_cloudevents_headers_ride_along_and_the_body_stays_the_same(
 
 
 async def test_a_free_call_is_counted_and_never_published(
-    meter: tuple[Meter, Any], recorded: Path, monkeypatch: pytest.MonkeyPatch
+    meter: tuple[Meter, Any], recorded: Path
 ) -> None:
     addon, _ = meter
-    # An API shape free by nature (as moderations will be): embeddings, for this test.
-    monkeypatch.setattr(type(shape_of("openai.embeddings")), "free", True)
-    flow = await answer(
-        addon, recorded, fixture="openai-embeddings-base64.json", path="/v1/embeddings"
-    )
+    flow = await answer(addon, recorded, fixture="openai-moderations.json", path="/v1/moderations")
     assert published(addon) == []
     assert addon.stats.unmetered == {"free": 1}
     assert addon.stats.metered == {} and addon.stats.unbillable == {}
-    assert flow.metadata["edgemeter"]["metadata"]["price_version"] == "free"
-    assert flow.marked == ":free:"
-    assert flow.comment.endswith("; free call, not published")
+    assert "edgemeter" not in flow.metadata and flow.marked == ""
     assert "not metered (free): 1" in addon.status()
 
 

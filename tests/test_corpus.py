@@ -20,6 +20,20 @@ running edgemeter. The rules applied:
   cumulative message_delta's fields override message_start's.
 - Non-2xx: no envelope. A 2xx answer that reports no usage is estimated (tokens not checked
   exactly, but tokens_used and output_tokens must be > 0).
+- Gemini usageMetadata (the last of a stream): input = promptTokenCount +
+  toolUsePromptTokenCount; cached = cachedContentTokenCount; output = candidatesTokenCount +
+  thoughtsTokenCount (at least total - input); reasoning = thoughtsTokenCount.
+- Images, speech, transcriptions, Realtime: input_tokens / output_tokens (+ total); their
+  `*_token_details` and Gemini's `*TokensDetails` give tokens_detail by modality, written only
+  when a non-text kind is > 0 (text alone is what input and output already say), and then with
+  every kind > 0. GPT Image output tokens are image tokens.
+- units: whisper `usage.seconds` x 1000 = audio_ms; Cohere `meta.billed_units.search_units`;
+  Anthropic `server_tool_use.web_search_requests` and Responses `web_search_call` output items
+  = web_search_calls. An answer without usage on these routes is billed on units, estimated:
+  images counted in `data[]` at the answer's echoed (else requested) size and quality; audio
+  by the uploaded file's length (the test uploads a WAV of known length).
+- service_tier: only a tier other than the base one ("default", "standard").
+- Moderations are free: no envelope, counted `free`.
 """
 
 from __future__ import annotations
@@ -30,7 +44,7 @@ from typing import Any, Literal, NamedTuple
 import pytest
 
 from edgemeter.addon import Meter
-from tests.corpus import is_stream, wire_body
+from tests.corpus import FORM, form, is_stream, wav, wire_body
 from tests.flows import assert_contract, make_flow, run_flow, spooled
 
 Outcome = Literal["complete", "client_aborted", "upstream_error"]
@@ -53,6 +67,70 @@ API_OF_PATH = {
     "/v1/embeddings": "openai.embeddings",
     "/v1/responses": "openai.responses",
     "/v1/messages": "anthropic.messages",
+    "/v1/responses/compact": "openai.responses",
+    "/v1/edits": "openai.edits",
+    "/v1/images/generations": "openai.images",
+    "/v1/images/edits": "openai.images",
+    "/v1/audio/transcriptions": "openai.audio.transcriptions",
+    "/v1/audio/translations": "openai.audio.translations",
+    "/v1/audio/speech": "openai.audio.speech",
+    "/v1/rerank": "rerank",
+    "/v1/moderations": "openai.moderations",
+    "/v1beta/models/gemini-2.5-flash:generateContent": "gemini.generate_content",
+    "/v1beta/models/gemini-2.0-flash:generateContent": "gemini.generate_content",
+    "/v1beta/models/gemini-2.5-pro:generateContent": "gemini.generate_content",
+    "/v1beta/models/gemini-2.5-pro:streamGenerateContent?alt=sse": "gemini.generate_content",
+}
+
+# What the requests of the new routes asked (their .source notes, or what an SDK sends): the
+# model (none of these answers names one), sizes, the text to speak, the uploaded audio.
+UPLOAD = wav(25)  # 2.5 s of audio: 20,000 frames at 8 kHz
+SPEECH = b'{"model":"gpt-4o-mini-tts","input":"Today is a wonderful day.","voice":"alloy","stream_format":"sse"}'
+IMAGE_MINI = b'{"model":"gpt-image-1-mini","prompt":"A simple black-and-white line drawing of a cat playing with yarn","size":"1024x1024","quality":"low"}'
+ASKED: dict[str, tuple[bytes, str]] = {
+    "cohere-rerank-v2.json": (
+        b'{"model":"rerank-v3.5","query":"sunny day","documents":["rainy","sunny"]}',
+        "application/json",
+    ),
+    "openai-audio-speech-stream.chunks.txt": (SPEECH, "application/json"),
+    "openai-audio-transcriptions-gpt-4o-transcribe-tokens.json": (
+        form({"model": "gpt-4o-transcribe"}, UPLOAD),
+        FORM,
+    ),
+    "openai-audio-transcriptions-stream.raw.sse": (
+        form({"model": "gpt-4o-mini-transcribe", "stream": "true"}, UPLOAD),
+        FORM,
+    ),
+    "openai-audio-transcriptions-whisper-duration.json": (
+        form({"model": "whisper-1"}, UPLOAD),
+        FORM,
+    ),
+    "openai-audio-translations-whisper-nousage.json": (form({"model": "whisper-1"}, UPLOAD), FORM),
+    "openai-edits-legacy.json": (
+        b'{"model":"text-davinci-edit-001","input":"What day of the wek is it?","instruction":"Fix the spelling mistakes"}',
+        "application/json",
+    ),
+    "openai-images-edits-gpt-image.json": (
+        form({"model": "gpt-image-1", "prompt": "Add a red hat"}, b"\x89PNG fake", "cat.png"),
+        FORM,
+    ),
+    "openai-images-generations-gpt-image-1-mini-nousage.json": (IMAGE_MINI, "application/json"),
+    "openai-images-generations-gpt-image-1.json": (
+        b'{"model":"gpt-image-1.5","prompt":"A cute baby sea otter","n":1,"size":"1024x1024"}',
+        "application/json",
+    ),
+    "openai-images-generations-stream.raw.sse": (
+        b'{"model":"gpt-image-1.5","prompt":"A cute baby sea otter","stream":true,"partial_images":1}',
+        "application/json",
+    ),
+    "openai-moderations.json": (
+        b'{"model":"omni-moderation-latest","input":"I want to kill them."}',
+        "application/json",
+    ),
+    "openai-responses-compact.json": (
+        b'{"model":"gpt-4o-mini","input":[{"role":"user","content":"Hello!"}],"instructions":"You are a helpful assistant."}',
+        "application/json",
+    ),
 }
 
 
@@ -71,6 +149,12 @@ class Row(NamedTuple):
     tokens: Tokens | None = None
     outcome: Outcome | None = None
     source: Source | None = None
+    # metadata.tokens_detail / units / service_tier; None: the envelope has none.
+    detail: dict[str, int] | None = None
+    units: dict[str, int | str] | None = None
+    tier: str | None = None
+    # Why a 2xx answer has no envelope (counted so), when it is not an upstream error.
+    unmetered: str | None = None
 
 
 ROWS: list[Row] = [
@@ -150,7 +234,8 @@ ROWS: list[Row] = [
     # usage was reported. Billing it (even by estimate) would charge for work never done: it is
     # a quota refusal that happens to arrive as a 200 stream, so, like a 429, no envelope.
     Row("openai-responses-stream-error-insufficient-quota.chunks.txt", "/v1/responses", 200),
-    Row("openai-responses-stream-reasoning-usage.raw.sse", "/v1/responses", 200, "gpt-5-2025-08-07", (53, 0, 0, 469, 448, 522), "complete", "reported"),
+    # The answer names service_tier "flex" (half price at OpenAI): the envelope says so.
+    Row("openai-responses-stream-reasoning-usage.raw.sse", "/v1/responses", 200, "gpt-5-2025-08-07", (53, 0, 0, 469, 448, 522), "complete", "reported", tier="flex"),
     Row("openai-responses-stream-small-reasoning.chunks.txt", "/v1/responses", 200, "gpt-5-codex", (407, 0, 0, 151, 128, 558), "complete", "reported"),
     Row("openai-responses-stream.raw.sse", "/v1/responses", 200, "gpt-4o-2024-08-06", (255, 0, 0, 16, 0, 271), "complete", "reported"),
     # --- OpenRouter -------------------------------------------------------------------------------
@@ -170,20 +255,77 @@ ROWS: list[Row] = [
     Row("xai-chat-stream-reasoning-usage.chunks.txt", "/v1/chat/completions", 200, "grok-3-mini", (12, 11, 0, 291, 290, 303), "complete", "reported"),
     # Usage rides on the finish chunk itself (not a separate usage-only chunk).
     Row("zai-glm-chat-stream-reasoning.raw.sse", "/v1/chat/completions", 200, "glm-4.7", (13, 0, 0, 564, 561, 577), "complete", "reported"),
+    # --- What the envelope could not say before: modalities, units, tiers ------------------------
+    # input 8984 (no cache reads or writes) + output 520; server_tool_use.web_search_requests 1.
+    # service_tier "standard" is the base tier; ephemeral_1h_input_tokens 0: no tokens_detail.
+    Row("anthropic-messages-web-search.json", "/v1/messages", 200, "claude-sonnet-4-20250514", (8984, 0, 0, 520, 0, 9504), "complete", "reported", units={"web_search_calls": 1}),
+    # prompt 28 = text 27 + audio 1; completion 17 = text 17. service_tier "default": base.
+    Row("openai-chat-audio-input.json", "/v1/chat/completions", 200, "gpt-4o-audio-preview-2025-06-03", (28, 0, 0, 17, 0, 45), "complete", "reported", detail={"input_text": 27, "input_audio": 1, "output_text": 17}),
+    # prompt 22 (text 22); completion 18 = text 6 + audio 12.
+    Row("openai-chat-audio-output.json", "/v1/chat/completions", 200, "gpt-4o-mini-audio-preview-2024-12-17", (22, 0, 0, 18, 0, 40), "complete", "reported", detail={"input_text": 22, "output_text": 6, "output_audio": 12}),
+    # input 9299 (cached 8448), output 577 (reasoning 512); ONE web_search_call output item.
+    Row("openai-responses-web-search.json", "/v1/responses", 200, "gpt-5-2025-08-07", (9299, 8448, 0, 577, 512, 9876), "complete", "reported", units={"web_search_calls": 1}),
+    # Responses usage: input 160 (cached 0), output 297 (reasoning 0); the answer names no model.
+    Row("openai-responses-compact.json", "/v1/responses/compact", 200, "gpt-4o-mini", (160, 0, 0, 297, 0, 457), "complete", "reported"),
+    # Legacy edits, chat's usage: 25 + 32 = 57; the answer names no model.
+    Row("openai-edits-legacy.json", "/v1/edits", 200, "text-davinci-edit-001", (25, 0, 0, 32, 0, 57), "complete", "reported"),
+    # --- Images -----------------------------------------------------------------------------------
+    # input 50 = text 10 + image 40; output 50 image tokens; total 100.
+    Row("openai-images-generations-gpt-image-1.json", "/v1/images/generations", 200, "gpt-image-1.5", (50, 0, 0, 50, 0, 100), "complete", "reported", detail={"input_text": 10, "input_image": 40, "output_image": 50}),
+    Row("openai-images-generations-stream.raw.sse", "/v1/images/generations", 200, "gpt-image-1.5", (50, 0, 0, 50, 0, 100), "complete", "reported", detail={"input_text": 10, "input_image": 40, "output_image": 50}),
+    # No usage: one image of data[] at the requested 1024x1024, low; input: the prompt's 64
+    # characters, 16 tokens; no output tokens (the images are the output).
+    Row("openai-images-generations-gpt-image-1-mini-nousage.json", "/v1/images/generations", 200, "gpt-image-1-mini", (16, 0, 0, 0, 0, 16), "complete", "estimated", units={"images": 1, "image_size": "1024x1024", "image_quality": "low"}),
+    # No usage: one image, size and quality as the answer echoes them; the prompt "Add a red
+    # hat" is 13 characters, 4 tokens.
+    Row("openai-images-edits-gpt-image.json", "/v1/images/edits", 200, "gpt-image-1", (4, 0, 0, 0, 0, 4), "complete", "estimated", units={"images": 1, "image_size": "1024x1024", "image_quality": "high"}),
+    # --- Audio ------------------------------------------------------------------------------------
+    # usage {type: tokens}: input 14 = text 0 + audio 14; output 45.
+    Row("openai-audio-transcriptions-gpt-4o-transcribe-tokens.json", "/v1/audio/transcriptions", 200, "gpt-4o-transcribe", (14, 0, 0, 45, 0, 59), "complete", "reported", detail={"input_audio": 14}),
+    # The stream's transcript.text.done: the same 14 (audio) + 45.
+    Row("openai-audio-transcriptions-stream.raw.sse", "/v1/audio/transcriptions", 200, "gpt-4o-mini-transcribe", (14, 0, 0, 45, 0, 59), "complete", "reported", detail={"input_audio": 14}),
+    # usage {type: duration, seconds: 7}: 7000 ms of audio, no tokens.
+    Row("openai-audio-transcriptions-whisper-duration.json", "/v1/audio/transcriptions", 200, "whisper-1", (0, 0, 0, 0, 0, 0), "complete", "reported", units={"audio_ms": 7000}),
+    # No usage at all: the uploaded WAV's length, 2.5 s; output: the translation's 116
+    # characters, 29 tokens; no prompt, no input tokens.
+    Row("openai-audio-translations-whisper-nousage.json", "/v1/audio/translations", 200, "whisper-1", (0, 0, 0, 29, 0, 29), "complete", "estimated", units={"audio_ms": 2500}),
+    # speech.audio.done: input 14 (the text), output 101 (the audio made).
+    Row("openai-audio-speech-stream.chunks.txt", "/v1/audio/speech", 200, "gpt-4o-mini-tts", (14, 0, 0, 101, 0, 115), "complete", "reported", detail={"input_text": 14, "output_audio": 101}),
+    # --- Rerank, moderations ----------------------------------------------------------------------
+    # usage {total_tokens 12} alone: all input.
+    Row("voyage-rerank.json", "/v1/rerank", 200, "rerank-2.5", (12, 0, 0, 0, 0, 12), "complete", "reported"),
+    # meta.billed_units {search_units 1}: no tokens, one search unit; the answer names no model.
+    Row("cohere-rerank-v2.json", "/v1/rerank", 200, "rerank-v3.5", (0, 0, 0, 0, 0, 0), "complete", "reported", units={"search_units": 1}),
+    Row("openai-moderations.json", "/v1/moderations", 200, unmetered="free"),
+    # --- Gemini -----------------------------------------------------------------------------------
+    # prompt 17713 (cached 17379 inside) + tool 0; output 68 + thoughts 821 = 889 = 18602 - 17713.
+    # promptTokensDetails TEXT 16, VIDEO 15780, AUDIO 1917; serviceTier "standard": base.
+    Row("gemini-generatecontent-cached-video-audio.json", "/v1beta/models/gemini-2.5-flash:generateContent", 200, "gemini-2.5-flash", (17713, 17379, 0, 889, 821, 18602), "complete", "reported", detail={"input_text": 16, "input_audio": 1917, "input_video": 15780}),
+    # prompt 1817 = TEXT 11 + IMAGE 1806; candidates 5 (TEXT 5); total 1822.
+    Row("gemini-generatecontent-image-input.json", "/v1beta/models/gemini-2.0-flash:generateContent", 200, "gemini-2.0-flash", (1817, 0, 0, 5, 0, 1822), "complete", "reported", detail={"input_text": 11, "input_image": 1806, "output_text": 5}),
+    # The last chunk's cumulative usageMetadata: prompt 34; candidates 469 + thoughts 787 =
+    # 1256 = 1290 - 34. Text only: no tokens_detail.
+    Row("gemini-generatecontent-stream.raw.sse", "/v1beta/models/gemini-2.5-pro:streamGenerateContent?alt=sse", 200, "gemini-2.5-pro", (34, 0, 0, 1256, 787, 1290), "complete", "reported"),
+    # prompt 9; candidates 9 + thoughts 34 = 43 = 52 - 9.
+    Row("gemini-generatecontent-thinking.json", "/v1beta/models/gemini-2.5-flash:generateContent", 200, "gemini-2.5-flash", (9, 0, 0, 43, 34, 52), "complete", "reported"),
+    # prompt 17 + toolUsePrompt 119 = 136; candidates 201 + thoughts 213 = 414 = 550 - 136.
+    Row("gemini-generatecontent-web-search-tooluse.json", "/v1beta/models/gemini-2.5-pro:generateContent", 200, "gemini-2.5-pro", (136, 0, 0, 414, 213, 550), "complete", "reported"),
 ]  # fmt: skip
 
 
+# Every SSE cutting: one piece (-1), one chunk per event (0, as upstreams flush), and 1, 2, 3
+# and 7-byte pieces (events, lines, CRLFs and UTF-8 sequences split everywhere).
+CUTTINGS = (-1, 0, 1, 2, 3, 7)
+
+
 def _params() -> list[Any]:
-    """Each stream in 1-byte and 7-byte chunks (SSE events split everywhere) and one chunk per
-    event (as upstreams flush); bodies once."""
+    """Each stream in every cutting; bodies once."""
     params = []
     for row in ROWS:
-        sizes = [1, 7, 0] if is_stream(Path(row.fixture)) else [7]
-        for size in sizes:
-            suffix = (
-                ("events" if size == 0 else f"{size}b") if is_stream(Path(row.fixture)) else "body"
-            )
-            params.append(pytest.param(row, size, id=f"{row.fixture}-{suffix}"))
+        stream = is_stream(Path(row.fixture))
+        for size in CUTTINGS if stream else (7,):
+            name = {-1: "whole", 0: "events"}.get(size, f"{size}b") if stream else "body"
+            params.append(pytest.param(row, size, id=f"{row.fixture}-{name}"))
     return params
 
 
@@ -198,7 +340,7 @@ def test_the_table_covers_every_recorded_file(recorded: Path) -> None:
         for p in recorded.iterdir()
         if p.name != "INDEX.txt" and not p.name.endswith(".source")
     )
-    table = [row.fixture for row in ROWS]
+    table = [row.fixture for row in ROWS] + [REALTIME]
     assert len(set(table)) == len(table), "a fixture has two rows"
     assert sorted(index) == on_disk, "INDEX.txt and the directory disagree"
     assert sorted(table) == sorted(index), "every recorded file needs exactly one row"
@@ -210,7 +352,8 @@ def test_the_table_covers_every_recorded_file(recorded: Path) -> None:
             assert row.tokens is None and row.outcome is None and row.source is None, row
         else:
             assert row.outcome is not None and row.source is not None, row
-            assert (row.tokens is None) == (row.source == "estimated"), row
+            # Estimates are checked exactly where they are worked out by hand (units).
+            assert row.tokens is not None or row.source == "estimated", row
             assert 200 <= row.status < 300, row
         if row.tokens is not None:
             inp, cached, write, out, reasoning, used = row.tokens
@@ -226,6 +369,8 @@ async def test_a_recorded_file_is_metered_as_the_table_says(
     stream = is_stream(file)
     body = wire_body(file)
     flow = make_flow(row.path)
+    if row.fixture in ASKED:
+        flow.request.content, flow.request.headers["content-type"] = ASKED[row.fixture]
 
     sent = await run_flow(addon, flow, row.status, body, stream, size)
 
@@ -236,13 +381,16 @@ async def test_a_recorded_file_is_metered_as_the_table_says(
     if not stream:
         assert flow.response.content == body
 
-    # The downstream contract: the model of the billing consumer books it as it is.
-    assert assert_contract(addon) == []
+    # The downstream contract: the model of the billing consumer books it as it is, but for an
+    # answer billed only in units flat pricing has no price for (an amount of 0): that one is
+    # published for reconciliation, never dropped.
     envelopes = spooled(addon)
+    zero = [env for env in envelopes if env["amount_micro_omr"] == 0]
+    assert assert_contract(addon) == ["zero_amount"] * len(zero)
     if row.model is None:
         assert [env["metadata"] for env in envelopes] == [], "no envelope expected"
         reason = "non_2xx" if not 200 <= row.status < 300 else "upstream_error_without_usage"
-        assert addon.stats.unmetered == {reason: 1}
+        assert addon.stats.unmetered == {row.unmetered or reason: 1}
         return
     assert len(envelopes) == 1, f"expected one envelope, got {len(envelopes)}: {addon.status()}"
     [env] = envelopes
@@ -251,7 +399,7 @@ async def test_a_recorded_file_is_metered_as_the_table_says(
     expected: dict[str, Any] = {
         "model": row.model,
         "api": API_OF_PATH[row.path],
-        "path": row.path,
+        "path": row.path.split("?", 1)[0],
         "status_code": row.status,
         "stream": stream,
         "outcome": row.outcome,
@@ -259,8 +407,15 @@ async def test_a_recorded_file_is_metered_as_the_table_says(
     }
     if row.tokens is not None:
         expected.update(zip(TOKEN_FIELDS, row.tokens, strict=True))
+    expected.update(tokens_detail=row.detail, units=row.units, service_tier=row.tier)
     actual = {key: meta.get(key) for key in expected}
     assert actual == expected, row.fixture
+    # Every integer a JSON integer, for the Go consumer.
+    for part in (meta.get("tokens_detail") or {}, meta.get("units") or {}):
+        assert all(
+            (isinstance(v, int) and not isinstance(v, bool)) or isinstance(v, str)
+            for v in part.values()
+        )
 
     # What any envelope must satisfy, estimated or not.
     counts = {key: meta[key] for key in TOKEN_FIELDS}
@@ -272,6 +427,8 @@ async def test_a_recorded_file_is_metered_as_the_table_says(
     assert counts["reasoning_tokens"] <= counts["output_tokens"], counts
     if row.tokens is None:
         assert counts["tokens_used"] > 0 and counts["output_tokens"] > 0, counts
+    # Units without a price (flat pricing prices none) are counted, billed nothing.
+    assert addon.stats.anomalies.get("unpriced", 0) == (1 if row.units else 0)
 
     # The seed's invariants: flat default price, reason from the model.
     assert env["amount_micro_omr"] == -(counts["tokens_used"] * FLAT_PRICE)
@@ -298,6 +455,120 @@ async def test_a_recorded_answer_nobody_can_be_billed_for_goes_to_reconciliation
     for header in drop:
         del flow.request.headers[header]
     await run_flow(addon, flow, row.status, wire_body(file), is_stream(file), 0)
-    expected = [] if row.model is None else [reason]
+    envelopes = spooled(addon)
+    # An amount of 0 (units flat pricing has no price for) is that envelope's first fault.
+    zero = [env for env in envelopes if env["amount_micro_omr"] == 0]
+    expected = [] if row.model is None else ["zero_amount" if zero else reason]
     assert assert_contract(addon) == expected
-    assert addon.stats.unbillable == ({(reason, "reconciliation"): 1} if expected else {})
+    assert addon.stats.unbillable == ({(expected[0], "reconciliation"): 1} if expected else {})
+
+
+# --- Realtime: a WebSocket session, one envelope per billed event -------------------------------
+
+REALTIME = "openai-realtime-response-done.jsonl"
+REALTIME_PATH = "/v1/realtime"
+# Worked out from the file: session.updated names the input transcription model
+# gpt-realtime-whisper; conversation.item.input_audio_transcription.completed reports usage
+# {type: duration, seconds: 3}; response.done reports input 41 = text 14 + audio 27 (cached 0),
+# output 164 = text 28 + audio 136, total 205, for session model gpt-realtime.
+TRANSCRIBED: dict[str, Any] = {
+    "api": "openai.realtime.transcription",
+    "model": "gpt-realtime-whisper",
+    "upstream_id": "item_E6U0xpLmn5e80rVGpEeKv",
+    "outcome": "complete",
+    "usage_source": "reported",
+    "tokens_used": 0,
+    "units": {"audio_ms": 3000},
+    "tokens_detail": None,
+}
+RESPONDED: dict[str, Any] = {
+    "api": "openai.realtime",
+    "model": "gpt-realtime",
+    "upstream_id": "resp_E6U0xfWhN878XBMhc0LKn",
+    "outcome": "complete",
+    "usage_source": "reported",
+    "input_tokens": 41,
+    "cached_input_tokens": 0,
+    "output_tokens": 164,
+    "tokens_used": 205,
+    "units": None,
+    "tokens_detail": {"input_text": 14, "input_audio": 27, "output_text": 28, "output_audio": 136},
+}
+
+
+async def _session(addon: Meter, events: list[bytes], client: tuple[bytes, ...] = ()) -> None:
+    """Drive the addon's hooks over one Realtime session: the upgrade, then each server
+    event as a WebSocket message, then the end of the session."""
+    from mitmproxy import websocket
+    from mitmproxy.test import tflow
+    from wsproto.frame_protocol import Opcode
+
+    flow = tflow.twebsocketflow()
+    flow.websocket.messages.clear()  # type: ignore[union-attr]
+    flow.request.path = f"{REALTIME_PATH}?model=gpt-realtime"
+    flow.request.headers["x-customer-id"] = "cus_42"
+    response, flow.response = flow.response, None
+    addon.requestheaders(flow)
+    addon.request(flow)
+    flow.response = response
+    addon.responseheaders(flow)
+    assert addon.response(flow) is None
+    assert flow.websocket is not None
+    for data in client:
+        flow.websocket.messages.append(websocket.WebSocketMessage(Opcode.TEXT, True, data))
+        assert addon.websocket_message(flow) is None
+    for data in events:
+        flow.websocket.messages.append(websocket.WebSocketMessage(Opcode.TEXT, False, data))
+        if (pending := addon.websocket_message(flow)) is not None:
+            await pending
+    if (pending := addon.websocket_end(flow)) is not None:
+        await pending
+
+
+def _checked(env: dict[str, Any], expected: dict[str, Any]) -> None:
+    meta = env["metadata"]
+    assert {key: meta.get(key) for key in expected} == expected
+    assert (meta["path"], meta["status_code"], meta["stream"]) == (REALTIME_PATH, 101, True)
+    assert env["customer_id"] == "cus_42"
+    assert env["amount_micro_omr"] == -(meta["tokens_used"] * FLAT_PRICE)
+    assert env["reason"] == "usage:newapi:" + meta["model"]
+
+
+async def test_a_realtime_session_bills_each_response_and_transcription(
+    meter: tuple[Meter, Any], recorded: Path
+) -> None:
+    addon, _ = meter
+    events = (recorded / REALTIME).read_bytes().splitlines()
+
+    await _session(addon, events)
+
+    transcribed, responded = spooled(addon)
+    _checked(transcribed, TRANSCRIBED)
+    _checked(responded, RESPONDED)
+    # Each billed event is an envelope of its own, with its own id.
+    assert transcribed["metadata"]["request_id"] != responded["metadata"]["request_id"]
+    assert addon.stats.metered == {
+        ("openai.realtime.transcription", "complete", "reported"): 1,
+        ("openai.realtime", "complete", "reported"): 1,
+    }
+    assert addon.sessions == {}
+
+
+async def test_a_realtime_session_that_ends_mid_response_bills_it_as_cut_off(
+    meter: tuple[Meter, Any], recorded: Path
+) -> None:
+    addon, _ = meter
+    events = (recorded / REALTIME).read_bytes().splitlines()
+    cut = [e for e in events if b'"response.done"' not in e]
+    asked = b'{"type":"conversation.item.create","item":{"type":"message","role":"user","content":[{"type":"input_text","text":"Say hello to Marcelo, please."}]}}'
+
+    await _session(addon, cut, (asked,))
+
+    transcribed, aborted = spooled(addon)
+    _checked(transcribed, TRANSCRIBED)
+    meta = aborted["metadata"]
+    for key in ("api", "model", "upstream_id"):
+        assert meta[key] == RESPONDED[key], key
+    assert (meta["outcome"], meta["usage_source"]) == ("client_aborted", "estimated")
+    # Estimated, never free: the transcript streamed before the cut and the client's text.
+    assert meta["input_tokens"] > 0 and meta["output_tokens"] > 0

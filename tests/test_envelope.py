@@ -276,3 +276,22 @@ def test_an_absurd_usage_raw_is_left_out_and_the_counts_kept() -> None:
     meta = json.loads(encode(build(FACTS, usage, flat_price(usage, 156))))["metadata"]
     assert meta["usage_raw"] == {}
     assert (meta["input_tokens"], meta["output_tokens"], meta["tokens_used"]) == (5, 7, 12)
+
+
+def test_billed_dimensions_are_written_only_where_reported_after_every_other_field() -> None:
+    plain = build(FACTS, USAGE, flat_price(USAGE, 156))
+    assert not {"tokens_detail", "units", "service_tier"} & set(plain["metadata"])
+    rich = replace(
+        USAGE,
+        detail={"output_audio": 12, "input_text": 108},
+        units={"image_size": "1024x1024", "images": 2},
+        service_tier="flex",
+    )
+    meta = build(FACTS, rich, flat_price(rich, 156))["metadata"]
+    # The fields every envelope has come first, unchanged; the new ones in a fixed order.
+    assert list(meta)[: len(plain["metadata"])] == list(plain["metadata"])
+    assert list(meta)[len(plain["metadata"]) :] == ["tokens_detail", "units", "service_tier"]
+    assert meta["tokens_detail"] == {"input_text": 108, "output_audio": 12}
+    assert list(meta["tokens_detail"]) == ["input_text", "output_audio"]
+    assert list(meta["units"]) == ["images", "image_size"]
+    assert meta["tokens_used"] == 151  # input + output, whatever the parts

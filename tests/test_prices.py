@@ -146,7 +146,8 @@ KINDS = [
 
 @pytest.mark.parametrize(("usage", "total"), KINDS)
 def test_each_kind_of_token_is_priced_at_its_rate(usage: Usage, total: int) -> None:
-    million = Rates(*(r * 1_000_000 for r in (3, 5, 7, 11, 13)))
+    input, cached, write, output, reasoning = (r * 1_000_000 for r in (3, 5, 7, 11, 13))
+    million = Rates(input, cached, write, output, reasoning)
     assert charge_micro(usage, million) == total
 
 
@@ -472,3 +473,109 @@ def test_the_documented_example_table_prices_the_worked_examples() -> None:
         entry = table.lookup(model)
         assert entry is not None
         assert prices.table_price(usage, entry, table.version) == Price(amount, f"2026-11-01:{key}")
+
+
+# -- modalities, units and service tiers ------------------------------------------------------
+
+
+def _surface_table() -> prices.PriceTable:
+    """The second example table of docs/PRICES.md (the one with service tiers)."""
+    blocks = re.findall(r"```toml\n(.*?)```", DOC.read_text(encoding="utf-8"), re.DOTALL)
+    [surface] = [b for b in blocks if "[service_tiers]" in b]
+    return parse_table(surface)
+
+
+def _priced(model: str, usage: Usage) -> Price:
+    table = _surface_table()
+    entry = table.lookup(model)
+    assert entry is not None
+    return prices.table_price(usage, entry, table.version, table.service_tiers)
+
+
+# Every amount worked out by hand in docs/PRICES.md ("Worked examples: modalities, units, tiers").
+SURFACE = [
+    # 22 x 150,000 + 12 x 20,000,000 + 6 x 600,000 = 246,900,000 -> 246.9 -> 247.
+    ("gpt-4o-mini-audio-preview-2024-12-17", Usage(22, 0, 0, 18, 0, detail={"input_text": 22, "output_text": 6, "output_audio": 12}), -247, "gpt-4o-mini-audio*"),
+    # 1500 x 6,000,000 + 500 x 3,750,000 + 10 x 3,000,000 + 100 x 15,000,000 = 12,405,000,000.
+    ("claude-sonnet-4-20250514", Usage(2010, 0, 2000, 100, 0, detail={"cache_write_1h": 1500}), -12405, "claude-sonnet-4*"),
+    # 8984 x 3,000,000 + 520 x 15,000,000 + 1 x 10,000,000 x 1,000 = 44,752,000,000.
+    ("claude-sonnet-4-20250514", Usage(8984, 0, 0, 520, 0, units={"web_search_calls": 1}), -44752, "claude-sonnet-4*"),
+    # (53 x 1,250,000 + 448 x 10,000,000 + 21 x 10,000,000) x 500 / 1,000 = 2,378,125,000 -> 2378.
+    ("gpt-5-2025-08-07", Usage(53, 0, 0, 469, 448, service_tier="flex"), -2378, "gpt-5*"),
+    ("gpt-5-2025-08-07", Usage(53, 0, 0, 469, 448), -4756, "gpt-5*"),
+    # The entry's own priority multiplier (1500) wins over the table's (2000):
+    # 100 x 15,000,000 x 1.5 = 2,250,000,000.
+    ("claude-sonnet-4-20250514", Usage(0, 0, 0, 100, 0, service_tier="priority"), -2250, "claude-sonnet-4*"),
+    # 10 x 5,000,000 + 40 x 10,000,000 + 50 x 40,000,000 = 2,450,000,000.
+    ("gpt-image-1.5", Usage(50, 0, 0, 50, 0, detail={"input_text": 10, "input_image": 40, "output_image": 50}), -2450, "gpt-image-1*"),
+    # 2 images at 1792x1024/hd, 120,000 each.
+    ("dall-e-3", Usage(3, units={"images": 2, "image_size": "1792x1024", "image_quality": "hd"}), -240000, "dall-e-3"),
+    # A size the table does not list: "*".
+    ("dall-e-3", Usage(3, units={"images": 1, "image_size": "512x512", "image_quality": "standard"}), -80000, "dall-e-3"),
+    # 7000 ms x 100 per second: 700; 8471 ms: 847.1 -> 847.
+    ("whisper-1", Usage(units={"audio_ms": 7000}), -700, "whisper-1"),
+    ("whisper-1", Usage(0, 0, 0, 29, 0, units={"audio_ms": 8471}), -847, "whisper-1"),
+    # 45 characters x 15,000,000 per million = 675.
+    ("tts-1", Usage(12, units={"characters": 45}), -675, "tts-1"),
+    # One search unit at 2,000; Voyage's 12 tokens at 50,000 per million: 0.6 -> 1.
+    ("rerank-v3.5", Usage(units={"search_units": 1}), -2000, "rerank-*"),
+    ("rerank-2.5", Usage(12), -1, "rerank-*"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("model", "usage", "amount", "key"), SURFACE)
+def test_modalities_units_and_tiers_are_priced_as_documented(
+    model: str, usage: Usage, amount: int, key: str
+) -> None:
+    assert _priced(model, usage) == Price(amount, f"2026-12-01:{key}")
+
+
+def test_a_table_without_the_new_keys_prices_modalities_at_the_base_rates() -> None:
+    # The first documented table knows nothing of audio: audio tokens cost what input costs.
+    base = Usage(100, 0, 0, 10, 0)
+    audio = Usage(100, 0, 0, 10, 0, detail={"input_audio": 60, "output_audio": 10})
+    rates = Rates(3_000_000, 300_000, 3_750_000, 15_000_000, 15_000_000)
+    assert charge_micro(audio, rates) == charge_micro(base, rates)
+
+
+def test_units_the_entry_has_no_price_for_are_named() -> None:
+    price = _priced("gpt-5", Usage(10, units={"images": 1, "web_search_calls": 2}))
+    assert price.unpriced == ("images",)
+    # 10 x 1,250,000 + 2 x 10,000,000 x 1,000 = 20,012,500,000 -> 20012.5 -> 20013: the tokens
+    # and the two searches, the image at nothing.
+    assert price.amount_micro == -20013
+
+
+def test_flat_pricing_prices_no_unit() -> None:
+    price = prices.flat_price(Usage(10, units={"audio_ms": 7000, "image_size": "1024x1024"}), 156)
+    assert price == Price(-1560, "flat:156", ("audio_ms",))
+
+
+def test_modality_parts_larger_than_their_whole_are_clamped() -> None:
+    rates = Rates(1_000_000, 1_000_000, 1_000_000, 1_000_000, 1_000_000, input_audio=9_000_000)
+    usage = Usage(10, 4, 0, 0, 0, detail={"input_audio": 50})
+    # 4 cached at 1; the 6 left are all audio, at 9.
+    assert charge_micro(usage, rates) == 4 + 6 * 9
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        (
+            'version="v"\n[models.m]\ninput=1\noutput=1\nper_image={"1024x1024"=1.5}\n',
+            "whole number",
+        ),
+        ('version="v"\n[models.m]\ninput=1\noutput=1\nper_audio_second="100"\n', "whole number"),
+        ('version="v"\nservice_tiers={flex=0.5}\n[models.m]\ninput=1\noutput=1\n', "per-mille"),
+        (
+            'version="v"\nservice_tiers={flex=100001}\n[models.m]\ninput=1\noutput=1\n',
+            "between 0 and",
+        ),
+        ('version="v"\nservice_tiers=2\n[models.m]\ninput=1\noutput=1\n', "table of tier"),
+        ('version="v"\n[models.m]\ninput=1\noutput=1\nservice_tiers={flex=true}\n', "per-mille"),
+        ('version="v"\n[models.m]\ninput=1\noutput=1\nper_imag=5\n', "did you mean 'per_image'"),
+    ],
+)
+def test_bad_unit_prices_and_tiers_are_refused(text: str, words: str) -> None:
+    with pytest.raises(PriceTableError, match=words):
+        parse_table(text)

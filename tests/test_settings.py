@@ -28,7 +28,7 @@ DEFAULTS: dict[str, Any] = {name: default for name, _, default, _ in OPTIONS} | 
 def test_defaults_parse() -> None:
     s = parse_settings(DEFAULTS)
     assert s.nats_servers == ("nats://127.0.0.1:4222",)
-    assert s.paths == ("/v1/",)
+    assert s.paths == ("/v1/", "/v1beta/")
     assert s.admin_listen == ("127.0.0.1", 9464)
     assert s.spool_dir == Path("/tmp/spool")
     assert s.tune_mitmproxy is True

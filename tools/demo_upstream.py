@@ -1,6 +1,7 @@
 """A small local OpenAI- and Anthropic-compatible upstream for demos and end-to-end tests.
 
-Answers canned replies or replays recorded provider responses, streaming them in small chunks.
+Answers canned replies or replays recorded provider responses, streaming them in small chunks;
+images, audio, rerank, moderations, Gemini and Realtime answers live in demo_surface.py.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
+
+from tools import demo_surface
 
 # The canned answer. Completion tokens are its words, so a reader can check the usage by eye.
 CANNED_REPLY = "Hello from the edgemeter demo upstream. Every word of this reply is one token."
@@ -129,6 +132,10 @@ class DemoUpstream:
                 if request is None:
                     return
                 self.received.append(request)
+                if demo_surface.is_upgrade(request):
+                    # A Realtime WebSocket: the connection is the session's until it closes.
+                    await demo_surface.realtime(request, reader, writer)
+                    return
                 reply = self.answer(request)
                 chunk_size = reply.chunk_size or self.chunk_size
                 delay_ms = self.delay_ms if reply.delay_ms is None else reply.delay_ms
@@ -176,6 +183,11 @@ class DemoUpstream:
             _require_method(request, "GET")
             body = models_body() if path == "/v1/models" else status_body()
             return json_reply(status or 200, body)
+        if demo_surface.answers(path):
+            _require_method(request, "POST")
+            if status is not None and not 200 <= status < 300:
+                return error_reply(path, status, f"demo upstream: injected status {status}")
+            return replace(demo_surface.answer(request), status=status or 200)
         if path not in POST_ROUTES:
             raise BadRequest(404, f"demo upstream: no route for {path}")
         _require_method(request, "POST")

@@ -49,7 +49,7 @@ REASONS: Final = (
 ATTRIBUTION_REASONS: Final = frozenset({UNKNOWN_KEY, NO_CUSTOMER, NO_TENANT})
 
 Verdict = Literal["book", "skip", "redeliver"]
-Destination = Literal["billing", "reconciliation", "house", "free"]
+Destination = Literal["billing", "reconciliation", "house"]
 
 # The seed's struct (core/services/shared/events/nats.go), by JSON name: the Go kind of each
 # field. Go's `int` is 64 bits wide on the platforms the consumer runs on.
@@ -298,17 +298,15 @@ class Routed:
     reason: str = ""
 
 
-def route(envelope: dict[str, Any], *, house: House | None = None, free: bool = False) -> Routed:
+def route(envelope: dict[str, Any], *, house: House | None = None) -> Routed:
     """Billing when the consumer books the envelope as it is; else the house account, when one
     is set and all that is wrong is whom to bill (marked in metadata.house_account with the
     reason and the attribution it replaced); else reconciliation, marked with
-    metadata.unbillable_reason. A `free` call (its API costs nothing by nature) that amounts to
-    nothing goes nowhere: counted, never published."""
+    metadata.unbillable_reason. (A call free by nature, such as a moderation, never gets here:
+    the addon counts it `free` when it arrives and meters nothing.)"""
     reason = check(envelope)
     if not reason:
         return Routed(envelope, "billing")
-    if free and reason == ZERO_AMOUNT:
-        return Routed(envelope, "free", "free")
     meta = envelope["metadata"]
     if house is not None and reason in ATTRIBUTION_REASONS:
         booked = {

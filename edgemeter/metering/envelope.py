@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from edgemeter.metering.prices import Price
-from edgemeter.metering.usage import Usage, clean_name
+from edgemeter.metering.usage import DETAIL_KINDS, IMAGE_FACTS, UNIT_KINDS, Usage, clean_name
 
 SCHEMA = "edgemeter.usage/1"
 REASON_PREFIX = "usage:newapi:"
@@ -86,7 +86,7 @@ def build(facts: Facts, usage: Usage, price: Price) -> dict[str, Any]:
     caller has checked them already; an unfit one becomes "unknown" / ""), and usage_raw is
     bounded (`bounded_raw`)."""
     model = clean_name(facts.model) or UNKNOWN_MODEL
-    return {
+    envelope: dict[str, Any] = {
         "customer_id": facts.customer_id,
         "amount_omr": price.amount_micro / 1_000_000,
         "amount_micro_omr": price.amount_micro,
@@ -120,6 +120,24 @@ def build(facts: Facts, usage: Usage, price: Price) -> dict[str, Any]:
             "attribution": facts.attribution,
         },
     }
+    if usage.detail or usage.units or usage.service_tier:
+        _billed_dimensions(envelope["metadata"], usage)
+    return envelope
+
+
+def _billed_dimensions(metadata: dict[str, Any], usage: Usage) -> None:
+    """What the provider bills besides the token kinds, only where the answer reported it (an
+    answer that bills tokens alone gives the envelope it always gave): tokens by modality,
+    units, and a service tier other than the base one."""
+    if usage.detail:
+        metadata["tokens_detail"] = {k: usage.detail[k] for k in DETAIL_KINDS if k in usage.detail}
+    if usage.units:
+        metadata["units"] = {k: usage.units[k] for k in _UNIT_ORDER if k in usage.units}
+    if usage.service_tier:
+        metadata["service_tier"] = usage.service_tier
+
+
+_UNIT_ORDER = UNIT_KINDS + IMAGE_FACTS
 
 
 class _Absurd(Exception):

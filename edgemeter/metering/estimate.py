@@ -66,3 +66,13 @@ def _walk(obj: Any) -> tuple[int, int]:
             messages += 1 if "role" in item else 0
             stack.extend(value for key, value in item.items() if key not in _SKIP_KEYS)
     return chars, messages
+
+
+# Speech runs at about 150 words a minute, some 15 characters a second: the length of audio a
+# transcript of unknown origin came from, when the file's own length cannot be read.
+SPOKEN_CHARS_PER_SECOND = 15
+
+
+def speech_ms(transcript_chars: int) -> int:
+    """Milliseconds of speech behind a transcript of that many characters: at least a second."""
+    return max(1000, -(-transcript_chars * 1000 // SPOKEN_CHARS_PER_SECOND))

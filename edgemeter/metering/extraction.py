@@ -28,11 +28,14 @@ class Extraction:
         "error",
         "events",
         "final",
+        "hollow",
         "invalid",
         "merged",
         "model",
         "output_chars",
+        "service_tier",
         "shape",
+        "units",
         "upstream_id",
         "usage",
     )
@@ -55,6 +58,12 @@ class Extraction:
         self.output_chars = 0
         # A usage object reported in parts over a stream (Anthropic's two halves), merged.
         self.merged: dict[str, Any] = {}
+        # A usage object came that holds none of the shape's counts (`{"foo": 0}`): no report.
+        self.hollow = False
+        # What the answer bills outside its usage object (Responses' web_search_call items,
+        # an image count), and the service tier it names outside it ("" for a base tier).
+        self.units: dict[str, int | str] | None = None
+        self.service_tier = ""
         self._text = text_pattern(self.shape.text)
         self._event = self.shape.event
 
@@ -64,9 +73,10 @@ class Extraction:
 
     # -- whole bodies -------------------------------------------------------------------------
 
-    def body(self, content: bytes) -> None:
+    def body(self, content: bytes, content_type: str = "") -> None:
         obj = json_object(content)
         if obj is None:
+            self.shape.other_body(self, content, content_type)
             return
         self.shape.body(self, obj)
         if self.usage is None:
@@ -111,8 +121,25 @@ class Extraction:
             self.upstream_id = clean_name(obj.get("id"))
 
     def set_usage(self, usage: dict[str, Any]) -> None:
-        """The latest usage object; counts that are not counts mark the answer invalid."""
+        """The latest usage object; counts that are not counts mark the answer invalid, and one
+        with none of the shape's counts is no report (an earlier real one stays)."""
+        counts = self.shape.counts
+        # A few lookups of the shape's counts (the first is nearly always there), not a walk
+        # over the object's keys.
+        for key in counts:
+            if key in usage:
+                break
+        else:
+            if counts:
+                self.hollow = True
+                return
         try:
             self.usage = self.shape.normalize(usage)
         except InvalidUsage as e:
             self.invalid = str(e)
+
+    def add_units(self, **units: int | str) -> None:
+        """Units the answer bills outside its usage object (those > 0, and names)."""
+        found = {k: v for k, v in units.items() if v}
+        if found:
+            self.units = {**(self.units or {}), **found}

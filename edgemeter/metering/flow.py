@@ -20,6 +20,7 @@ from edgemeter.errors import (
     UnsupportedEncoding,
 )
 from edgemeter.metering import envelope, estimate
+from edgemeter.metering.apis.shape import Asked
 from edgemeter.metering.attribution import Source
 from edgemeter.metering.decoding import (
     Decoder,
@@ -32,7 +33,7 @@ from edgemeter.metering.extraction import Extraction
 from edgemeter.metering.prices import Price
 from edgemeter.metering.sse import DEFAULT_MAX_EVENT_BYTES, EventSplitter, SSEDecoder, SSEEvent
 from edgemeter.metering.stream_usage import strip_event
-from edgemeter.metering.usage import CountRule, Usage, clean_name, json_object
+from edgemeter.metering.usage import CountRule, Usage, clean_name
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,8 @@ class FlowMeter:
         "on_final",
         "request",
         "request_body",
+        "request_type",
+        "response_type",
         "shape",
         "splitter",
         "status_code",
@@ -109,6 +112,10 @@ class FlowMeter:
         self.extraction = Extraction(request.api)
         self.shape = self.extraction.shape
         self.request_body: bytes = b""
+        # Content-Types, kept for the shapes that read more than JSON (multipart uploads, text
+        # or audio answers): the request's only when the shape asks for it.
+        self.request_type = ""
+        self.response_type = ""
         self.status_code = 0
         self.stream = False
         self.first_byte_at: float | None = None
@@ -330,7 +337,8 @@ class FlowMeter:
         try:
             if len(raw) <= limit:
                 try:
-                    self.extraction.body(decode_body(raw, content_encoding, limit))
+                    decoded = decode_body(raw, content_encoding, limit)
+                    self.extraction.body(decoded, self.response_type)
                     return
                 except BodyTooLarge:
                     pass
@@ -345,7 +353,7 @@ class FlowMeter:
             # Like mitmproxy's get_content(strict=False): a body mislabelled as encoded is read
             # as it is.
             if len(raw) <= limit:
-                self.extraction.body(raw)
+                self.extraction.body(raw, self.response_type)
 
     # -- the end ------------------------------------------------------------------------------
 
@@ -370,20 +378,28 @@ class FlowMeter:
             return Result(None, "upstream_error_without_usage")
         if self.broken and usage is None and not reason:
             return Result(None, "unparsable_stream")
+        if usage is None and not self.shape.estimates:
+            # A route the meter has no shape for: billed when its answer reports usage (as the
+            # seed did), else nothing says it is billable.
+            return Result(None, "unknown_endpoint")
+        asked = Asked(self.request.path, self.request_body, self.request_type)
         if usage is None:
-            # Never silently free: what was asked and what was streamed, estimated.
-            usage, source = self._estimate(Usage()), "estimated"
+            # Never silently free: what was asked and what was streamed, estimated. A usage
+            # object without one count the shape defines is no report either.
+            usage, source = self._estimate(Usage(), asked), "estimated"
+            if ex.hollow:
+                reason = reason or "usage_without_counts"
         elif (aborted or self.stopped) and (
-            estimated := self._estimate(usage)
+            estimated := self._estimate(usage, asked)
         ).output_tokens > usage.output_tokens:
             # An Anthropic stream reports output_tokens=1 at its start; a client that hung up
             # (or a stream the meter stopped parsing) after 500 tokens has still consumed them.
             usage, source = estimated, "estimated"
         model = ex.model
         if model is None:
-            asked = requested_model(self.request_body)
-            model = clean_name(asked)
-            if model is None and asked:
+            wanted = self.shape.requested_model(asked)
+            model = clean_name(wanted)
+            if model is None and wanted:
                 reason = reason or "invalid_model"
         if ex.bad_model:
             reason = reason or "invalid_model"
@@ -396,7 +412,13 @@ class FlowMeter:
             try:
                 usage = self.shape.normalize(usage.raw, anthropic_counts=True)
             except InvalidUsage:
-                usage, source, reason = self._estimate(Usage()), "estimated", "invalid_usage"
+                usage, source, reason = self._estimate(Usage(), asked), "estimated", "invalid_usage"
+        try:
+            usage = self.shape.settle(ex, usage, asked, model, reported=source == "reported")
+        except InvalidUsage:
+            # A count outside the usage object that is no count (a duration, an image count):
+            # the answer's usage is not trusted either, as above.
+            usage, source, reason = self._estimate(Usage(), asked), "estimated", "invalid_usage"
         outcome: Outcome = "complete"
         if aborted:
             outcome = "client_aborted"
@@ -427,20 +449,10 @@ class FlowMeter:
         built = envelope.build(facts, usage, price_of(usage, facts.model))
         return Result(built, reason, envelope.encode(built))
 
-    def _estimate(self, reported: Usage) -> Usage:
+    def _estimate(self, reported: Usage, asked: Asked) -> Usage:
         """Reported counts kept; missing input from the request, output from the text seen."""
         output = max(reported.output_tokens, estimate.tokens(self.extraction.output_chars), 1)
         if not self.shape.produces_output:
             output = 0  # embeddings produce no tokens
-        inp = reported.input_tokens or estimate.request_tokens(self.request_body)
+        inp = reported.input_tokens or self.shape.estimate_input(asked)
         return replace(reported, input_tokens=inp, output_tokens=output)
-
-
-def requested_model(body: bytes) -> str:
-    """The `model` of a JSON request body as the client sent it, unchecked ("" if none);
-    parsed only when the response did not name one."""
-    if b'"model"' not in body:
-        return ""
-    obj = json_object(body)
-    model = obj.get("model") if obj is not None else None
-    return model if isinstance(model, str) else ""

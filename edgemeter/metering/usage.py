@@ -7,12 +7,37 @@ from __future__ import annotations
 import fnmatch
 import json
 from dataclasses import dataclass, field
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 from edgemeter.errors import InvalidUsage
 
 # The kinds of token an envelope counts (metadata.<kind>_tokens), priced each at its own rate.
 TOKEN_KINDS = ("input", "cached_input", "cache_write", "output", "reasoning")
+# Parts of those counts by modality (metadata.tokens_detail): providers price audio, image and
+# video tokens, and Anthropic's 1-hour cache writes, at rates of their own.
+DETAIL_KINDS = (
+    "input_text",
+    "input_audio",
+    "input_image",
+    "input_video",
+    "output_text",
+    "output_audio",
+    "output_image",
+    "cache_write_1h",
+)
+# The parts that are not what input/output/cache_write already price: tokens_detail is only
+# written when one of them is reported (> 0), so a text-only answer's envelope stays as it was.
+PRICED_DETAIL = frozenset(DETAIL_KINDS) - {"input_text", "output_text"}
+# What providers bill besides tokens (metadata.units), all integers: images made, milliseconds
+# of audio, characters spoken, rerank search units, web searches run.
+UNIT_KINDS = ("images", "audio_ms", "characters", "search_units", "web_search_calls")
+# Per-image models also bill by the image's size and quality (strings beside the counts).
+IMAGE_FACTS = ("image_size", "image_quality")
+# Service tiers every amount without metadata.service_tier means (the provider's list price).
+BASE_TIERS = frozenset({"default", "standard", "auto"})
+# A unit count past this is garbage, like a token count past MAX_TOKENS.
+MAX_UNITS = 2**40
 
 # A token count above this is not a count but garbage (or an attack on an invoice).
 MAX_TOKENS = 2**40
@@ -43,6 +68,12 @@ class Usage:
     output_tokens: int = 0
     reasoning_tokens: int = 0
     raw: dict[str, Any] = field(default_factory=dict)
+    # Parts by modality (DETAIL_KINDS, only those > 0); empty unless a PRICED_DETAIL is reported.
+    detail: dict[str, int] = field(default_factory=dict)
+    # UNIT_KINDS counts (> 0) and IMAGE_FACTS; empty when the answer bills tokens only.
+    units: dict[str, int | str] = field(default_factory=dict)
+    # The service tier the answer names, "" for a base tier (BASE_TIERS) or none.
+    service_tier: str = ""
 
     @property
     def tokens_used(self) -> int:
@@ -86,6 +117,71 @@ def count(obj: Any, *path: str) -> int:
     if obj is None:
         return 0
     return token_count(obj, ".".join(path))
+
+
+def detail(**counts: int) -> dict[str, int]:
+    """tokens_detail from counts by kind: the kinds > 0, or {} when none of them is a
+    PRICED_DETAIL (text alone is what input and output tokens already say)."""
+    found = {kind: n for kind, n in counts.items() if n > 0}
+    return found if not PRICED_DETAIL.isdisjoint(found) else {}
+
+
+def modalities(obj: Any, side: str) -> dict[str, int]:
+    """`<side>_text|audio|image|video` counts of an OpenAI-style details object
+    (`text_tokens`, `audio_tokens`, `image_tokens`, `video_tokens`); {} when not an object."""
+    if not isinstance(obj, dict):
+        return {}
+    return {f"{side}_{kind}": count(obj, f"{kind}_tokens") for kind in _MODALITIES}
+
+
+_MODALITIES = ("text", "audio", "image", "video")
+
+
+def split(inp: Any, out: Any) -> dict[str, int]:
+    """tokens_detail from OpenAI-style input and output details objects. Nearly every answer
+    reports no audio, image or video (or zeros): that is told by three lookups a side, and
+    costs the old shapes nothing more (a full split measured 8 µs on the bench machine)."""
+    # Any value but an absent or zero one takes the full path, which also checks it is a count.
+    if not (
+        (
+            type(inp) is dict
+            and (inp.get("audio_tokens") or inp.get("image_tokens") or inp.get("video_tokens"))
+        )
+        or (
+            type(out) is dict
+            and (out.get("audio_tokens") or out.get("image_tokens") or out.get("video_tokens"))
+        )
+    ):
+        return {}
+    return detail(**modalities(inp, "input"), **modalities(out, "output"))
+
+
+def unit_count(value: object, name: str) -> int:
+    """A unit count (images, search units, web searches): a whole number like token_count."""
+    n = token_count(value, name)
+    if n > MAX_UNITS:
+        raise InvalidUsage(f"{name} is out of range")
+    return n
+
+
+def seconds_ms(value: object, name: str = "seconds") -> int:
+    """Seconds of audio (a number, fractions allowed) as whole milliseconds, rounded half up."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidUsage(f"{name} is not a number")
+    if value != value or not 0 <= value <= MAX_UNITS / 1000:  # NaN, negatives, infinities
+        raise InvalidUsage(f"{name} is out of range")
+    if isinstance(value, int):
+        return value * 1000
+    # Exact for the decimal a provider wrote: 7.0005 s is 7001 ms, never 7000 by binary error.
+    return int((Decimal(repr(value)) * 1000).to_integral_value(ROUND_HALF_UP))
+
+
+def tier(value: object) -> str:
+    """The service tier an answer names, "" for a base tier or anything not a short name."""
+    if type(value) is str and value in BASE_TIERS:  # nearly every answer: one lookup
+        return ""
+    name = clean_name(value, 64)
+    return "" if name is None or name.lower() in BASE_TIERS else name
 
 
 def bounded(usage: Usage) -> Usage:

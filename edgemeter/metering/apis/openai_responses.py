@@ -1,19 +1,29 @@
-"""OpenAI Responses API (`/responses`): input_tokens with cached inside, output with reasoning
-inside; streams end in response.completed, response.incomplete or response.failed.
+"""OpenAI Responses API (`/responses`, `/responses/compact`): input_tokens with cached inside,
+output with reasoning inside; streams end in response.completed, response.incomplete or failed.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from edgemeter.metering.apis.openai_chat import read_tier
 from edgemeter.metering.apis.shape import Shape
-from edgemeter.metering.usage import Usage, as_dict, as_str, bounded, count, json_object
+from edgemeter.metering.usage import (
+    Usage,
+    as_dict,
+    as_str,
+    bounded,
+    count,
+    json_object,
+    split,
+)
 
 if TYPE_CHECKING:
     from edgemeter.metering.extraction import Extraction
 
 # The events that end a Responses API stream.
 FINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+RESPONSES_COUNTS = frozenset({"input_tokens", "output_tokens", "total_tokens"})
 
 
 def normalize_responses(usage: dict[str, Any]) -> Usage:
@@ -21,7 +31,8 @@ def normalize_responses(usage: dict[str, Any]) -> Usage:
     inp = count(usage, "input_tokens")
     out = count(usage, "output_tokens")
     total = count(usage, "total_tokens")
-    cached = count(usage, "input_tokens_details", "cached_tokens")
+    details = usage.get("input_tokens_details")
+    cached = count(details, "cached_tokens")
     output = max(out, total - inp)
     return bounded(
         Usage(
@@ -30,22 +41,40 @@ def normalize_responses(usage: dict[str, Any]) -> Usage:
             output_tokens=output,
             reasoning_tokens=min(count(usage, "output_tokens_details", "reasoning_tokens"), output),
             raw=usage,
+            detail=split(details, usage.get("output_tokens_details")),
         )
     )
 
 
+def web_searches(ex: Extraction, response: dict[str, Any]) -> None:
+    """Web searches the response ran: one `web_search_call` output item each (billed per call;
+    its usage object does not count them)."""
+    output = response.get("output")
+    if type(output) is list:
+        calls = 0
+        for item in output:
+            if type(item) is dict and item.get("type") == "web_search_call":
+                calls += 1
+        if calls:
+            ex.add_units(web_search_calls=calls)
+
+
 class OpenAIResponses(Shape):
     api = "openai.responses"
-    suffixes = ("/responses",)
+    suffixes = ("/responses", "/responses/compact")
     text = "responses"
+    counts = RESPONSES_COUNTS
 
     def normalize(self, usage: dict[str, Any], *, anthropic_counts: bool = False) -> Usage:
         return normalize_responses(usage)
 
     def body(self, ex: Extraction, obj: dict[str, Any]) -> None:
         # A stored response fetched whole, or a gateway's wrapper: the response inside counts.
-        response = as_dict(obj.get("response"))
-        super().body(ex, response if response else obj)
+        response = as_dict(obj.get("response")) or obj
+        super().body(ex, response)
+        if response.get("usage"):
+            read_tier(ex, response)
+            web_searches(ex, response)
 
     def event(self, ex: Extraction, data: bytes, event: str) -> None:
         if ex.events > 1 and not (b'"usage"' in data or b'"error"' in data or b"failed" in data):
@@ -59,6 +88,8 @@ class OpenAIResponses(Shape):
             ex.identity(response)
             if (usage := as_dict(response.get("usage"))) is not None:
                 ex.set_usage(usage)
+                read_tier(ex, response)
+                web_searches(ex, response)
         if kind in ("error", "response.failed"):
             ex.error = kind
         if kind in FINAL_EVENTS:

@@ -4,12 +4,24 @@ and how it reads a whole body and each SSE event into an `Extraction` (extractio
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from edgemeter.metering import estimate
 from edgemeter.metering.usage import Usage, as_dict, json_object
 
 if TYPE_CHECKING:
     from edgemeter.metering.extraction import Extraction
+
+
+@dataclass(frozen=True, slots=True)
+class Asked:
+    """What the request said, for the shapes that bill on it: its path (query included), its
+    body (decoded, at most meter_max_body_mb; b"" when larger) and its Content-Type."""
+
+    path: str
+    body: bytes
+    content_type: str = ""
 
 
 class Shape:
@@ -30,8 +42,19 @@ class Shape:
     openai_counts: bool = False
     """Its usage is OpenAI's prompt/completion object: meter_anthropic_counts may apply."""
     free: bool = False
-    """Its calls cost nothing by nature (as moderations do): one that amounts to nothing is
-    counted (`free`) and never published, instead of going to reconciliation."""
+    """Its calls cost nothing by nature (moderations): requests are counted `free` and not
+    metered; an envelope of such a shape is never published (contract.route), the backstop."""
+    websocket: bool = False
+    """Served over a WebSocket (Realtime): billed per event by the addon's websocket hooks."""
+    estimates: bool = True
+    """An answer without usage is billed by estimate; False (generic): it is not billed at all
+    (counted `unknown_endpoint`), since nothing says the route is billable."""
+    asks: bool = False
+    """Bills on what the request said beyond its JSON (multipart uploads): the addon keeps the
+    request's Content-Type for `settle`."""
+    counts: frozenset[str] = frozenset()
+    """The usage object's keys that are counts: one with none of them (`{"foo": 0}`) is no
+    report, and the answer is estimated (empty: any object counts)."""
 
     def normalize(self, usage: dict[str, Any], *, anthropic_counts: bool = False) -> Usage:
         raise NotImplementedError
@@ -43,6 +66,10 @@ class Shape:
             ex.error = "error"
         if (usage := as_dict(obj.get("usage"))) is not None:
             ex.set_usage(usage)
+
+    def other_body(self, ex: Extraction, content: bytes, content_type: str) -> None:
+        """A whole answer that is not a JSON object (a JSON array, text, audio): ignored by the
+        shapes whose answers are JSON objects."""
 
     def event(self, ex: Extraction, data: bytes, event: str) -> None:
         """One SSE event by its data and `event:` name (ex.events counts it already). Called
@@ -64,8 +91,42 @@ class Shape:
         if (usage := as_dict(obj.get("usage"))) is not None:
             ex.set_usage(usage)
 
+    def requested_model(self, asked: Asked) -> str:
+        """The model the request names, unchecked ("" if none): the JSON body's `model`, else
+        the one in a legacy `/engines/{model}/...` path."""
+        model = requested_model(asked.body)
+        if not model and "/engines/" in asked.path:
+            model = asked.path.split("/engines/", 1)[1].split("/", 1)[0]
+        return model
+
+    def estimate_input(self, asked: Asked) -> int:
+        """Input tokens of a request whose answer reported none: its text, four characters a
+        token (estimate.request_tokens)."""
+        return estimate.request_tokens(asked.body)
+
+    def settle(
+        self, ex: Extraction, usage: Usage, asked: Asked, model: str, *, reported: bool
+    ) -> Usage:
+        """The usage to bill, once the answer is read and the model known: what the answer said
+        outside its usage object (web searches, a service tier) added. Shapes that bill on the
+        request (images, audio) add its facts here; `reported` is False for an estimate."""
+        if ex.units is None and not ex.service_tier:
+            return usage
+        units = {**usage.units, **ex.units} if ex.units else usage.units
+        return replace(usage, units=units, service_tier=usage.service_tier or ex.service_tier)
+
 
 def may_carry_usage(data: bytes) -> bool:
     # OpenAI include_usage streams put "usage":null in every chunk: only an object counts.
     # An unescaped quote only occurs as JSON structure, so text content never matches.
     return b'"usage":{' in data or b'"usage": {' in data
+
+
+def requested_model(body: bytes) -> str:
+    """The `model` of a JSON request body as the client sent it, unchecked ("" if none);
+    parsed only when the response did not name one."""
+    if b'"model"' not in body:
+        return ""
+    obj = json_object(body)
+    model = obj.get("model") if obj is not None else None
+    return model if isinstance(model, str) else ""
