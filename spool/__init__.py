@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from spool.deadletter import DeadLetter, DeadLetters
 from spool.errors import PublishError, SpoolError, SpoolFullError, describe
+from spool.lock import SpoolLock
 from spool.publisher import NatsConfig, Publisher, PublisherStats, redact_url
 from spool.store import MAX_VALUE_SIZE, Spool
 
@@ -20,6 +21,7 @@ __all__ = [
     "Spool",
     "SpoolError",
     "SpoolFullError",
+    "SpoolLock",
     "describe",
     "redact_url",
 ]
