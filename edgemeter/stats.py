@@ -107,6 +107,8 @@ class Snapshot:
     keymap: bool = False
     dead_letters_shown: str | None = None
     dead_lettered: int = 0
+    # Envelopes published from spools nobody else published (edgemeter.adoption).
+    adopted: int = 0
 
 
 def status_text(s: Snapshot) -> str:
