@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from edgemeter.adoption import own_spool_dir, spool_dirs
+from edgemeter.adoption import Adopter, own_spool_dir, spool_dirs
 from edgemeter.ids import uuid7
+from spool.publisher import NatsConfig
 from spool.store import Spool
 from tests.conftest import Group
 from tools.demo_upstream import BackgroundDemo
@@ -114,6 +115,32 @@ def test_a_single_meter_drains_the_spools_its_workers_left(
     wait_published(broker.url, left)
     assert {key: tap.published[key] for key in left} == dict.fromkeys(left, 1)
     assert empty(root / "worker-0") and empty(root / "worker-1")
+
+
+async def test_meters_that_look_at_once_publish_a_spool_nobody_publishes_once(
+    broker: NatsServer, tmp_path: Path
+) -> None:
+    root = tmp_path / "spool"
+    left = await asyncio.to_thread(left_behind, root / "worker-5", 1500)
+    tap = NatsTap(broker.port)
+    await tap.start()
+    config = NatsConfig(servers=(tap.url,), subject="catalyst.usage.recorded")
+    # Three meters of one group, each looking at the others' spools at the same instant.
+    adopters = [Adopter(root, own_spool_dir(root, i), config) for i in range(3)]
+    try:
+        for adopter in adopters:
+            adopter.start()
+        deadline = time.monotonic() + 60
+        while sum(a.published for a in adopters) < len(left) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+    finally:
+        for adopter in adopters:
+            await adopter.stop()
+        await tap.stop()
+    assert sum(a.published for a in adopters) == len(left)
+    assert sorted(a.published for a in adopters)[:2] == [0, 0]  # one of them took it
+    assert {key: tap.published[key] for key in left} == dict.fromkeys(left, 1)
+    assert await asyncio.to_thread(empty, root / "worker-5")
 
 
 def test_the_spools_of_a_group_are_found_under_its_root(tmp_path: Path) -> None:
