@@ -116,8 +116,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=30)
     parser.add_argument("--busy-ms", type=float, default=2.0)
     args = parser.parse_args(argv)
-    print(f"{args.workers} workers, bursts of {args.clients} connections, {args.trials} trials, "
-          f"{args.busy_ms:g} ms of CPU per connection taken; load {os.getloadavg()[0]:.2f}")
+    print(
+        f"{args.workers} workers, bursts of {args.clients} connections, {args.trials} trials, "
+        f"{args.busy_ms:g} ms of CPU per connection taken; load {os.getloadavg()[0]:.2f}"
+    )
     print("| way | busiest worker's share, mean | worst |")
     print("|---|---:|---:|")
     for way in WAYS:
