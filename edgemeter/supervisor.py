@@ -383,17 +383,24 @@ class Supervisor:
         """Keep worker `slot` running until the group stops."""
         backoff = _BACKOFF_FIRST_S
         while not self.stopping:
-            await self._start(slot)
-            assert slot.process is not None
-            code = await slot.process.wait()
-            slot.retire()
+            try:
+                await self._start(slot)
+            except OSError as e:  # no process now (out of memory or pids): try again later
+                slot.process, slot.last_exit = None, f"start failed: {e}"
+                slot.started_at = time.monotonic()
+                logger.error(f"worker {slot.index} cannot start: {e}")
+            else:
+                assert slot.process is not None
+                code = await slot.process.wait()
+                slot.retire()
+                slot.last_exit = _exit_text(code)
             if self.stopping:
                 return
-            slot.last_exit = _exit_text(code)
+            pid = f"pid {slot.process.pid}" if slot.process is not None else "no process"
             if not self.started and not slot.ever_up:
                 logger.error(
-                    f"worker {slot.index} ({slot.process.pid}) failed to start "
-                    f"({slot.last_exit}): stopping the group"
+                    f"worker {slot.index} ({pid}) failed to start ({slot.last_exit}): "
+                    "stopping the group"
                 )
                 self.exit_code = 1
                 self.stop()
@@ -401,7 +408,7 @@ class Supervisor:
             if time.monotonic() - slot.started_at >= _STABLE_S:
                 backoff = _BACKOFF_FIRST_S
             logger.warning(
-                f"worker {slot.index} (pid {slot.process.pid}) exited ({slot.last_exit}); "
+                f"worker {slot.index} ({pid}) exited ({slot.last_exit}); "
                 f"starting it again in {backoff:g}s"
             )
             with contextlib.suppress(TimeoutError):
