@@ -1,5 +1,6 @@
-"""Chaos harness for SPEC §5 (delivery): real brokers, a real mitmdump meter and a tagged client
-load under injected faults, then a count of envelopes per request on the stream.
+"""Chaos harness for SPEC §5 (delivery): real brokers, a real mitmdump meter (or a group of lean
+runners, `edgemeter serve --workers 2`) and a tagged client load under injected faults, then a
+count of envelopes per request on the stream.
 
 Run it with `scripts/chaos` (or `python -m tools.chaos --help`). For each scenario it starts a
 fresh nats-server (or a three-node cluster), the meter in front of the demo upstream, and drives
