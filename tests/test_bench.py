@@ -156,6 +156,8 @@ def test_workers_scale_round_by_round_and_project_from_one_workers_cpu() -> None
     assert summary["worker_cpu_us_per_request"] == pytest.approx(1000.0)
     assert summary["projected_rps"]["8"] == pytest.approx(8000.0)
     assert summary["median"]["workers-2"]["worker_shares"] == pytest.approx([0.5, 0.5])
+    # A worker's CPU per request beside another against alone, round by round: 1.0, 1.9, 1.0.
+    assert summary["per_core"]["workers-2"] == pytest.approx(1.0)
     [budget] = budgets({"workers": summary})
     assert (budget["limit"], budget["met"]) == (1.6, True)
 

@@ -1398,11 +1398,24 @@ def workers_summary(raw: dict[str, list[dict[str, Any]]], concurrency: int) -> d
     projected = {
         str(cores): cores * 1e6 / per_request if per_request else None for cores in PROJECTED_CORES
     }
+    # What a worker pays per request for sharing the machine with the others, round by round:
+    # less noisy than throughput when other work takes cores away from the group.
+    alone = [r["worker_cpu_us_per_request"] for r in raw[base]]
+    per_core = {
+        name: _median(
+            [
+                a / r["worker_cpu_us_per_request"] if a and r["worker_cpu_us_per_request"] else None
+                for a, r in zip(alone, raw[name], strict=True)
+            ]
+        )
+        for name in names[1:]
+    }
     return {
         "concurrency": concurrency,
         "raw": raw,
         "median": medians,
         "scaling": scaling,
+        "per_core": per_core,
         "worker_cpu_us_per_request": per_request,
         "projected_rps": projected,
         "projected_from": names[-1],
@@ -1771,6 +1784,15 @@ def report(results: dict[str, Any]) -> str:
         projected = ", ".join(
             f"{cores} cores {_fmt(rps, 0)}/s" for cores, rps in w["projected_rps"].items()
         )
+        for name, efficiency in w.get("per_core", {}).items():
+            count = int(name.removeprefix("workers-"))
+            lines += [
+                "",
+                f"With {count} workers one worker served {_fmt(efficiency, 2)} x the requests per "
+                f"second of CPU that one worker alone did (median of the rounds' ratios): "
+                f"{count} cores of their own would serve {_fmt((efficiency or 0) * count, 2)} x "
+                "one core's throughput.",
+            ]
         lines += [
             "",
             f"Projected (one worker per core, {_fmt(w['worker_cpu_us_per_request'], 0)} µs of "
