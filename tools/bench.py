@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -463,6 +464,19 @@ def cpu_seconds(pid: int) -> float:
     """utime + stime of a process, all its threads included (/proc/<pid>/stat)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds every core of the machine has spent busy since boot (/proc/stat): whose
+    work it was, the bench does not know, so its own processes are subtracted from it."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / _CLK_TCK
+
+
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def rss_mib(pid: int) -> float:
@@ -1088,7 +1102,8 @@ class Bench:
                 raw[name].append(figures)
                 self.log(
                     f"round {r + 1}/{cfg.rounds} workers {name:>10}: {_brief(figures)} "
-                    f"cores {figures['cores_busy']:.2f}"
+                    f"cores {figures['cores_busy']:.2f}, helpers {figures['helper_cores']:.2f}, "
+                    f"other work {figures['other_cores']:.2f}"
                 )
             self.stop(names)
         self.results["workers"] = workers_summary(raw, sc.concurrency)
@@ -1101,12 +1116,19 @@ class Bench:
     def _measure_group(self, name: str, sc: Scenario) -> dict[str, Any]:
         proc = self.procs[name]
         pids = [proc.pid, *child_pids(proc.pid)]
-        before = {pid: cpu_seconds(pid) for pid in pids}
+        # What serves the group: the upstream, the broker, the load generator (wrk is a child
+        # waited for: its CPU lands in RUSAGE_CHILDREN; the Python one runs in this process).
+        helpers = [self.procs["upstream"].pid, self._nats.process.pid]
+        before = {pid: cpu_seconds(pid) for pid in pids + helpers}
+        load0, machine0 = _children_cpu_seconds() + time.process_time(), machine_busy_seconds()
         started = time.time()
         figures = self.load(proc.port, sc, self.config.workers_duration_s)
         elapsed = time.time() - started
+        machine = machine_busy_seconds() - machine0
+        load = _children_cpu_seconds() + time.process_time() - load0
         proc.check_alive()
-        cpu = {pid: cpu_seconds(pid) - before[pid] for pid in pids}
+        cpu = {pid: cpu_seconds(pid) - before[pid] for pid in pids + helpers}
+        helping = sum(cpu.pop(pid) for pid in helpers) + load
         requests = figures["requests"]
         workers = [cpu[pid] for pid in pids[1:]] or [cpu[proc.pid]]
         figures.update(
@@ -1119,6 +1141,12 @@ class Bench:
             # did: the cost of one core's worth of metered requests.
             worker_cpu_us_per_request=sum(workers) / requests * 1e6 if requests else None,
             cores_busy=sum(cpu.values()) / elapsed if elapsed else 0.0,
+            # The rest of the machine meanwhile: the group's helpers, and work not ours (the
+            # noise: cores the group could not have).
+            helper_cores=helping / elapsed if elapsed else 0.0,
+            other_cores=max(machine - sum(cpu.values()) - helping, 0.0) / elapsed
+            if elapsed
+            else 0.0,
             rss_mib=sum(rss_mib(pid) for pid in pids),
             window=(started, started + elapsed),
         )
@@ -1373,6 +1401,8 @@ def workers_summary(raw: dict[str, list[dict[str, Any]]], concurrency: int) -> d
     for name, runs in raw.items():
         medians[name] = _medians(runs) | {
             "cores_busy": _median([r["cores_busy"] for r in runs]),
+            "helper_cores": _median([r.get("helper_cores") for r in runs]),
+            "other_cores": _median([r.get("other_cores") for r in runs]),
             "worker_cpu_us_per_request": _median([r["worker_cpu_us_per_request"] for r in runs]),
             "supervisor_cpu_s": _median([r["supervisor_cpu_s"] for r in runs]),
             # How evenly the workers shared the work: each one's share of the workers' CPU.
@@ -1766,11 +1796,13 @@ def report(results: dict[str, Any]) -> str:
             f"`edgemeter serve --workers N` at {w['concurrency']} clients, medians of {n} "
             "round(s) in alternating order, fresh processes each round; CPU of every process "
             "of the group (supervisor and workers), per request; cores busy: that CPU over "
-            "the seconds measured:",
+            "the seconds measured; helpers: the upstream, the broker and the load generator; "
+            "other work: the rest of the machine's busy cores meanwhile (not ours):",
             "",
             "| workers | req/s | p50 ms | p99 ms | CPU µs/request | one worker's CPU µs/request "
-            "| supervisor CPU s | cores busy | workers' shares of the CPU | throughput vs 1 |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+            "| supervisor CPU s | cores busy | helpers, cores | other work, cores "
+            "| workers' shares of the CPU | throughput vs 1 |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
         ]
         for name, m in w["median"].items():
             shares = " / ".join(f"{share:.0%}" for share in m["worker_shares"])
@@ -1778,7 +1810,8 @@ def report(results: dict[str, Any]) -> str:
                 f"| {name.removeprefix('workers-')} | {_fmt(m['rps'])} | {_fmt(m['p50_ms'], 2)} "
                 f"| {_fmt(m['p99_ms'], 2)} | {_fmt(m['cpu_us_per_request'], 0)} "
                 f"| {_fmt(m['worker_cpu_us_per_request'], 0)} | {_fmt(m['supervisor_cpu_s'], 3)} "
-                f"| {_fmt(m['cores_busy'], 2)} | {shares or '-'} "
+                f"| {_fmt(m['cores_busy'], 2)} | {_fmt(m['helper_cores'], 2)} "
+                f"| {_fmt(m['other_cores'], 2)} | {shares or '-'} "
                 f"| {_fmt(w['scaling'].get(name, 1.0), 2)} |"
             )
         projected = ", ".join(
