@@ -22,7 +22,9 @@ import pytest
 
 from edgemeter.aggregate import Families
 from edgemeter.errors import WorkersError
-from edgemeter.supervisor import bind_tcp, take_workers
+from edgemeter.options import OPTIONS
+from edgemeter.settings import parse_settings
+from edgemeter.supervisor import Plan, Supervisor, bind_tcp, take_workers
 from spool.lock import SpoolLock
 from spool.store import Spool
 from tests.conftest import Group
@@ -317,3 +319,54 @@ def test_every_interface_is_one_port_for_ipv4_and_ipv6() -> None:
     finally:
         for sock in socks:
             sock.close()
+
+
+def supervisor_of(*slots: dict[str, Any], began_s_ago: float = 120.0) -> Supervisor:
+    """A supervisor whose workers said what `slots` say (no process started)."""
+    settings = parse_settings({o.name: o.default for o in OPTIONS})
+    admins = [socket.create_server(("127.0.0.1", 0)) for _ in slots]
+    supervisor = Supervisor(len(slots), [], Plan((), None, None, settings), {}, None, admins)
+    supervisor._began = time.monotonic() - began_s_ago
+    for slot, said in zip(supervisor.slots, slots, strict=True):
+        slot.admin.close()
+        for name, value in said.items():
+            setattr(slot, name, time.monotonic() - value if name == "answered_at" else value)
+    return supervisor
+
+
+UP = {"answered_at": 1.0, "up": True, "ready": True, "ever_up": True}
+
+
+@pytest.mark.parametrize(
+    ("slots", "status", "says"),
+    [
+        ([UP, UP], 200, "ok\n"),
+        # A worker that hangs, or keeps failing to start, for longer than a minute.
+        ([UP, UP | {"answered_at": 61.0, "up": False}], 503, "worker 1 has not answered for 61s"),
+        ([UP, {"last_exit": "signal SIGKILL", "restarts": 1}], 503, "worker 1 has not answered"),
+    ],
+)
+def test_the_group_is_alive_while_every_worker_answers_within_a_minute(
+    slots: list[dict[str, Any]], status: int, says: str
+) -> None:
+    code, _, body = supervisor_of(*slots).health()
+    assert (code, body.decode().count("\nworker ")) == (status, 2)
+    assert says in body.decode()
+
+
+@pytest.mark.parametrize(
+    ("slots", "status", "says"),
+    [
+        ([UP, UP], 200, "ready\n"),
+        # Restarting: the others take its connections.
+        ([UP, {"last_exit": "signal SIGKILL"}], 200, "worker 1 (no process): restarting after"),
+        ([UP, UP | {"ready": False, "reasons": "spool is full"}], 503, "worker 1: spool is full"),
+        ([{}, {}], 503, "no worker is serving yet"),
+    ],
+)
+def test_the_group_is_ready_while_every_serving_worker_is(
+    slots: list[dict[str, Any]], status: int, says: str
+) -> None:
+    code, _, body = supervisor_of(*slots).readiness()
+    assert code == status
+    assert says in body.decode()
