@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import socket
 import sys
 import time
 from collections.abc import Awaitable
@@ -19,6 +20,7 @@ from mitmproxy.version import VERSION
 
 from edgemeter import hookcache
 from edgemeter.admin import AdminServer, Thresholds, bind
+from edgemeter.adoption import Adopter, own_spool_dir
 from edgemeter.errors import DecodeError, MeterError, SettingsError
 from edgemeter.ids import uuid7, uuid7_ms
 from edgemeter.metering import apis, cloudevents
@@ -46,6 +48,7 @@ from edgemeter.stats import Snapshot, Stats, status_text
 from edgemeter.webview import UsageContentview, not_billed, record
 from spool.deadletter import DeadLetters
 from spool.errors import SpoolError, SpoolFullError
+from spool.lock import SpoolLock
 from spool.publisher import Publisher, check_creds_file
 from spool.routing import Route, pack
 from spool.store import Spool
@@ -77,7 +80,14 @@ _SHUTTING_DOWN_BODY = (
 
 
 class Meter:
-    def __init__(self) -> None:
+    def __init__(
+        self, worker: int | None = None, admin_socket: socket.socket | None = None
+    ) -> None:
+        # Worker `worker` of `edgemeter serve --workers N` (edgemeter.supervisor): its spool is
+        # meter_spool_dir/worker-<worker>, and its admin endpoint listens on `admin_socket`, the
+        # supervisor's private listener for it (meter_admin_listen is the supervisor's).
+        self.worker = worker
+        self.admin_socket = admin_socket
         self.settings: Settings | None = None
         # The request headers requestheaders reads, picked in one pass over the fields
         # (mitmproxy's Headers lower-cases every field on every lookup).
@@ -86,6 +96,8 @@ class Meter:
         # Next to the spool; created only when the broker first refuses an envelope for good.
         self.dead_letters: DeadLetters | None = None
         self.publisher: Publisher | None = None
+        # Publishes the spools of other meters under meter_spool_dir that nobody publishes.
+        self.adopter: Adopter | None = None
         self.prices = PriceBook(None)
         # The key map of meter_attribution=keymap.
         self.keys: KeyBook | None = None
@@ -189,6 +201,8 @@ class Meter:
 
     def _rebind_admin(self, settings: Settings) -> None:
         """Serve the admin endpoint where settings say; OptionsError if it cannot listen there."""
+        if self.admin_socket is not None:
+            return  # a worker's is its supervisor's listener for it (serve_admin)
         sock = None
         if settings.admin_listen is not None:
             try:
@@ -204,8 +218,9 @@ class Meter:
             self._keep(self.admin.start())
 
     def _open_spool(self, settings: Settings) -> None:
+        directory = own_spool_dir(settings.spool_dir, self.worker)
         spool = Spool(
-            settings.spool_dir,
+            directory,
             sync_full=settings.spool_sync == "full",
             max_bytes=settings.spool_max_bytes,
         )
@@ -218,13 +233,19 @@ class Meter:
         if self.dead_letters is not None:
             self.dead_letters.close()
         self.spool = spool
-        self.dead_letters = DeadLetters.of(settings.spool_dir)
+        self.dead_letters = DeadLetters.of(directory)
 
     def running(self) -> None:
         self.is_running = True
         self._start_publisher()
-        assert self.settings is not None
+        assert self.settings is not None and self.spool is not None
+        self.adopter = Adopter(
+            self.settings.spool_dir, self.spool.directory, nats_config(self.settings)
+        )
+        self.adopter.start()
         self._tune(self.settings.tune_mitmproxy)
+        if self.admin_socket is not None:
+            return  # a worker's: its runner serves it once startup is through (serve_admin)
         # Bound here, not in configure: mitmproxy configures a script with the default options
         # before its --set values, and the default port may belong to someone else.
         try:
@@ -232,6 +253,16 @@ class Meter:
         except exceptions.OptionsError as e:
             # An ERROR before startup has finished makes mitmdump exit, with this message.
             logger.error(f"cannot start the admin endpoint: {e}")
+
+    def serve_admin(self) -> None:
+        """A worker's admin endpoint, on its supervisor's listener: the supervisor takes its
+        first answer as "this worker started", so its runner calls this only once mitmproxy's
+        startup is through without an error."""
+        if self.admin_socket is not None and self.admin is None and self.is_running:
+            self.admin = AdminServer(
+                self.admin_socket, self._snapshot, self._thresholds, self.stats.histograms
+            )
+            self._keep(self.admin.start())
 
     def _tune(self, on: bool) -> None:
         """Tune mitmproxy as the lean runner is tuned, or undo it. Only a stock addon manager
@@ -261,13 +292,22 @@ class Meter:
 
     def _start_publisher(self) -> None:
         assert self.settings is not None and self.spool is not None
-        self.publisher = Publisher(self.spool, nats_config(self.settings), self.dead_letters)
+        self.publisher = Publisher(
+            self.spool,
+            nats_config(self.settings),
+            self.dead_letters,
+            # Taken in the background: a predecessor (a reloaded script, a meter still running
+            # on this spool) publishes until it lets go; never both at once.
+            lock=SpoolLock(self.spool.directory),
+        )
         self.publisher.on_ack = self.stats.histograms.publish.observe
         self.publisher.start()
 
     def _restart_publisher(self) -> None:
         old = self.publisher
         self._start_publisher()
+        if self.adopter is not None and self.settings is not None:
+            self.adopter.config = nats_config(self.settings)  # from its next round on
         if old is not None:
             self._keep(old.stop(drain_timeout=0))
 
@@ -455,6 +495,9 @@ class Meter:
         publisher, spool, dead = self.publisher, self.spool, self.dead_letters
         # self.spool stays until the open requests are billed.
         self.publisher = self.dead_letters = None
+        if self.adopter is not None:
+            # What it adopts stays for the next look of a meter that runs (kept: its count).
+            self._keep(self.adopter.stop())
         # Stopped last: probes keep getting answers during the final drain.
         admin, self.admin = self.admin, None
         if publisher is None:
@@ -775,6 +818,7 @@ class Meter:
             house_customer=self.settings.house.customer_id
             if self.settings and self.settings.house
             else "",
+            adopted=self.adopter.published if self.adopter is not None else 0,
         )
 
     def _last_unbillable(self) -> tuple[str, str, str, float] | None:

@@ -10,7 +10,7 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Literal
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -26,6 +26,17 @@ logger = logging.getLogger(__name__)
 
 _MAX_REQUEST_LINE: Final = 4096
 _READ_TIMEOUT_S: Final = 5.0
+
+
+# How the admin endpoint of `edgemeter serve --workers N` combines a gauge over its workers
+# (edgemeter.aggregate): summed, the right rule for a quantity each worker holds (envelopes,
+# bytes, dead letters), unless it is named here. Counters and histograms are always summed.
+GROUP_GAUGES: Final[dict[str, Literal["min", "max"]]] = {
+    "edgemeter_spool_writable": "min",  # 1 only if every worker's spool takes envelopes
+    "edgemeter_broker_connected": "min",  # 1 only if every worker is connected
+    "edgemeter_stream_missing": "max",  # 1 if any worker finds no stream
+    "edgemeter_spool_oldest_age_seconds": "max",  # the oldest envelope of all
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +175,12 @@ class _SnapshotCollector(Collector):
         for kind, n in sorted(s.publish_errors.items()):
             publishes.add_metric(("error", kind), n)
         yield publishes
+        yield CounterMetricFamily(
+            "edgemeter_adopted_envelopes",
+            "Envelopes published from spools under meter_spool_dir that no running meter "
+            "published (a worker that is gone, a single meter replaced by workers or back).",
+            value=s.adopted,
+        )
         yield GaugeMetricFamily(
             "edgemeter_broker_connected", "1 while connected to NATS.", s.broker_connected
         )
@@ -279,20 +296,11 @@ def bind(host: str, port: int) -> socket.socket:
 Response = tuple[int, str, bytes]
 
 
-class AdminServer:
-    """A tiny HTTP/1.1 server: GET only, one request per connection."""
+class Endpoint:
+    """A tiny HTTP/1.1 server: GET only, one request per connection; `respond` answers."""
 
-    def __init__(
-        self,
-        sock: socket.socket,
-        snapshot: Callable[[], Awaitable[Snapshot]],
-        thresholds: Callable[[], Thresholds],
-        histograms: Histograms,
-    ) -> None:
+    def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.snapshot = snapshot
-        self.thresholds = thresholds
-        self.histograms = histograms
         self._server: asyncio.Server | None = None
 
     @property
@@ -315,25 +323,7 @@ class AdminServer:
             await server.wait_closed()
 
     async def respond(self, method: str, path: str) -> Response:
-        path = path.split("?", 1)[0]
-        if method not in ("GET", "HEAD"):
-            return 405, "text/plain; charset=utf-8", b"only GET\n"
-        if path == "/healthz":
-            return 200, "text/plain; charset=utf-8", b"ok\n"
-        if path == "/readyz":
-            reasons = readiness(await self.snapshot(), self.thresholds())
-            if reasons:
-                body = "not ready: " + "; ".join(reasons) + "\n"
-                return 503, "text/plain; charset=utf-8", body.encode()
-            return 200, "text/plain; charset=utf-8", b"ready\n"
-        if path == "/metrics":
-            # Rendered in a thread: with many models it takes milliseconds, which the proxy's
-            # loop would otherwise spend not serving (the snapshot is a copy; the two
-            # prometheus-client histograms lock themselves).
-            snapshot = await self.snapshot()
-            text = await asyncio.to_thread(render_metrics, snapshot, self.histograms)
-            return 200, CONTENT_TYPE_LATEST, text
-        return 404, "text/plain; charset=utf-8", b"not found: try /healthz, /readyz, /metrics\n"
+        raise NotImplementedError
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -365,6 +355,43 @@ class AdminServer:
                 await writer.wait_closed()
 
 
+class AdminServer(Endpoint):
+    """The meter's admin endpoint."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        snapshot: Callable[[], Awaitable[Snapshot]],
+        thresholds: Callable[[], Thresholds],
+        histograms: Histograms,
+    ) -> None:
+        super().__init__(sock)
+        self.snapshot = snapshot
+        self.thresholds = thresholds
+        self.histograms = histograms
+
+    async def respond(self, method: str, path: str) -> Response:
+        path = path.split("?", 1)[0]
+        if method not in ("GET", "HEAD"):
+            return 405, "text/plain; charset=utf-8", b"only GET\n"
+        if path == "/healthz":
+            return 200, "text/plain; charset=utf-8", b"ok\n"
+        if path == "/readyz":
+            reasons = readiness(await self.snapshot(), self.thresholds())
+            if reasons:
+                body = "not ready: " + "; ".join(reasons) + "\n"
+                return 503, "text/plain; charset=utf-8", body.encode()
+            return 200, "text/plain; charset=utf-8", b"ready\n"
+        if path == "/metrics":
+            # Rendered in a thread: with many models it takes milliseconds, which the proxy's
+            # loop would otherwise spend not serving (the snapshot is a copy; the two
+            # prometheus-client histograms lock themselves).
+            snapshot = await self.snapshot()
+            text = await asyncio.to_thread(render_metrics, snapshot, self.histograms)
+            return 200, CONTENT_TYPE_LATEST, text
+        return 404, "text/plain; charset=utf-8", b"not found: try /healthz, /readyz, /metrics\n"
+
+
 _REASONS: Final = {
     200: "OK",
     400: "Bad Request",
@@ -375,8 +402,10 @@ _REASONS: Final = {
 
 
 __all__ = [
+    "GROUP_GAUGES",
     "AdminError",
     "AdminServer",
+    "Endpoint",
     "Histograms",
     "Snapshot",
     "Thresholds",

@@ -33,6 +33,8 @@ from edgemeter.settings import parse_listen, parse_settings
 METER_PREFIX = VARIABLE_PREFIX
 PROXY_PREFIX = "MITMPROXY_"
 RUNNER_VARIABLE = "EDGEMETER_RUNNER"
+# `edgemeter serve --workers N`: N lean runners behind one port (EDGEMETER_RUNNER=serve only).
+WORKERS_VARIABLE = "EDGEMETER_WORKERS"
 ADMIN_VARIABLE = "EDGEMETER_ADMIN_LISTEN"
 # mitmweb is the same proxy with a web UI to debug in; serve the lean runner (edgemeter.serve).
 # Each gets the meter by import (edgemeter.serve), never from a script file.
@@ -241,7 +243,7 @@ def settings_table(
     table: dict[str, Setting] = {}
 
     def add(setting: Setting) -> None:
-        if setting.variable in table or setting.variable == RUNNER_VARIABLE:
+        if setting.variable in table or setting.variable in (RUNNER_VARIABLE, WORKERS_VARIABLE):
             raise ContainerError("two settings share a variable", variable=setting.variable)
         table[setting.variable] = setting
 
@@ -263,6 +265,24 @@ def parse_runner(env: Mapping[str, str]) -> str:
             f"must be one of {', '.join(RUNNERS)}", variable=RUNNER_VARIABLE, value=runner
         )
     return runner
+
+
+def parse_workers(env: Mapping[str, str], runner: str) -> list[str]:
+    """The runner's arguments for EDGEMETER_WORKERS: `--workers N` for more than one."""
+    text = env.get(WORKERS_VARIABLE, "").strip()
+    if not text:
+        return []
+    if not text.isdigit() or int(text) < 1:
+        raise ContainerError("not a positive integer", variable=WORKERS_VARIABLE, value=text)
+    if int(text) == 1:
+        return []
+    if runner != "serve":
+        raise ContainerError(
+            f"workers run the lean runner only: set {RUNNER_VARIABLE}=serve",
+            variable=WORKERS_VARIABLE,
+            value=text,
+        )
+    return ["--workers", str(int(text))]
 
 
 def proxy_options(runner: str) -> dict[str, ProxyOption]:
@@ -441,7 +461,7 @@ def _plan(go: GoVariables, table: Mapping[str, Setting], extra: Sequence[str]) -
         for name in sorted(env)
         if name.startswith((METER_PREFIX, PROXY_PREFIX))
         and name not in table
-        and name != RUNNER_VARIABLE
+        and name not in (RUNNER_VARIABLE, WORKERS_VARIABLE)
     ]
     return Plan(args + list(extra), list(given), ignored, go)
 
@@ -470,6 +490,9 @@ def env_table(meter_options: Iterable[Option]) -> str:
     rows = ["| variable | option | type | default |", "|---|---|---|---|"]
     for variable, option, template in _PROXY_SETTINGS:
         rows.append(f"| `{variable}` | `{option}` (`{template.format('VALUE')}`) | | |")
+    rows.append(
+        f"| `{WORKERS_VARIABLE}` | `edgemeter serve --workers` (`serve` runner) | int | `1` |"
+    )
     for meter in meter_options:
         shown = f"`{meter.default}`" if meter.default != "" else '`""`'
         rows.append(f"| `{meter.variable}` | `{meter.name}` | {kind_of(meter.type)} | {shown} |")
@@ -500,6 +523,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         runner = parse_runner(env)
+        workers = parse_workers(env, runner)
         table = settings_table(OPTIONS, proxy_options(runner))
         run = plan(env, table, extra)
     except ContainerError as e:
@@ -517,7 +541,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"warning: SPOOL_DIR {spool_dir} holds {left} envelopes the Go sidecar spooled and "
             "never published; the meter does not read them: publish them (docs/MIGRATION.md)"
         )
-    _say(f"{runner} with the meter, set from the environment: {', '.join(run.given) or 'nothing'}")
+    group = f" ({workers[1]} workers)" if workers else ""
+    given = ", ".join(run.given) or "nothing"
+    _say(f"{runner}{group} with the meter, set from the environment: {given}")
     sys.stdout.flush()
     # The arguments travel in the environment, not on the command line: /proc/<pid>/cmdline is
     # readable by every process that can see this one, the environment only by its own user,
@@ -526,7 +552,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.execve(
         sys.executable,
         [sys.executable, "-m", "edgemeter.container"],
-        dict(env) | {HANDOFF_VARIABLE: json.dumps([runner, *run.args])},
+        dict(env) | {HANDOFF_VARIABLE: json.dumps([runner, *workers, *run.args])},
     )
 
 

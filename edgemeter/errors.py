@@ -13,6 +13,7 @@
     │   ├── DecompressionLimit     decoded output outgrew its ratio: a compression bomb
     │   └── BodyTooLarge           decoded past the size it may be parsed at
     ├── AdminError             the admin endpoint cannot listen where it was asked to
+    ├── WorkersError           `edgemeter serve --workers N` cannot start its group
     └── BrokerError            (edgemeter CLI) no broker, or no stream takes the subject
 
 The spool and publisher below the meter have their own family (`spool.errors.SpoolError`), with
@@ -79,6 +80,10 @@ class BodyTooLarge(DecodeError):
 
 class AdminError(MeterError):
     """The admin endpoint cannot listen where it was asked to."""
+
+
+class WorkersError(MeterError):
+    """`edgemeter serve --workers N` cannot start its group (options, a port, a directory)."""
 
 
 class BrokerError(MeterError):

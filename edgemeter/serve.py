@@ -38,10 +38,12 @@ from mitmproxy.tools import main as mitmproxy_main
 
 from edgemeter import hookcache
 from edgemeter.addon import Meter
+from edgemeter.errors import MeterError
 
 logger = logging.getLogger(__name__)
 
 NO_METER = "--no-meter"
+WORKERS_FLAG = "--workers"
 
 
 def lean_addons() -> list[Any]:
@@ -75,7 +77,10 @@ class LeanMaster(master.Master):
         self.addons.add(self._termlog_addon)
         self.addons.add(*lean_addons())
         if self.with_meter:
-            self.addons.add(Meter())
+            self.addons.add(self.make_meter())
+
+    def make_meter(self) -> Meter:
+        return Meter()
 
     async def running(self) -> None:
         await super().running()
@@ -101,15 +106,42 @@ def make_parser(opts: options.Options) -> argparse.ArgumentParser:
         description="The meter on mitmproxy's proxy core without mitmdump's other addons. "
         "Flags and --set options are mitmdump's; " + NO_METER + " runs the core alone.",
     )
+    # Taken out of the arguments before they are parsed (main); here for --help.
+    parser.add_argument(
+        WORKERS_FLAG,
+        metavar="N",
+        type=int,
+        default=1,
+        help="serve with N worker processes (one core each) behind one listening socket, each "
+        "with its own spool under meter_spool_dir, and one admin endpoint for the group "
+        "(default 1: this process alone)",
+    )
     # common_options skips the flags of options that no loaded addon declares.
     cmdline.common_options(parser, opts)
     return parser
 
 
+# Flags that print something and exit: one process answers them, whatever --workers says.
+_ANSWERED_ALONE = frozenset({"-h", "--help", "--version", "--options", "--commands"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run until SIGTERM/SIGINT; the meter's final drain runs in its `done` hook, as under
-    mitmdump. Returns the exit code (startup errors exit 1 from inside mitmproxy)."""
+    mitmdump. Returns the exit code (startup errors exit 1 from inside mitmproxy). With
+    `--workers N` (N > 1) this process supervises N workers instead (edgemeter.supervisor)."""
     args = list(sys.argv[1:] if argv is None else argv)
+    from edgemeter.supervisor import take_workers
+
+    try:
+        workers, args = take_workers(args)
+    except MeterError as e:
+        raise SystemExit(f"edgemeter serve: {e}") from None
+    if workers > 1 and not _ANSWERED_ALONE & set(args):
+        if NO_METER in args:
+            raise SystemExit(f"edgemeter serve: {NO_METER} runs the proxy core in one process")
+        from edgemeter.supervisor import supervise
+
+        return supervise(workers, args)
     master_cls: type[LeanMaster] = LeanMaster
     if NO_METER in args:
         args.remove(NO_METER)

@@ -313,6 +313,8 @@ class Snapshot:
     last_unbillable: tuple[str, str, str, float] | None = None
     unbillable_subject: str = ""
     house_customer: str = ""
+    # Envelopes published from spools nobody else published (edgemeter.adoption).
+    adopted: int = 0
 
 
 def status_text(s: Snapshot, *, one_line: bool = False) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from spool.deadletter import DeadLetter, DeadLetters
 from spool.errors import PublishError, RouteError, SpoolError, SpoolFullError, describe
+from spool.lock import SpoolLock
 from spool.publisher import NatsConfig, Publisher, PublisherStats, redact_url
 from spool.routing import Route, pack, unpack
 from spool.store import MAX_VALUE_SIZE, Spool
@@ -24,6 +25,7 @@ __all__ = [
     "Spool",
     "SpoolError",
     "SpoolFullError",
+    "SpoolLock",
     "describe",
     "pack",
     "redact_url",

@@ -28,6 +28,7 @@ from nats.aio.msg import Msg
 # A server URL without its user-info, safe to log (one implementation for options and logs).
 from spool.deadletter import DeadLetters
 from spool.errors import PublishError, RouteError, SpoolError, describe
+from spool.lock import SpoolLock
 from spool.routing import ROUTED, unpack
 from spool.store import Spool
 
@@ -57,6 +58,8 @@ _CONNECT_TIMEOUT_S: Final = 2
 # many, they are dropped and read back from the spool instead (a broker outage must not grow
 # the process without bound; the spool has them all).
 _FRESH_MAX: Final = 4 * _PAGE_SIZE
+# How often a publisher whose spool another process publishes tries the spool's lock again.
+_LOCK_RETRY_S: Final = 1.0
 
 
 def redact_url(url: str) -> str:
@@ -233,7 +236,11 @@ class Publisher:
     """Publishes spooled envelopes to JetStream in a background task."""
 
     def __init__(
-        self, spool: Spool, config: NatsConfig, dead_letters: DeadLetters | None = None
+        self,
+        spool: Spool,
+        config: NatsConfig,
+        dead_letters: DeadLetters | None = None,
+        lock: SpoolLock | None = None,
     ) -> None:
         if not config.servers:
             raise PublishError("no NATS server configured")
@@ -244,6 +251,10 @@ class Publisher:
         self.spool = spool
         self.config = config
         self.dead_letters = dead_letters
+        # The right to publish the spool (spool.lock): nothing is published, dead-lettered or
+        # deleted before it is held, and stop() lets it go. None: publish without it.
+        self.lock = lock
+        self._lock_waiting = False
         self._dead_settled = dead_letters is None
         self.stats = PublisherStats()
         # Called with the seconds from publish to ack of each acked envelope (metrics).
@@ -351,7 +362,10 @@ class Publisher:
                 await asyncio.wait_for(nc.close(), max(deadline - time.monotonic(), 0.5))
         self.stats.set_connected(False)
         self.spool.unlisten(self._committed)
-        return await asyncio.to_thread(len, self.spool)
+        left = await asyncio.to_thread(len, self.spool)
+        if self.lock is not None:
+            self.lock.release()
+        return left
 
     # -- hooks ------------------------------------------------------------------------------
 
@@ -436,6 +450,8 @@ class Publisher:
         """Connect and pump until cancelled or, when final, until nothing publishable is left."""
         while True:
             try:
+                if not await self._hold_lock(final=final):
+                    return
                 if not self._dead_settled:
                     await self._settle_dead_letters()
                 if final and await self._nothing_to_publish():
@@ -451,6 +467,29 @@ class Publisher:
                 self._warn("internal", f"publisher error: {describe(exc)}")
                 log.debug("publisher error", exc_info=True)
             await asyncio.sleep(self._backoff.next())
+
+    async def _hold_lock(self, *, final: bool) -> bool:
+        """Return once this publisher holds the spool's lock; when final, False at once if
+        another process holds it (what is spooled stays there for it)."""
+        lock = self.lock
+        if lock is None or lock.held:
+            return True
+        while not lock.acquire_nowait():
+            if final:
+                return False
+            if not self._lock_waiting:
+                self._lock_waiting = True
+                holder = lock.holder()
+                log.warning(
+                    "the spool %s is published by %s; this publisher starts when it lets go",
+                    self.spool.directory,
+                    f"process {holder}" if holder else "another publisher",
+                )
+            await asyncio.sleep(_LOCK_RETRY_S)
+        if self._lock_waiting:
+            self._lock_waiting = False
+            log.info("publishing the spool %s now", self.spool.directory)
+        return True
 
     async def _settle_dead_letters(self) -> None:
         """Before the first publish: drop spool copies of envelopes already dead-lettered (a

@@ -3,14 +3,19 @@ the demo upstream and real mitmdump meters."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import sys
+import threading
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from mitmproxy.test import taddons
 
 from edgemeter.addon import Meter
+from edgemeter.aggregate import Families, parse
 from spool.deadletter import DeadLetters
 from spool.publisher import NatsConfig, Publisher
 from spool.store import Spool
@@ -18,8 +23,12 @@ from tools.demo_upstream import BackgroundDemo, DemoUpstream
 from tools.harness import (
     LIVE_PROXIES,
     ROOT,
+    GroupAdmin,
     MeterFactory,
+    MeterProxy,
     NatsServer,
+    NatsTap,
+    free_port,
 )
 
 SHARED = Path(os.environ.get("EDGEMETER_SHARED", ROOT.parent / "shared"))
@@ -106,6 +115,71 @@ def module_nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nat
         yield server
     finally:
         server.stop()
+
+
+@dataclass
+class Group:
+    """A real `edgemeter serve --workers N` and its admin endpoint."""
+
+    proxy: MeterProxy
+    admin: GroupAdmin
+
+    def metrics(self, worker: int | None = None) -> Families:
+        """The group's /metrics, or one worker's own."""
+        status, text = self.admin.get("/metrics" if worker is None else f"/metrics?worker={worker}")
+        assert status == 200, text
+        return parse(text)
+
+
+@pytest.fixture
+def groups(tmp_path: Path, mitmproxy_confdir: Path) -> Iterator[Callable[..., Group]]:
+    """Start groups of lean runners: `groups(upstream, nats_url, *options, workers=2)` returns
+    once every worker serves; each is stopped after the test."""
+    factory = MeterFactory(
+        tmp_path / "groups", mitmproxy_confdir, [sys.executable, "-m", "edgemeter.serve"], "group"
+    )
+
+    def start(upstream: str, nats_url: str, *options: str, workers: int = 2) -> Group:
+        admin = GroupAdmin(free_port())
+        proxy = factory.start(
+            upstream,
+            nats_url,
+            f"meter_admin_listen=127.0.0.1:{admin.port}",
+            *options,
+            extra=["--workers", str(workers)],
+        )
+        admin.wait_serving(workers)
+        return Group(proxy, admin)
+
+    try:
+        yield start
+    finally:
+        factory.stop_all()
+
+
+@pytest.fixture
+def tap_of() -> Iterator[Callable[[NatsServer], NatsTap]]:
+    """Taps in front of nats-servers (harness.NatsTap: publishes counted per Nats-Msg-Id on the
+    wire), served by an event loop of their own in a thread, for tests that are not async."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="taps", daemon=True)
+    thread.start()
+    taps: list[NatsTap] = []
+
+    def tap(server: NatsServer) -> NatsTap:
+        made = NatsTap(server.port)
+        asyncio.run_coroutine_threadsafe(made.start(), loop).result(10)
+        taps.append(made)
+        return made
+
+    try:
+        yield tap
+    finally:
+        for made in taps:
+            asyncio.run_coroutine_threadsafe(made.stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
 
 
 @pytest.fixture

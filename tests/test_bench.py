@@ -25,6 +25,7 @@ from tools.bench import (
     parse_args,
     python_load,
     stream_events,
+    workers_summary,
 )
 from tools.harness import ROOT
 
@@ -120,6 +121,47 @@ def test_a_budget_is_met_only_by_a_measured_figure_on_its_side_of_the_limit(
     assert Budget("b", measured, limit, higher_is_better).met is met
 
 
+def group_run(rps: float, workers: list[float], supervisor: float = 0.0) -> dict[str, Any]:
+    cpu = sum(workers) + supervisor
+    requests = rps * 5
+    return {
+        "rps": rps,
+        "requests": requests,
+        "errors": 0,
+        "non2xx": 0,
+        "tool": "wrk",
+        "p50_ms": 1.0,
+        "p99_ms": 2.0,
+        "cores_busy": cpu / 5,
+        "cpu_us_per_request": cpu / requests * 1e6,
+        "worker_cpu_us_per_request": sum(workers) / requests * 1e6,
+        "worker_cpu_s": workers,
+        "supervisor_cpu_s": supervisor,
+    }
+
+
+def test_workers_scale_round_by_round_and_project_from_one_workers_cpu() -> None:
+    raw = {
+        "workers-1": [group_run(1000, [5.0]), group_run(500, [5.0]), group_run(1000, [5.0])],
+        # The second round ran while the machine was slow for both: its ratio still counts.
+        "workers-2": [
+            group_run(1800, [4.5, 4.5]),
+            group_run(850, [2.5, 2.0], 0.01),
+            group_run(1700, [4.0, 4.5]),
+        ],
+    }
+    summary = workers_summary(raw, 64)
+    assert summary["scaling"]["workers-2"] == pytest.approx(1.7)  # 1.8, 1.7, 1.7
+    # 9 s of worker CPU for 9,000 requests: 1,000 µs each, so a core serves 1,000 a second.
+    assert summary["worker_cpu_us_per_request"] == pytest.approx(1000.0)
+    assert summary["projected_rps"]["8"] == pytest.approx(8000.0)
+    assert summary["median"]["workers-2"]["worker_shares"] == pytest.approx([0.5, 0.5])
+    # A worker's CPU per request beside another against alone, round by round: 1.0, 1.9, 1.0.
+    assert summary["per_core"]["workers-2"] == pytest.approx(1.0)
+    [budget] = budgets({"workers": summary})
+    assert (budget["limit"], budget["met"]) == (1.6, True)
+
+
 def test_budgets_leave_out_phases_that_did_not_run() -> None:
     found = budgets({"drain": {"per_s": 12_000.0}})
     assert [(b["name"], b["met"]) for b in found] == [("spool drain", True)]
@@ -153,6 +195,12 @@ def test_a_smoke_run_of_every_phase_produces_every_figure(tmp_path: Path) -> Non
     assert results["soak"]["envelopes_on_stream"] >= results["soak"]["ok"] > 0
     assert results["health"]["lean"]["meter_cpu"]["n"] > 0
     assert {"meter", "lean"} <= set(results["memory"])
+    workers = results["workers"]["median"]
+    assert set(workers) == {"workers-1", "workers-2"}
+    assert all(w["requests"] > 0 and w["errors"] == 0 for w in workers.values())
+    assert len(workers["workers-2"]["worker_shares"]) == 2  # each worker's CPU read apart
+    assert all(rps and rps > 0 for rps in results["workers"]["projected_rps"].values())
+    assert any("--workers 2 throughput" in b["name"] for b in results["budgets"])
     assert results["budgets"] and all(isinstance(b["met"], bool) for b in results["budgets"])
     assert "log_errors" not in results, results.get("log_errors")
     assert "| budget |" in done.stdout
@@ -170,9 +218,13 @@ def test_a_smoke_run_of_every_phase_produces_every_figure(tmp_path: Path) -> Non
 @pytest.mark.parametrize(
     ("argv", "concurrencies", "phases"),
     [
-        ([], (1, 16, 64), ("rounds", "drain", "memory", "health", "soak")),
+        ([], (1, 16, 64), ("rounds", "workers", "drain", "memory", "health", "soak")),
         (["--concurrencies", "16", "--phases", "rounds"], (16,), ("rounds",)),
-        (["--concurrencies", "1, 64"], (1, 64), ("rounds", "drain", "memory", "health", "soak")),
+        (
+            ["--concurrencies", "1, 64"],
+            (1, 64),
+            ("rounds", "workers", "drain", "memory", "health", "soak"),
+        ),
     ],
 )
 def test_a_short_run_can_pick_its_concurrencies_and_phases(

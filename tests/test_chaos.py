@@ -301,6 +301,16 @@ def test_scenario_loses_and_duplicates_nothing(scenario: str, tmp_path: Path) ->
     assert outcome.exercised, details(outcome)
 
 
+def test_killing_one_worker_at_a_time_loses_and_duplicates_nothing(tmp_path: Path) -> None:
+    config = Config(requests=200, concurrency=16, kills=2)  # each of the 2 workers once
+    [outcome] = asyncio.run(chaos.run(["worker-kill"], config, tmp_path))
+    assert outcome.lost == [], details(outcome)
+    assert outcome.duplicated == [], details(outcome)
+    assert outcome.completed >= config.requests
+    assert outcome.left_spooled == 0
+    assert outcome.exercised, details(outcome)
+
+
 # --- shutdown with a stream longer than the grace period -------------------------------------
 
 

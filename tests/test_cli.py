@@ -1335,6 +1335,39 @@ def test_drain_leaves_a_running_meters_spool_alone_unless_forced_and_takes_a_dea
     assert spool_contents(meter.spool_dir) == {}
 
 
+def test_drain_leaves_a_spool_another_process_publishes_alone(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, stream: Stream
+) -> None:
+    directory = tmp_path / "spool"
+    keys = filled_spool(directory, 4)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(directory)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        code, _, err = run(capsys, "drain", "--spool-dir", str(directory), *stream.flags())
+        assert code == EXIT_FAILED
+        assert f"process {holder.pid} publishes this spool now" in err
+        assert sorted(spool_contents(directory)) == keys
+    finally:
+        holder.kill()
+        holder.wait()
+    code, _, err = run(capsys, "drain", "--spool-dir", str(directory), *stream.flags())
+    assert code == EXIT_OK, err
+    assert spool_contents(directory) == {}
+
+
+# A publisher of a spool in another process: it holds the spool's lock, not its database.
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from spool.lock import SpoolLock
+lock = SpoolLock(Path(sys.argv[1]))
+print("held" if lock.acquire_nowait() else "refused", flush=True)
+time.sleep(60)
+"""
+
+
 # -- serve ------------------------------------------------------------------------------------
 
 

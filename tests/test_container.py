@@ -48,7 +48,7 @@ from edgemeter.options import OPTIONS, Option, variable_of
 from tests import dockerfile
 from tests.conftest import SHARED
 from tools.demo_upstream import BackgroundDemo
-from tools.harness import ROOT, NatsServer, free_port
+from tools.harness import ROOT, GroupAdmin, NatsServer, child_pids, free_port, worker_states
 from tools.streams import ensure_stream, stream_messages
 
 UPSTREAM = "http://127.0.0.1:3000"
@@ -856,8 +856,9 @@ def _wait_envelope(url: str, customer: str, timeout: float = 30) -> tuple[dict[s
 
 
 @pytest.mark.timeout(900)
+@pytest.mark.parametrize("workers", [1, 2], ids=["alone", "two-workers"])
 def test_image_meters_a_request_configured_by_environment_variables_alone(
-    image: ImageTree, demo_upstream: BackgroundDemo, tmp_path: Path
+    image: ImageTree, demo_upstream: BackgroundDemo, tmp_path: Path, workers: int
 ) -> None:
     token = secrets.token_hex(16)
     broker = NatsServer(store_dir=tmp_path / "jetstream", extra_args=["--auth", token])
@@ -865,7 +866,7 @@ def test_image_meters_a_request_configured_by_environment_variables_alone(
     try:
         reader_url = f"nats://{token}@127.0.0.1:{broker.port}"
         asyncio.run(ensure_stream(reader_url, STREAM, ("catalyst.>",)))
-        _run_the_image(image, demo_upstream, broker, token, reader_url, tmp_path)
+        _run_the_image(image, demo_upstream, broker, token, reader_url, tmp_path, workers)
     finally:
         broker.stop()
 
@@ -877,6 +878,7 @@ def _run_the_image(
     token: str,
     reader_url: str,
     tmp_path: Path,
+    workers: int = 1,
 ) -> None:
     port, admin_port = free_port(), free_port()
     # The image's own ENV plus what a deployment sets; free ports on loopback for a shared
@@ -890,6 +892,8 @@ def _run_the_image(
         "EDGEMETER_ADMIN_LISTEN": f"127.0.0.1:{admin_port}",
         "HOME": str(image.root / "nonexistent"),
     }
+    if workers > 1:  # the lean runner's workers behind one port, each with its own spool
+        env |= {"EDGEMETER_RUNNER": "serve", "EDGEMETER_WORKERS": str(workers)}
     isolated = _can_isolate()
     prefix = as_the_image_runs(image) if isolated else []
     print(f"\nas user {image.user} on a read-only root filesystem: {isolated}")
@@ -905,6 +909,8 @@ def _run_the_image(
         )
     try:
         _wait_listening(proc, port, log, timeout=60)
+        if workers > 1:
+            GroupAdmin(admin_port).wait_serving(workers)
         customer = f"cus_image_{secrets.token_hex(4)}"
         client = openai.OpenAI(
             base_url=f"http://127.0.0.1:{port}/v1",
@@ -927,6 +933,8 @@ def _run_the_image(
         assert health.returncode == 0, health.stdout + health.stderr
         with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/readyz", timeout=5) as ready:
             assert ready.status == 200
+            assert len(worker_states(ready.read().decode())) == (workers if workers > 1 else 0)
+        assert len(child_pids(proc.pid)) == (workers if workers > 1 else 0)
 
         # The process started is the one serving: the entrypoint exec'd the proxy (no parent
         # in between to swallow SIGTERM), and the token is nowhere on its command line.
@@ -945,7 +953,8 @@ def _run_the_image(
     assert token not in text
     assert "set from the environment" in text and "EDGEMETER_NATS_TOKEN" in text
     spool, confdir = (Path(env[name]) for name in ("EDGEMETER_SPOOL_DIR", "MITMPROXY_CONFDIR"))
-    assert (spool / "cache.db").is_file()
+    spools = [spool / f"worker-{i}" for i in range(workers)] if workers > 1 else [spool]
+    assert all((s / "cache.db").is_file() for s in spools)
     assert (confdir / "mitmproxy-ca.pem").is_file()
     if isolated:
         made = spool.stat()
@@ -1104,3 +1113,62 @@ def test_image_meters_a_request_with_the_go_sidecars_variables_alone(
     assert (spool_volume / "mitmproxy" / "mitmproxy-ca.pem").is_file()
     text = log.read_text()
     assert "the Go sidecar's variables are read" in text
+
+
+@pytest.mark.parametrize(
+    ("env", "args"),
+    [
+        ({}, []),
+        ({"EDGEMETER_WORKERS": ""}, []),
+        ({"EDGEMETER_WORKERS": "1"}, []),
+        ({"EDGEMETER_WORKERS": "4", "EDGEMETER_RUNNER": "serve"}, ["--workers", "4"]),
+        ({"EDGEMETER_WORKERS": " 2 ", "EDGEMETER_RUNNER": "serve"}, ["--workers", "2"]),
+    ],
+)
+def test_workers_become_the_lean_runners_workers_flag(env: dict[str, str], args: list[str]) -> None:
+    assert container.parse_workers(env, container.parse_runner(env)) == args
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"EDGEMETER_WORKERS": "0", "EDGEMETER_RUNNER": "serve"}, "positive integer"),
+        ({"EDGEMETER_WORKERS": "two", "EDGEMETER_RUNNER": "serve"}, "positive integer"),
+        ({"EDGEMETER_WORKERS": "2"}, "EDGEMETER_RUNNER=serve"),
+        ({"EDGEMETER_WORKERS": "2", "EDGEMETER_RUNNER": "mitmweb"}, "EDGEMETER_RUNNER=serve"),
+    ],
+)
+def test_workers_that_cannot_run_are_refused_naming_the_variable(
+    env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ContainerError, match=message) as caught:
+        container.parse_workers(env, container.parse_runner(env))
+    assert caught.value.fields["variable"] == "EDGEMETER_WORKERS"
+
+
+def test_the_workers_variable_is_a_setting_not_an_unknown_one(table: dict[str, Setting]) -> None:
+    env = {"EDGEMETER_UPSTREAM": UPSTREAM, "EDGEMETER_WORKERS": "2"}
+    assert plan(env, table).ignored == []
+    assert "| `EDGEMETER_WORKERS` |" in container.env_table(OPTIONS)
+
+
+def test_the_entrypoint_hands_the_workers_to_the_lean_runner(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    env = {
+        "EDGEMETER_UPSTREAM": UPSTREAM,
+        "EDGEMETER_RUNNER": "serve",
+        "EDGEMETER_WORKERS": "3",
+    }
+    monkeypatch.setattr(os, "environ", env)
+    execs: list[dict[str, str]] = []
+
+    def execve(path: str, argv: list[str], environ: dict[str, str]) -> None:
+        execs.append(environ)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(os, "execve", execve)
+    with pytest.raises(SystemExit):
+        container.main([])
+    runner, *args = json.loads(execs[0][container.HANDOFF_VARIABLE])
+    assert (runner, args[:2]) == ("serve", ["--workers", "3"])

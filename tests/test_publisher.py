@@ -17,7 +17,7 @@ from nats.aio.msg import Msg
 from nats.js.api import StorageType, StreamConfig
 
 from edgemeter.ids import uuid7
-from spool import NatsConfig, Publisher, Spool
+from spool import NatsConfig, Publisher, Spool, SpoolLock
 from spool.publisher import _FRESH_MAX, _LINGER_ENOUGH, _Attempt
 from spool.store import Scanned
 from tools.harness import NatsServer
@@ -205,6 +205,30 @@ async def test_stop_drains_what_is_left_before_returning(
     publisher = make_publisher(nats_server.url)
     keys = await spool_keys(spool, 300)
     assert await publisher.stop(drain_timeout=5.0) == 0  # never started: connects to drain
+    assert await msg_ids(nats_server.url) == keys
+
+
+async def test_a_spool_another_publisher_holds_is_published_only_once_it_lets_go(
+    nats_server: NatsServer, spool: Spool
+) -> None:
+    await ensure_stream(nats_server.url)
+    keys = await spool_keys(spool, 40)
+    config = NatsConfig(servers=(nats_server.url,), subject=SUBJECT)
+    other = SpoolLock(spool.directory)
+    assert other.acquire_nowait()
+    waiting = Publisher(spool, config, lock=SpoolLock(spool.directory))
+    waiting.start()
+    # Its final drain finds the spool held: nothing is published, everything stays.
+    assert await waiting.stop(drain_timeout=5.0) == 40
+    assert await msg_ids(nats_server.url) == []
+    other.release()
+    mine = SpoolLock(spool.directory)
+    publisher = Publisher(spool, config, lock=mine)
+    publisher.start()
+    await wait_until(lambda: len(spool) == 0)
+    assert mine.held
+    assert await publisher.stop(drain_timeout=1.0) == 0
+    assert not mine.held  # stop lets it go
     assert await msg_ids(nats_server.url) == keys
 
 

@@ -22,7 +22,15 @@ from edgemeter.hookcache import HookCache
 from edgemeter.serve import LeanMaster
 from spool.store import Spool
 from tools.demo_upstream import BackgroundDemo
-from tools.harness import ROOT, MeterFactory, MeterProxy, NatsServer, free_port
+from tools.harness import (
+    ROOT,
+    GroupAdmin,
+    MeterFactory,
+    MeterProxy,
+    NatsServer,
+    child_pids,
+    free_port,
+)
 from tools.streams import ensure_stream, stream_messages
 
 STREAM = "CATALYST_SME"
@@ -197,3 +205,25 @@ async def test_the_mitmweb_runner_puts_the_meter_before_the_view_that_feeds_the_
     chain = [type(a).__name__ for a in serve.metered(WebMaster)(options.Options()).addons.chain]
     assert chain.index("Meter") == chain.index("ScriptLoader") + 1
     assert chain.index("Meter") < chain.index("View")
+
+
+def test_workers_1_is_the_runner_alone_on_its_own_spool(
+    runner: MeterFactory, demo_upstream: BackgroundDemo, broker: NatsServer
+) -> None:
+    admin = free_port()
+    proxy = runner.start(
+        demo_upstream.url,
+        broker.url,
+        f"meter_admin_listen=127.0.0.1:{admin}",
+        extra=("--workers", "1"),
+    )
+    customer = f"cus_{uuid.uuid4().hex[:8]}"
+    client(proxy, customer).chat.completions.create(model="demo-chat", messages=CHAT)
+    assert len(envelopes(broker.url, customer, 1)) == 1
+    # No supervisor: the process started serves, its spool is meter_spool_dir itself, and the
+    # admin endpoint at meter_admin_listen is its own (a meter's /readyz says just that).
+    assert child_pids(proxy.pid) == []
+    assert (proxy.spool_dir / "cache.db").is_file()
+    assert not list(proxy.spool_dir.glob("worker-*"))
+    status, body = GroupAdmin(admin).get("/readyz")
+    assert (status, body) == (200, "ready\n")

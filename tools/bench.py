@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -25,7 +26,16 @@ from pathlib import Path
 from typing import Any
 
 from edgemeter.options import DEFAULTS
-from tools.harness import METER_ADDON, MITMDUMP, ROOT, NatsServer, Process, free_port
+from tools.harness import (
+    METER_ADDON,
+    MITMDUMP,
+    ROOT,
+    GroupAdmin,
+    NatsServer,
+    Process,
+    child_pids,
+    free_port,
+)
 from tools.streams import STREAM, ensure_stream
 
 PYTHON = sys.executable
@@ -456,6 +466,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds every core of the machine has spent busy since boot (/proc/stat): whose
+    work it was, the bench does not know, so its own processes are subtracted from it."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / _CLK_TCK
+
+
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -674,6 +697,12 @@ class Config:
     memory_pad: int = 1000
     health_duration_s: float = 5.0
     health_variants: tuple[str, ...] = ("plain", "meter", "lean")
+    # `edgemeter serve --workers N` for each N here, one after the other in alternating order
+    # (each needs every core it can get), as fast as clients can go against an upstream
+    # faster than the proxy.
+    workers: tuple[int, ...] = (1, 2)
+    workers_concurrency: int = 64
+    workers_duration_s: float = 5.0
     # The soak runs on a lean runner of its own; off: on the one the rounds measured.
     soak_fresh: bool = True
     # Every round after the first starts its proxies afresh: one process's CPU per chunk sits a
@@ -686,7 +715,7 @@ class Config:
     streams_beside_plain: bool = True
     diagnostics: bool = True
     load_tool: str = "auto"
-    phases: tuple[str, ...] = ("rounds", "drain", "memory", "health", "soak")
+    phases: tuple[str, ...] = ("rounds", "workers", "drain", "memory", "health", "soak")
 
     @classmethod
     def smoke(cls) -> Config:
@@ -712,6 +741,8 @@ class Config:
             memory_pad=100,
             health_duration_s=0.5,
             health_variants=("lean",),
+            workers_concurrency=4,
+            workers_duration_s=0.3,
             soak_fresh=False,
             diagnostics=False,
             load_tool="python",  # wrk cannot run for less than a second
@@ -755,6 +786,8 @@ class Bench:
         self._nats: Any = None
         self.upstream_port = 0
         self.procs: dict[str, Process] = {}
+        # The admin endpoints of the groups of workers (`workers-N`), by process name.
+        self.groups: dict[str, GroupAdmin] = {}
         self._ports: set[int] = set()
 
     def port(self) -> int:
@@ -810,6 +843,17 @@ class Bench:
             args = self.proxy_args("mitmdump-meter", port, *self.meter_sets(name), *extra)
         elif name == "lean-core":
             args = self.proxy_args("lean", port, "--no-meter", *extra)
+        elif name.startswith("workers-"):
+            # `edgemeter serve --workers N`; its admin endpoint says when every worker serves.
+            count = int(name.removeprefix("workers-"))
+            admin = self.groups[name] = GroupAdmin(self.port())
+            sets = [
+                f"meter_nats_url={self._nats.url}",
+                f"meter_spool_dir={self.work / 'spools' / name}",
+                f"meter_admin_listen=127.0.0.1:{admin.port}",
+            ]
+            flags = ["--workers", str(count), *(a for v in sets for a in ("--set", v))]
+            args = self.proxy_args("lean", port, *flags, *extra)
         elif name == "lean-nobroker":
             dead = f"nats://127.0.0.1:{self.port()}"
             args = self.proxy_args("lean", port, *self.meter_sets(name, dead), *extra)
@@ -825,6 +869,10 @@ class Bench:
             p.start()
         for p in procs.values():
             p.wait_listening()
+        for name in procs:
+            if name in self.groups:
+                count = int(name.removeprefix("workers-"))
+                self.groups[name].wait_serving(count if count > 1 else 0)
         time.sleep(0.5)
         for p in procs.values():
             p.check_alive()
@@ -1033,7 +1081,78 @@ class Bench:
             raw.setdefault(variant, []).append(figures)
             self.log(f"{head} {variant:>13}: {_brief(figures)}")
 
-    # -- phase 2: spool drain ----------------------------------------------------------------
+    # -- phase 2: every core: edgemeter serve --workers N -------------------------------------
+
+    def workers(self) -> None:
+        """Throughput and CPU of `edgemeter serve --workers N` for each N of the config, at
+        one concurrency, in alternating order round by round, fresh processes each round. The
+        CPU of every process of the group is read apart: the supervisor's, and each worker's,
+        so the cost of one worker per request gives what N cores would serve."""
+        cfg = self.config
+        names = [f"workers-{n}" for n in cfg.workers]
+        sc = Scenario(f"c{cfg.workers_concurrency}", cfg.workers_concurrency)
+        raw: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+        for r in range(cfg.rounds):
+            self.start(names)
+            for name in names:
+                self.warm(self.procs[name])
+            order = names if r % 2 == 0 else names[::-1]
+            for name in order:
+                figures = self._measure_group(name, sc)
+                raw[name].append(figures)
+                self.log(
+                    f"round {r + 1}/{cfg.rounds} workers {name:>10}: {_brief(figures)} "
+                    f"cores {figures['cores_busy']:.2f}, helpers {figures['helper_cores']:.2f}, "
+                    f"other work {figures['other_cores']:.2f}"
+                )
+            self.stop(names)
+        self.results["workers"] = workers_summary(raw, sc.concurrency)
+        summary = self.results["workers"]
+        self.log(
+            f"workers: {summary['scaling']} throughput; one worker "
+            f"{summary['worker_cpu_us_per_request']} us CPU per request"
+        )
+
+    def _measure_group(self, name: str, sc: Scenario) -> dict[str, Any]:
+        proc = self.procs[name]
+        pids = [proc.pid, *child_pids(proc.pid)]
+        # What serves the group: the upstream, the broker, the load generator (wrk is a child
+        # waited for: its CPU lands in RUSAGE_CHILDREN; the Python one runs in this process).
+        helpers = [self.procs["upstream"].pid, self._nats.process.pid]
+        before = {pid: cpu_seconds(pid) for pid in pids + helpers}
+        load0, machine0 = _children_cpu_seconds() + time.process_time(), machine_busy_seconds()
+        started = time.time()
+        figures = self.load(proc.port, sc, self.config.workers_duration_s)
+        elapsed = time.time() - started
+        machine = machine_busy_seconds() - machine0
+        load = _children_cpu_seconds() + time.process_time() - load0
+        proc.check_alive()
+        cpu = {pid: cpu_seconds(pid) - before[pid] for pid in pids + helpers}
+        helping = sum(cpu.pop(pid) for pid in helpers) + load
+        requests = figures["requests"]
+        workers = [cpu[pid] for pid in pids[1:]] or [cpu[proc.pid]]
+        figures.update(
+            pids=pids,
+            cpu_s=sum(cpu.values()),
+            cpu_us_per_request=sum(cpu.values()) / requests * 1e6 if requests else None,
+            supervisor_cpu_s=cpu[proc.pid] if len(pids) > 1 else 0.0,
+            worker_cpu_s=workers,
+            # Each worker's CPU per request it served, assuming the requests spread as its CPU
+            # did: the cost of one core's worth of metered requests.
+            worker_cpu_us_per_request=sum(workers) / requests * 1e6 if requests else None,
+            cores_busy=sum(cpu.values()) / elapsed if elapsed else 0.0,
+            # The rest of the machine meanwhile: the group's helpers, and work not ours (the
+            # noise: cores the group could not have).
+            helper_cores=helping / elapsed if elapsed else 0.0,
+            other_cores=max(machine - sum(cpu.values()) - helping, 0.0) / elapsed
+            if elapsed
+            else 0.0,
+            rss_mib=sum(rss_mib(pid) for pid in pids),
+            window=(started, started + elapsed),
+        )
+        return figures
+
+    # -- phase 3: spool drain ----------------------------------------------------------------
 
     def drain(self) -> None:
         runs = [asyncio.run(self._drain_once(i)) for i in range(self.config.drain_repeats)]
@@ -1093,7 +1212,7 @@ class Bench:
         finally:
             await nc.close()
 
-    # -- phase 3: memory per open stream -----------------------------------------------------
+    # -- phase 4: memory per open stream -----------------------------------------------------
 
     def memory(self) -> None:
         cfg = self.config
@@ -1148,7 +1267,7 @@ class Bench:
             "completed": figures["requests"],
         }
 
-    # -- phase 4: event-loop health ----------------------------------------------------------
+    # -- phase 5: event-loop health ----------------------------------------------------------
 
     def health(self) -> None:
         cfg = self.config
@@ -1190,7 +1309,7 @@ class Bench:
                 )
         self.results["health"] = out
 
-    # -- phase 5: soak -----------------------------------------------------------------------
+    # -- phase 6: soak -----------------------------------------------------------------------
 
     def soak(self) -> None:
         cfg = self.config
@@ -1267,6 +1386,70 @@ class Bench:
         self.results["meta"]["loadavg_end"] = _loadavg()
         self.results["budgets"] = budgets(self.results)
         return self.results
+
+
+# The cores the workers phase projects its figures to.
+PROJECTED_CORES = (1, 2, 4, 8, 16)
+
+
+def workers_summary(raw: dict[str, list[dict[str, Any]]], concurrency: int) -> dict[str, Any]:
+    """The workers phase's figures: medians per group size, the throughput of each against one
+    worker round by round (then the median), and what N cores would serve at the CPU one worker
+    spends per request in the largest group measured."""
+    names = list(raw)
+    medians = {}
+    for name, runs in raw.items():
+        medians[name] = _medians(runs) | {
+            "cores_busy": _median([r["cores_busy"] for r in runs]),
+            "helper_cores": _median([r.get("helper_cores") for r in runs]),
+            "other_cores": _median([r.get("other_cores") for r in runs]),
+            "worker_cpu_us_per_request": _median([r["worker_cpu_us_per_request"] for r in runs]),
+            "supervisor_cpu_s": _median([r["supervisor_cpu_s"] for r in runs]),
+            # How evenly the workers shared the work: each one's share of the workers' CPU.
+            "worker_shares": [
+                _median([r["worker_cpu_s"][i] / sum(r["worker_cpu_s"]) for r in runs])
+                for i in range(len(runs[0]["worker_cpu_s"]))
+            ]
+            if all(sum(r["worker_cpu_s"]) for r in runs)
+            else [],
+        }
+    base = names[0]
+    scaling = {
+        name: _median(
+            [
+                run["rps"] / first["rps"] if first["rps"] else None
+                for run, first in zip(raw[name], raw[base], strict=True)
+            ]
+        )
+        for name in names[1:]
+    }
+    largest = medians[names[-1]]
+    per_request = largest["worker_cpu_us_per_request"]
+    projected = {
+        str(cores): cores * 1e6 / per_request if per_request else None for cores in PROJECTED_CORES
+    }
+    # What a worker pays per request for sharing the machine with the others, round by round:
+    # less noisy than throughput when other work takes cores away from the group.
+    alone = [r["worker_cpu_us_per_request"] for r in raw[base]]
+    per_core = {
+        name: _median(
+            [
+                a / r["worker_cpu_us_per_request"] if a and r["worker_cpu_us_per_request"] else None
+                for a, r in zip(alone, raw[name], strict=True)
+            ]
+        )
+        for name in names[1:]
+    }
+    return {
+        "concurrency": concurrency,
+        "raw": raw,
+        "median": medians,
+        "scaling": scaling,
+        "per_core": per_core,
+        "worker_cpu_us_per_request": per_request,
+        "projected_rps": projected,
+        "projected_from": names[-1],
+    }
 
 
 def sample_envelope(request_id: str) -> bytes:
@@ -1474,6 +1657,20 @@ def budgets(results: dict[str, Any]) -> list[dict[str, Any]]:
                     "x",
                 )
             )
+    if "workers" in results:
+        w = results["workers"]
+        for name, ratio in w["scaling"].items():
+            count = int(name.removeprefix("workers-"))
+            out.append(
+                Budget(
+                    f"c{w['concurrency']}: edgemeter serve --workers {count} throughput vs "
+                    "--workers 1",
+                    ratio,
+                    0.8 * count,
+                    True,
+                    "x",
+                )
+            )
     if "drain" in results:
         out.append(Budget("spool drain", results["drain"]["per_s"], 10_000, True, "envelopes/s"))
     if "soak" in results:
@@ -1592,6 +1789,50 @@ def report(results: dict[str, Any]) -> str:
                     f"{_fmt(ratios.get(f'{variant}-plain ttfb_p50_ms'), 2)} |"
                 )
         lines.append("")
+    if "workers" in results:
+        w = results["workers"]
+        n = meta["config"]["rounds"]
+        lines += [
+            f"`edgemeter serve --workers N` at {w['concurrency']} clients, medians of {n} "
+            "round(s) in alternating order, fresh processes each round; CPU of every process "
+            "of the group (supervisor and workers), per request; cores busy: that CPU over "
+            "the seconds measured; helpers: the upstream, the broker and the load generator; "
+            "other work: the rest of the machine's busy cores meanwhile (not ours):",
+            "",
+            "| workers | req/s | p50 ms | p99 ms | CPU µs/request | one worker's CPU µs/request "
+            "| supervisor CPU s | cores busy | helpers, cores | other work, cores "
+            "| workers' shares of the CPU | throughput vs 1 |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        ]
+        for name, m in w["median"].items():
+            shares = " / ".join(f"{share:.0%}" for share in m["worker_shares"])
+            lines.append(
+                f"| {name.removeprefix('workers-')} | {_fmt(m['rps'])} | {_fmt(m['p50_ms'], 2)} "
+                f"| {_fmt(m['p99_ms'], 2)} | {_fmt(m['cpu_us_per_request'], 0)} "
+                f"| {_fmt(m['worker_cpu_us_per_request'], 0)} | {_fmt(m['supervisor_cpu_s'], 3)} "
+                f"| {_fmt(m['cores_busy'], 2)} | {_fmt(m['helper_cores'], 2)} "
+                f"| {_fmt(m['other_cores'], 2)} | {shares or '-'} "
+                f"| {_fmt(w['scaling'].get(name, 1.0), 2)} |"
+            )
+        projected = ", ".join(
+            f"{cores} cores {_fmt(rps, 0)}/s" for cores, rps in w["projected_rps"].items()
+        )
+        for name, efficiency in w.get("per_core", {}).items():
+            count = int(name.removeprefix("workers-"))
+            lines += [
+                "",
+                f"With {count} workers one worker served {_fmt(efficiency, 2)} x the requests per "
+                f"second of CPU that one worker alone did (median of the rounds' ratios): "
+                f"{count} cores of their own would serve {_fmt((efficiency or 0) * count, 2)} x "
+                "one core's throughput.",
+            ]
+        lines += [
+            "",
+            f"Projected (one worker per core, {_fmt(w['worker_cpu_us_per_request'], 0)} µs of "
+            f"CPU per request as measured with {w['projected_from'].removeprefix('workers-')} "
+            "workers, upstream, broker and clients on other cores): " + projected + ".",
+            "",
+        ]
     if "drain" in results:
         d = results["drain"]
         run = d["runs"][0]
@@ -1705,9 +1946,14 @@ def parse_args(argv: Sequence[str]) -> tuple[Config, argparse.Namespace]:
     )
     parser.add_argument(
         "--phases",
-        help="comma-separated subset of rounds,drain,memory,health,soak (default: all)",
+        help="comma-separated subset of rounds,workers,drain,memory,health,soak (default: all)",
     )
     parser.add_argument("--soak-requests", type=int, help="requests in the soak (default 100000)")
+    parser.add_argument(
+        "--workers",
+        help="comma-separated worker counts of the workers phase, the first the baseline "
+        "(default 1,2)",
+    )
     parser.add_argument(
         "--load-tool",
         choices=("auto", "wrk", "python"),
@@ -1744,6 +1990,14 @@ def parse_args(argv: Sequence[str]) -> tuple[Config, argparse.Namespace]:
         if not levels or min(levels) < 1:
             parser.error("--concurrencies: positive integers, comma-separated (e.g. 1,16)")
         config.concurrencies = levels
+    if args.workers:
+        try:
+            counts = tuple(int(c) for c in args.workers.split(",") if c.strip())
+        except ValueError:
+            counts = ()
+        if len(counts) < 2 or min(counts) < 1:
+            parser.error("--workers: two or more positive integers, comma-separated (e.g. 1,2)")
+        config.workers = counts
     if args.soak_requests is not None:
         config.soak_requests = args.soak_requests
         config.soak_warmup = min(config.soak_warmup, args.soak_requests // 10)

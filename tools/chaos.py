@@ -1,5 +1,6 @@
-"""Chaos harness for SPEC §5 (delivery): real brokers, a real mitmdump meter and a tagged client
-load under injected faults, then a count of envelopes per request on the stream.
+"""Chaos harness for SPEC §5 (delivery): real brokers, a real mitmdump meter (or a group of lean
+runners, `edgemeter serve --workers 2`) and a tagged client load under injected faults, then a
+count of envelopes per request on the stream.
 
 Run it with `scripts/chaos` (or `python -m tools.chaos --help`). For each scenario it starts a
 fresh nats-server (or a three-node cluster), the meter in front of the demo upstream, and drives
@@ -19,7 +20,9 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import shutil
+import signal
 import sqlite3
 import sys
 import tempfile
@@ -37,15 +40,18 @@ import nats.js.errors
 import openai
 from nats.aio.client import Client as NatsClient
 
+from edgemeter.adoption import own_spool_dir, spool_dirs
 from edgemeter.metering.contract import consume
 from edgemeter.options import DEFAULTS
 from tools.harness import (
     DemoProcess,
+    GroupAdmin,
     MeterFactory,
     MeterProxy,
     NatsCluster,
     NatsServer,
     NatsTap,
+    free_port,
 )
 from tools.streams import STREAM, STREAM_SUBJECTS, ensure_stream
 
@@ -280,7 +286,7 @@ class Load:
 
 
 def spool_depth(spool_dir: Path) -> int:
-    """Envelopes in a meter's spool, read from its SQLite file (safe while the meter runs)."""
+    """Envelopes in one spool, read from its SQLite file (safe while the meter runs)."""
     db = spool_dir / "cache.db"
     if not db.exists():
         return 0
@@ -290,6 +296,11 @@ def spool_depth(spool_dir: Path) -> int:
         return int(conn.execute("SELECT COUNT(*) FROM Cache").fetchone()[0])
     finally:
         conn.close()
+
+
+def spools_depth(root: Path) -> int:
+    """Envelopes in every spool under a meter_spool_dir: a single meter's, each worker's."""
+    return sum(spool_depth(directory) for directory in spool_dirs(root))
 
 
 async def _quiet(*_: object) -> None:
@@ -323,9 +334,13 @@ class Rig:
         confdir: Path,
         cluster: bool,
         duplicate_window_s: float = 120.0,
+        workers: int = 0,
     ) -> None:
         self.work_dir = work_dir
         self.demo = demo
+        # 0: `mitmdump -s addons/meter.py`; N: `edgemeter serve --workers N`.
+        self.workers = workers
+        self.admin: GroupAdmin | None = None
         self.duplicate_window_s = duplicate_window_s
         self.cluster: NatsCluster | None = None
         if cluster:
@@ -336,7 +351,11 @@ class Rig:
                 NatsServer(store_dir=work_dir / "jetstream", log_path=work_dir / "nats.log")
             ]
         self.taps = [NatsTap(b.port) for b in self.brokers]
-        self.meters = MeterFactory(work_dir / "meters", confdir)
+        if workers:
+            lean = [sys.executable, "-m", "edgemeter.serve"]
+            self.meters = MeterFactory(work_dir / "meters", confdir, lean, "group")
+        else:
+            self.meters = MeterFactory(work_dir / "meters", confdir)
         self._meter: MeterProxy | None = None
 
     @property
@@ -365,9 +384,21 @@ class Rig:
         if stream:
             await self.create_stream()
         nats_url = ",".join(tap.url for tap in self.taps)
+        if not self.workers:
+            self._meter = await asyncio.to_thread(
+                self.meters.start, self.demo.url, nats_url, "flow_detail=0", *meter_options
+            )
+            return
+        admin = self.admin = GroupAdmin(free_port())
         self._meter = await asyncio.to_thread(
-            self.meters.start, self.demo.url, nats_url, "flow_detail=0", *meter_options
+            self.meters.start,
+            self.demo.url,
+            nats_url,
+            f"meter_admin_listen=127.0.0.1:{admin.port}",
+            *meter_options,
+            extra=["--workers", str(self.workers)],
         )
+        await asyncio.to_thread(admin.wait_serving, self.workers)
 
     async def create_stream(self) -> None:
         # A new cluster needs a few seconds to elect its meta leader before it takes streams.
@@ -399,7 +430,7 @@ class Rig:
             return None
 
     async def depth(self) -> int:
-        return await asyncio.to_thread(spool_depth, self.meter.spool_dir)
+        return await asyncio.to_thread(spools_depth, self.meter.spool_dir)
 
     async def down(self) -> None:
         await asyncio.to_thread(self.meters.stop_all)
@@ -452,6 +483,8 @@ class Scenario:
     delay_ms: int = 15  # between streamed chunks
     abort_every: int = 0
     min_seconds: Callable[[Config], float] = lambda config: 0.0
+    # The meter under test: 0 `mitmdump -s addons/meter.py`, N `edgemeter serve --workers N`.
+    workers: int = 0
 
 
 def _fractions(count: int, first: float = 0.15, last: float = 0.8) -> list[float]:
@@ -495,6 +528,65 @@ async def meter_kill(rig: Rig, load: Load, ev: Evidence, config: Config) -> None
         f"envelopes left in the spool by each SIGKILL, published after the restart: {residues}",
         sum(residues) > 0,
     )
+
+
+async def worker_kill(rig: Rig, load: Load, ev: Evidence, config: Config) -> None:
+    """SIGKILL one worker of the group at a time (each in turn) right after a client got the
+    last byte of a response; the supervisor starts it again while the others serve on."""
+    admin = rig.admin
+    assert admin is not None
+
+    async def back(index: int, victim: int, completed: int) -> tuple[bool, int]:
+        """Once worker `index` serves again: whether it did, and the requests that completed
+        at the client meanwhile."""
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            state = (await asyncio.to_thread(admin.workers)).get(index)
+            if state and state.pid not in (None, victim) and state.state.startswith("ready"):
+                return True, load.count("completed") - completed
+            await asyncio.sleep(0.1)
+        return False, load.count("completed") - completed
+
+    in_flight, residues = [], []
+    returns: dict[int, asyncio.Future[tuple[bool, int]]] = {}
+    every: list[asyncio.Future[tuple[bool, int]]] = []
+    for number, fraction in enumerate(_fractions(config.kills)):
+        await load.until(fraction)
+        index = number % rig.workers
+        if index in returns:
+            await returns[index]  # killed before: it serves again first
+        victim = (await asyncio.to_thread(admin.workers))[index].pid
+        assert victim is not None
+        killed = asyncio.Event()
+
+        def kill_now(record: Record, pid: int = victim, done: asyncio.Event = killed) -> None:
+            if not done.is_set():
+                os.kill(pid, signal.SIGKILL)
+                done.set()
+
+        load.on_complete = kill_now
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(killed.wait(), 30)
+        load.on_complete = None
+        in_flight.append(len(load.in_flight()))
+        # What the crash left in the worker's spool: spooled, not yet deleted after an ack.
+        spool = own_spool_dir(rig.meter.spool_dir, index)
+        residues.append(await asyncio.to_thread(spool_depth, spool))
+        returns[index] = asyncio.ensure_future(back(index, victim, load.count("completed")))
+        every.append(returns[index])
+    outcomes = await asyncio.gather(*every)
+    ev.check(f"requests in flight at each SIGKILL of a worker: {in_flight}", sum(in_flight) > 0)
+    ev.check(
+        f"envelopes left in the killed worker's spool, published after: {residues}",
+        sum(residues) > 0,
+    )
+    meanwhile = [served for _, served in outcomes]
+    ev.check(
+        f"requests completed at the client until the killed worker served again: {meanwhile}",
+        sum(meanwhile) > 0,
+    )
+    restarted = [ok for ok, _ in outcomes]
+    ev.check(f"each killed worker started again by the supervisor: {restarted}", all(restarted))
 
 
 async def broker_outage(rig: Rig, load: Load, ev: Evidence, config: Config) -> None:
@@ -635,6 +727,12 @@ SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in (
         Scenario("meter-kill", "meter SIGKILLed mid-load, restarted on its spool", meter_kill),
+        Scenario(
+            "worker-kill",
+            "one of 2 workers (edgemeter serve --workers 2) SIGKILLed mid-load, in turn",
+            worker_kill,
+            workers=2,
+        ),
         Scenario(
             "broker-outage",
             "broker stopped, restarted after --outage-s",
@@ -825,7 +923,14 @@ async def run_scenario(
     scenario: Scenario, config: Config, work_dir: Path, demo: DemoProcess, confdir: Path
 ) -> Result:
     started = time.monotonic()
-    rig = Rig(work_dir / scenario.name, demo, confdir, scenario.cluster, config.duplicate_window_s)
+    rig = Rig(
+        work_dir / scenario.name,
+        demo,
+        confdir,
+        scenario.cluster,
+        config.duplicate_window_s,
+        scenario.workers,
+    )
     options = (f"meter_shutdown_grace_ms={config.grace_ms}", *scenario.meter_options)
     evidence = Evidence()
     try:

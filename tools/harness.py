@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -17,6 +18,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +49,80 @@ def wait_for_port(port: int, timeout: float = 10.0) -> None:
         except OSError:
             time.sleep(0.02)
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes running now whose parent is `pid` (Linux: read from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+@dataclass(frozen=True)
+class WorkerState:
+    """One line of a group's /healthz or /readyz (edgemeter serve --workers N)."""
+
+    index: int
+    pid: int | None
+    restarts: int
+    state: str
+
+
+_WORKER_LINE = re.compile(
+    r"^worker (\d+) \((?:pid (\d+)|no process)(?:, restarted (\d+)x)?\): (.*)$"
+)
+
+
+def worker_states(body: str) -> dict[int, WorkerState]:
+    """The workers a group's /healthz or /readyz lists, by index."""
+    found = {}
+    for line in body.splitlines():
+        if match := _WORKER_LINE.match(line):
+            index, pid, restarts, state = match.groups()
+            found[int(index)] = WorkerState(
+                int(index), int(pid) if pid else None, int(restarts or 0), state
+            )
+    return found
+
+
+class GroupAdmin:
+    """The admin endpoint of a group of workers (`edgemeter serve --workers N`)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+
+    def get(self, path: str, timeout: float = 10.0) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=timeout) as response:
+                return int(response.status), response.read().decode()
+        except urllib.error.HTTPError as e:
+            return int(e.code), e.read().decode()
+
+    def workers(self) -> dict[int, WorkerState]:
+        return worker_states(self.get("/healthz")[1])
+
+    def wait_serving(self, count: int, timeout: float = 120.0) -> dict[int, WorkerState]:
+        """Until `count` workers answer their supervisor (ready or not)."""
+        deadline = time.monotonic() + timeout
+        found: dict[int, WorkerState] = {}
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                found = self.workers()
+                if len(found) == count and all(
+                    w.state.startswith(("ready", "not ready")) for w in found.values()
+                ):
+                    return found
+            time.sleep(0.1)
+        raise TimeoutError(f"{count} workers not serving after {timeout}s: {found}")
 
 
 def venv_binary(name: str) -> str:

@@ -18,6 +18,7 @@ from edgemeter.cli.common import (
 )
 from edgemeter.cli.spooldir import CAN_TELL_IN_USE, existing_spool_dir, in_use_by, spool_options
 from spool.deadletter import DeadLetters
+from spool.lock import SpoolLock
 from spool.publisher import Publisher
 from spool.store import Spool
 
@@ -47,9 +48,17 @@ def drain(args: argparse.Namespace, io: Io) -> int:
             "(--force drains it anyway; the broker drops what both publish twice)"
         )
         return EXIT_FAILED
+    # The right to publish it: never two publishers of one spool (a meter adopting it, another
+    # drain). --force goes without, as it goes past a meter that has the spool open.
+    lock = None if args.force else SpoolLock(directory)
+    if lock is not None and not lock.acquire_nowait():
+        holder = lock.holder()
+        who = f"process {holder}" if holder else "another process"
+        io.error(f"{who} publishes this spool now (--force drains it anyway)")
+        return EXIT_FAILED
     spool = Spool(directory)
     dead = DeadLetters.of(directory)
-    publisher = Publisher(spool, config, dead)
+    publisher = Publisher(spool, config, dead, lock=lock)
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -65,6 +74,8 @@ def drain(args: argparse.Namespace, io: Io) -> int:
     finally:
         spool.close()
         dead.close()
+        if lock is not None:
+            lock.release()
     stats = publisher.stats
     moved = (
         f"; {stats.dead_lettered} refused for good, now dead letters" if stats.dead_lettered else ""
