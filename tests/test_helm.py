@@ -45,6 +45,7 @@ output = 600
 FULL = STANDALONE | {
     "replicas": 3,
     "runner": "serve",
+    "workers": 2,
     "natsURL": "tls://nats-0.nats:4222,tls://nats-1.nats:4222",
     "natsPublishTimeout": "1500ms",
     "nats": {
@@ -386,6 +387,7 @@ def test_the_publish_timeout_takes_a_go_duration(timeout: str | int, ms: str) ->
         (STANDALONE | {"prices": {"inline": PRICES, "configMap": {"name": "p"}}}, "give one of"),
         (STANDALONE | {"persistence": {"type": "pvc", "existingClaim": "spool"}}, "replicas must be 1"),
         (STANDALONE | {"persistence": {"type": "hostPath"}}, "emptyDir or pvc"),
+        (STANDALONE | {"workers": 2}, "workers: 2 needs runner: serve"),
     ],
 )  # fmt: skip
 def test_values_that_cannot_work_stop_the_render_with_a_reason(
@@ -415,7 +417,10 @@ def test_the_entrypoint_accepts_every_variable_the_chart_sets(
     args = meter.get("args", [])
     result = container.plan(env, table, args)
     assert result.ignored == [] and result.go.used == []
-    assert set(result.given) == set(env) - {container.RUNNER_VARIABLE}
+    assert set(result.given) == set(env) - {container.RUNNER_VARIABLE, container.WORKERS_VARIABLE}
+    assert container.parse_workers(env, runner) == (
+        ["--workers", env[container.WORKERS_VARIABLE]] if container.WORKERS_VARIABLE in env else []
+    )
     assert container.parse_runner(env) == runner
     # What extraArgs sets is an option of the chosen runner.
     for option in container._set_names(args):
@@ -490,6 +495,7 @@ def test_the_runner_extra_env_and_args_reach_the_container() -> None:
     meter = container_of(pod_of(render(CHART, FULL)), "edgemeter")
     env = env_of(meter)
     assert env["EDGEMETER_RUNNER"] == "serve"
+    assert env["EDGEMETER_WORKERS"] == "2"
     assert env["MITMPROXY_TERMLOG_VERBOSITY"] == "warn"
     assert meter["args"] == ["--set", "http2=false"]
 

@@ -66,6 +66,13 @@ the gateway listens on inside the Pod (the meter forwards to 127.0.0.1:<gatewayP
 - name: EDGEMETER_RUNNER
   value: {{ $v.runner | quote }}
 {{- end }}
+{{- if gt (int $v.workers) 1 }}
+{{- if ne $v.runner "serve" }}
+{{- fail (printf "workers: %d needs runner: serve (the lean runner's --workers)" (int $v.workers)) }}
+{{- end }}
+- name: EDGEMETER_WORKERS
+  value: {{ $v.workers | int | toString | quote }}
+{{- end }}
 {{- with $v.nats }}
 {{- if .credentials.secretName }}
 - name: EDGEMETER_NATS_CREDS
