@@ -162,6 +162,25 @@ def test_workers_scale_round_by_round_and_project_from_one_workers_cpu() -> None
     assert (budget["limit"], budget["met"]) == (1.6, True)
 
 
+def test_the_meters_own_cost_is_the_lean_runner_over_its_bare_core() -> None:
+    ratios = {
+        "c1": {"lean/plain cpu": 1.3, "lean-core/plain cpu": 0.8},
+        "c16": {"lean/plain cpu": 0.66, "lean-core/plain cpu": 0.6},
+        "stream-c16": {"lean/plain cpu": 1.0, "lean-core-stream/plain cpu": 0.9},
+    }
+    found = {b["name"]: b for b in budgets({"rounds": {"ratios": ratios}})}
+    own = {
+        name: (round(b["measured"], 3), b["limit"], b["met"])
+        for name, b in found.items()
+        if "bare" in name
+    }
+    assert own == {
+        "c16: lean CPU/request vs the bare lean core": (1.1, 1.20, True),
+        "c1: lean CPU/request vs the bare lean core": (1.625, 1.30, False),
+        "stream-c16: lean CPU/chunk vs the bare lean core streaming": (1.111, 1.05, False),
+    }
+
+
 def test_budgets_leave_out_phases_that_did_not_run() -> None:
     found = budgets({"drain": {"per_s": 12_000.0}})
     assert [(b["name"], b["met"]) for b in found] == [("spool drain", True)]

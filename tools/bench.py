@@ -765,11 +765,12 @@ class Config:
 
 # The variants side by side. "plain" is mitmdump with no addon (with stream_large_bodies=1 for
 # the stream scenarios, or it would buffer them); "meter" is `mitmdump -s addons/meter.py`;
-# "lean" is `edgemeter serve`. lean-core (the lean runner without the meter) and lean-nobroker
-# (the meter with its broker unreachable: hooks and spool, no publishing) split the meter's cost;
-# meter-stock is the meter under an untuned mitmdump (meter_tune_mitmproxy=false).
+# "lean" is `edgemeter serve`. lean-core (the lean runner without the meter; lean-core-stream
+# with stream_large_bodies=1, its streaming twin) and lean-nobroker (the meter with its broker
+# unreachable: hooks and spool, no publishing) split the meter's cost; meter-stock is the meter
+# under an untuned mitmdump (meter_tune_mitmproxy=false).
 VARIANTS = ("direct", "plain", "meter", "lean")
-DIAGNOSTIC_VARIANTS = ("lean-core", "lean-nobroker", "meter-stock")
+DIAGNOSTIC_VARIANTS = ("lean-core", "lean-core-stream", "lean-nobroker", "meter-stock")
 RATIO_VARIANTS = ("meter", "lean", *DIAGNOSTIC_VARIANTS)
 
 
@@ -843,6 +844,9 @@ class Bench:
             args = self.proxy_args("mitmdump-meter", port, *self.meter_sets(name), *extra)
         elif name == "lean-core":
             args = self.proxy_args("lean", port, "--no-meter", *extra)
+        elif name == "lean-core-stream":
+            streaming = ["--set", "stream_large_bodies=1"]
+            args = self.proxy_args("lean", port, "--no-meter", *streaming, *extra)
         elif name.startswith("workers-"):
             # `edgemeter serve --workers N`; its admin endpoint says when every worker serves.
             count = int(name.removeprefix("workers-"))
@@ -1008,8 +1012,8 @@ class Bench:
     def variants(self, sc: Scenario) -> list[str]:
         names = list(VARIANTS)
         if self.config.diagnostics:
-            if not sc.stream:  # it would buffer streams: it has no meter to stream them
-                names.append("lean-core")
+            # Without a meter to stream them, the core would buffer streams: its twin streams.
+            names.append("lean-core-stream" if sc.stream else "lean-core")
             if sc.concurrency > 1:
                 names.append("lean-nobroker")
             names.append("meter-stock")
@@ -1585,6 +1589,12 @@ def _ratios(by_variant: dict[str, list[dict[str, Any]]], stream: bool) -> dict[s
     return out
 
 
+def _over(ratios: dict[str, float | None], variant: str, base: str) -> float | None:
+    """`variant`'s CPU against `base`'s, both taken against the same plain measurements."""
+    a, b = ratios.get(f"{variant}/plain cpu"), ratios.get(f"{base}/plain cpu")
+    return a / b if a and b else None
+
+
 @dataclass(frozen=True)
 class Budget:
     name: str
@@ -1647,6 +1657,27 @@ def budgets(results: dict[str, Any]) -> list[dict[str, Any]]:
                         unit="x",
                     )
                 )
+        # Issue 19: the meter's own cost, the lean runner against its bare core (both measured
+        # against the same plain bracket, so their ratio is the meter's share).
+        for s, limit in (("c16", 1.20), ("c1", 1.30)):
+            if s in ratios:
+                out.append(
+                    Budget(
+                        f"{s}: lean CPU/request vs the bare lean core",
+                        _over(ratios[s], "lean", "lean-core"),
+                        limit,
+                        unit="x",
+                    )
+                )
+        for s in streams:
+            out.append(
+                Budget(
+                    f"{s}: lean CPU/chunk vs the bare lean core streaming",
+                    _over(ratios[s], "lean", "lean-core-stream"),
+                    1.05,
+                    unit="x",
+                )
+            )
         for s in busy:
             out.append(
                 Budget(
