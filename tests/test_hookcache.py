@@ -228,6 +228,36 @@ async def test_the_meter_tunes_mitmproxy_while_it_runs_and_not_after(tmp_path: P
             gc.unfreeze()  # whatever happened, the rest of the suite runs unfrozen
 
 
+def test_only_the_release_it_was_proven_on_is_proven() -> None:
+    assert dispatch.proven(dispatch.PROVEN_MITMPROXY)
+    assert not dispatch.proven("12.2.4") and not dispatch.proven("13.0.0")
+
+
+async def test_on_another_mitmproxy_the_meter_leaves_dispatch_alone_and_says_so_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(dispatch, "proven", lambda version="13.0.0": False)
+    assert not dispatch.install(master.Master(None).addons)
+    addon = Meter()
+    with taddons.context(addon) as tctx:
+        dead = f"nats://127.0.0.1:{free_port()}"
+        tctx.configure(
+            addon, meter_spool_dir=str(tmp_path), meter_nats_url=dead, meter_admin_listen=""
+        )
+        frozen = gc.get_freeze_count()
+        with caplog.at_level(logging.INFO, logger="edgemeter"):
+            addon.running()
+            tctx.configure(addon, meter_tune_mitmproxy=False)
+            tctx.configure(addon, meter_tune_mitmproxy=True)
+        assert type(tctx.master.addons) is addonmanager.AddonManager
+        assert gc.get_freeze_count() == frozen
+        said = [r for r in caplog.records if "proven against" in r.getMessage()]
+        assert len(said) == 1
+        finished = addon.done()
+        assert finished is not None
+        await finished
+
+
 def test_mitmdump_with_the_meter_still_calls_a_script_loaded_after_it(
     meter_factory: MeterFactory,
     demo_upstream: BackgroundDemo,
