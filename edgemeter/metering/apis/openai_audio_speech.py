@@ -8,8 +8,8 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from edgemeter.metering import estimate
-from edgemeter.metering.apis.shape import Asked, Shape
-from edgemeter.metering.usage import Usage, as_dict, as_str, bounded, count, detail, json_object
+from edgemeter.metering.apis.shape import Asked, TypedEvents
+from edgemeter.metering.usage import Usage, bounded, count, detail, json_object
 
 if TYPE_CHECKING:
     from edgemeter.metering.extraction import Extraction
@@ -41,29 +41,15 @@ def spoken(asked: Asked) -> str:
     return text if isinstance(text, str) else ""
 
 
-class OpenAIAudioSpeech(Shape):
+class OpenAIAudioSpeech(TypedEvents):
     api = "openai.audio.speech"
+    final_events = FINAL_EVENTS
     suffixes = ("/audio/speech",)
     produces_output = False  # an estimate bills the characters, not output tokens
     counts = SPEECH_COUNTS
 
     def normalize(self, usage: dict[str, Any], *, anthropic_counts: bool = False) -> Usage:
         return normalize_speech(usage)
-
-    def event(self, ex: Extraction, data: bytes, event: str) -> None:
-        # Audio deltas are large base64 strings: only events that can end or report are parsed.
-        if not (b'"usage"' in data or b"done" in data or b'"error"' in data):
-            return
-        obj = json_object(data)
-        if obj is None:
-            return
-        kind = as_str(obj.get("type")) or event
-        if (usage := as_dict(obj.get("usage"))) is not None:
-            ex.set_usage(usage)
-        if kind in FINAL_EVENTS:
-            ex.final = True
-        elif kind == "error" or obj.get("error"):
-            ex.error = "error"
 
     def estimate_input(self, asked: Asked) -> int:
         return estimate.tokens(len(spoken(asked)))

@@ -9,17 +9,14 @@ from typing import TYPE_CHECKING, Any
 
 from edgemeter.errors import InvalidUsage
 from edgemeter.metering import estimate
-from edgemeter.metering.apis.shape import Asked, Shape
+from edgemeter.metering.apis.shape import Asked, Form, TypedEvents
 from edgemeter.metering.audio import duration_ms
-from edgemeter.metering.multipart import fields, upload
+from edgemeter.metering.multipart import upload
 from edgemeter.metering.usage import (
     Usage,
-    as_dict,
-    as_str,
     bounded,
     count,
     detail,
-    json_object,
     modalities,
     seconds_ms,
 )
@@ -50,8 +47,9 @@ def normalize_transcription(usage: dict[str, Any]) -> Usage:
     )
 
 
-class OpenAIAudioTranscriptions(Shape):
+class OpenAIAudioTranscriptions(Form, TypedEvents):
     api = "openai.audio.transcriptions"
+    final_events = FINAL_EVENTS
     suffixes = ("/audio/transcriptions",)
     text = "responses"  # streamed text comes in transcript.text.delta's `delta`
     asks = True
@@ -75,29 +73,6 @@ class OpenAIAudioTranscriptions(Shape):
     def other_body(self, ex: Extraction, content: bytes, content_type: str) -> None:
         # response_format text, srt or vtt: the transcript itself.
         ex.output_chars += len(content.decode("utf-8", "replace"))
-
-    def event(self, ex: Extraction, data: bytes, event: str) -> None:
-        if not (b'"usage"' in data or b"done" in data or b'"error"' in data):
-            return
-        obj = json_object(data)
-        if obj is None:
-            return
-        kind = as_str(obj.get("type")) or event
-        if (usage := as_dict(obj.get("usage"))) is not None:
-            ex.set_usage(usage)
-        if kind in FINAL_EVENTS:
-            ex.final = True
-        elif kind == "error" or obj.get("error"):
-            ex.error = "error"
-
-    def requested_model(self, asked: Asked) -> str:
-        model = fields(asked.body, asked.content_type).get("model")
-        return model if isinstance(model, str) else ""
-
-    def estimate_input(self, asked: Asked) -> int:
-        # The audio is billed by its length (units.audio_ms); a text prompt by its tokens.
-        prompt = fields(asked.body, asked.content_type).get("prompt")
-        return estimate.tokens(len(prompt)) if isinstance(prompt, str) else 0
 
     def settle(
         self, ex: Extraction, usage: Usage, asked: Asked, model: str, *, reported: bool

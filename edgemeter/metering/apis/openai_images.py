@@ -8,18 +8,15 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from edgemeter.errors import InvalidUsage
-from edgemeter.metering import estimate
-from edgemeter.metering.apis.shape import Asked, Shape
+from edgemeter.metering.apis.shape import Asked, Form, TypedEvents
 from edgemeter.metering.multipart import fields
 from edgemeter.metering.usage import (
     Usage,
     as_dict,
-    as_str,
     bounded,
     clean_name,
     count,
     detail,
-    json_object,
     modalities,
     unit_count,
 )
@@ -56,8 +53,12 @@ def normalize_images(usage: dict[str, Any]) -> Usage:
     )
 
 
-class OpenAIImages(Shape):
+class OpenAIImages(Form, TypedEvents):
     api = "openai.images"
+    final_events = FINAL_EVENTS
+    # Partial images are large base64 strings (no quotes inside): only the small events and
+    # those with usage are parsed.
+    parsed_if = (b'"usage"', b"completed", b'"error"')
     suffixes = ("/images/generations", "/images/edits", "/images/variations")
     produces_output = False  # an estimate bills images, not output tokens
     asks = True
@@ -66,38 +67,16 @@ class OpenAIImages(Shape):
     def normalize(self, usage: dict[str, Any], *, anthropic_counts: bool = False) -> Usage:
         return normalize_images(usage)
 
+    def finished(self, ex: Extraction, obj: dict[str, Any]) -> None:
+        ex.add_units(images=1)
+        echoed(ex, obj)
+
     def body(self, ex: Extraction, obj: dict[str, Any]) -> None:
         super().body(ex, obj)
         data = obj.get("data")
         if isinstance(data, list):
             ex.add_units(images=len(data))
         echoed(ex, obj)
-
-    def event(self, ex: Extraction, data: bytes, event: str) -> None:
-        # Partial images are large base64 strings (no quotes inside): only the small events and
-        # those with usage are parsed.
-        if not (b'"usage"' in data or b"completed" in data or b'"error"' in data):
-            return
-        obj = json_object(data)
-        if obj is None:
-            return
-        kind = as_str(obj.get("type")) or event
-        if (usage := as_dict(obj.get("usage"))) is not None:
-            ex.set_usage(usage)
-        if kind in FINAL_EVENTS:
-            ex.add_units(images=1)
-            echoed(ex, obj)
-            ex.final = True
-        elif kind == "error" or obj.get("error"):
-            ex.error = "error"
-
-    def requested_model(self, asked: Asked) -> str:
-        model = fields(asked.body, asked.content_type).get("model")
-        return model if isinstance(model, str) else ""
-
-    def estimate_input(self, asked: Asked) -> int:
-        prompt = fields(asked.body, asked.content_type).get("prompt")
-        return estimate.tokens(len(prompt)) if isinstance(prompt, str) else 0
 
     def settle(
         self, ex: Extraction, usage: Usage, asked: Asked, model: str, *, reported: bool

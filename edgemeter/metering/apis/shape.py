@@ -8,7 +8,8 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from edgemeter.metering import estimate
-from edgemeter.metering.usage import Usage, as_dict, json_object
+from edgemeter.metering.multipart import fields
+from edgemeter.metering.usage import Usage, as_dict, as_str, json_object
 
 if TYPE_CHECKING:
     from edgemeter.metering.extraction import Extraction
@@ -114,6 +115,46 @@ class Shape:
             return usage
         units = {**usage.units, **ex.units} if ex.units else usage.units
         return replace(usage, units=units, service_tier=usage.service_tier or ex.service_tier)
+
+
+class TypedEvents(Shape):
+    """A stream of typed events (`type`) that report usage and end with one of `final_events`
+    (images, transcriptions, speech): events with large payloads (base64 audio or images) are
+    passed over by byte checks, only those with one of `parsed_if` in them are parsed."""
+
+    final_events: frozenset[str] = frozenset()
+    parsed_if: tuple[bytes, ...] = (b'"usage"', b"done", b'"error"')
+
+    def event(self, ex: Extraction, data: bytes, event: str) -> None:
+        if not any(mark in data for mark in self.parsed_if):
+            return
+        obj = json_object(data)
+        if obj is None:
+            return
+        kind = as_str(obj.get("type")) or event
+        if (usage := as_dict(obj.get("usage"))) is not None:
+            ex.set_usage(usage)
+        if kind in self.final_events:
+            self.finished(ex, obj)
+            ex.final = True
+        elif kind == "error" or obj.get("error"):
+            ex.error = "error"
+
+    def finished(self, ex: Extraction, obj: dict[str, Any]) -> None:
+        """What the final event says beyond its usage (nothing, unless a shape knows more)."""
+
+
+class Form(Shape):
+    """Requests that may be a multipart form (an upload): the model and the prompt are read
+    from its fields. The upload itself is billed by the shape (its length, its images)."""
+
+    def requested_model(self, asked: Asked) -> str:
+        model = fields(asked.body, asked.content_type).get("model")
+        return model if isinstance(model, str) else ""
+
+    def estimate_input(self, asked: Asked) -> int:
+        prompt = fields(asked.body, asked.content_type).get("prompt")
+        return estimate.tokens(len(prompt)) if isinstance(prompt, str) else 0
 
 
 def may_carry_usage(data: bytes) -> bool:
