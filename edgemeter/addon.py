@@ -37,7 +37,7 @@ from edgemeter.metering.attribution import (
 from edgemeter.metering.contract import Routed, route
 from edgemeter.metering.decoding import decode_body
 from edgemeter.metering.envelope import encode
-from edgemeter.metering.flow import FlowMeter, Limits, Request, Result
+from edgemeter.metering.flow import DEFAULT_LIMITS, FlowMeter, Limits, Request, Result
 from edgemeter.metering.keymap import KeyBook
 from edgemeter.metering.prices import Price, PriceBook
 from edgemeter.metering.realtime import RealtimeMeter
@@ -79,6 +79,27 @@ _SHUTTING_DOWN_BODY = (
 )
 
 
+def headers_get(
+    fields: tuple[tuple[bytes, bytes], ...], first: bytes, second: bytes = b"\0"
+) -> tuple[str, str]:
+    """`Headers.get(first, "")` and `Headers.get(second, "")` of mitmproxy (names given in lower
+    case): repeated fields folded with ", ", values decoded as it decodes them. One pass over
+    the raw fields, where each `get` lower-cases every field name through three Python calls
+    (measured: 1.4 µs a get, 0.5 µs for both here)."""
+    one: bytes | None = None
+    two: bytes | None = None
+    for name, value in fields:
+        name = name.lower()
+        if name == first:
+            one = value if one is None else one + b", " + value
+        elif name == second:
+            two = value if two is None else two + b", " + value
+    return (
+        "" if one is None else one.decode("utf-8", "surrogateescape"),
+        "" if two is None else two.decode("utf-8", "surrogateescape"),
+    )
+
+
 class Meter:
     def __init__(
         self, worker: int | None = None, admin_socket: socket.socket | None = None
@@ -92,6 +113,7 @@ class Meter:
         # The request headers requestheaders reads, picked in one pass over the fields
         # (mitmproxy's Headers lower-cases every field on every lookup).
         self.header_names: frozenset[str] = frozenset()
+        self.limits = DEFAULT_LIMITS
         self.spool: Spool | None = None
         # Next to the spool; created only when the broker first refuses an envelope for good.
         self.dead_letters: DeadLetters | None = None
@@ -183,6 +205,7 @@ class Meter:
         self.stats.genai.max_models = settings.metrics_max_models
         self.who = settings.attribution_spec
         self.header_names = header_names(self.who, "x-request-id")
+        self.limits = Limits(settings.max_body_bytes, settings.max_event_bytes)
         if self.is_running and previous and nats_config(previous) != nats_config(settings):
             self._restart_publisher()
         if self.is_running:
@@ -372,9 +395,7 @@ class Meter:
             model = req.query.get("model", "") if "?" in path else ""
             self.sessions[flow.id] = RealtimeMeter(facts, model, uuid7)
             return
-        self.flows[flow.id] = FlowMeter(
-            facts, Limits(settings.max_body_bytes, settings.max_event_bytes)
-        )
+        self.flows[flow.id] = FlowMeter(facts, self.limits)
 
     def request(self, flow: http.HTTPFlow) -> None:
         meter = self.flows.get(flow.id)
@@ -383,17 +404,16 @@ class Meter:
         # Kept for the requested model and estimates, parsed only if the answer lacks them.
         # Decoded within bounds: the body and its Content-Encoding are the client's.
         req = flow.request
+        encoding, content_type = headers_get(
+            req.headers.fields, b"content-encoding", b"content-type"
+        )
         try:
-            body = decode_body(
-                req.raw_content or b"",
-                req.headers.get("content-encoding", ""),
-                self.settings.max_body_bytes,
-            )
+            body = decode_body(req.raw_content or b"", encoding, self.settings.max_body_bytes)
         except DecodeError:
             return  # too large, a bomb or unreadable: left as it is, estimated as empty
         meter.request_body = body
         if meter.shape.asks:
-            meter.request_type = req.headers.get("content-type", "")
+            meter.request_type = content_type
         if self.settings.stream_usage == "off" or not meter.shape.stream_options:
             return
         if (injected := include_usage.inject(body)) is not None:
@@ -412,10 +432,12 @@ class Meter:
             self.stats.unmetered["non_2xx"] += 1
             record(flow, None, {"not_billed": "non_2xx"})
             return
-        meter.response_type = content_type = resp.headers.get("content-type", "")
+        content_type, encoding = headers_get(
+            resp.headers.fields, b"content-type", b"content-encoding"
+        )
+        meter.response_type = content_type
         if content_type.startswith("text/event-stream"):
             strip = self.settings is not None and self.settings.stream_usage == "inject-strip"
-            encoding = resp.headers.get("content-encoding", "")
             if meter.start_stream(resp.status_code, encoding, strip):
                 # Stripping a compressed stream sends it decoded: say so before headers go out.
                 del resp.headers["content-encoding"]
@@ -433,7 +455,7 @@ class Meter:
             return None
         resp = flow.response
         if not meter.stream:
-            encoding = resp.headers.get("content-encoding", "")
+            encoding = headers_get(resp.headers.fields, b"content-encoding")[0]
             meter.body(resp.status_code, resp.raw_content, encoding, resp.timestamp_start)
         # Awaited by mitmproxy before it sends the end of the response: the envelope is on disk
         # before the client has its last byte, without blocking the event loop on the write.

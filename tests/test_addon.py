@@ -522,3 +522,21 @@ async def test_units_without_a_price_are_counted_and_told_once_per_model(
     assert addon.stats.anomalies == {"unpriced": 3}
     told = [r for r in caplog.records if "has no price for" in r.getMessage()]
     assert len(told) == 1 and "audio_ms" in told[0].getMessage()
+
+
+def test_headers_are_read_as_mitmproxy_reads_them() -> None:
+    from edgemeter.addon import headers_get
+
+    headers = http.Headers(
+        [
+            (b"Content-Type", b"application/json"),
+            (b"CONTENT-ENCODING", b"gzip"),
+            (b"x-other", b"1"),
+            (b"content-encoding", b"br"),
+            (b"content-type", b"caf\xc3\xa9 \xff"),
+        ]
+    )
+    for first, second in (("content-encoding", "content-type"), ("x-other", "absent")):
+        got = headers_get(headers.fields, first.encode(), second.encode())
+        assert got == (headers.get(first, ""), headers.get(second, ""))
+    assert headers_get(http.Headers().fields, b"content-type") == ("", "")

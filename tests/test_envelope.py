@@ -295,3 +295,32 @@ def test_billed_dimensions_are_written_only_where_reported_after_every_other_fie
     assert list(meta["tokens_detail"]) == ["input_text", "output_audio"]
     assert list(meta["units"]) == ["images", "image_size"]
     assert meta["tokens_used"] == 151  # input + output, whatever the parts
+
+
+def _json_dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def test_the_encoder_made_once_writes_what_json_dumps_writes() -> None:
+    # envelope._dumps calls the C encoder json.dumps makes (a private API of the stdlib):
+    # the same text for everything an envelope holds, the same ValueError for a NaN, and
+    # still right after one (no state kept between calls).
+    rng = random.Random(7)
+    objects: list[Any] = [
+        build(FACTS, USAGE, flat_price(USAGE, 156)),
+        {"s": 'caf\u00e9 \U0001f600 \ud800 "q" \\ \n\t\x00', 1: 2, 1.5: None, None: [False]},
+        {"f": [0.1, -0.0, 1e308, 1e-320, 2**63, -(2**70)], "n": None, "e": {}, "l": []},
+        *(usage_shaped(rng) for _ in range(300)),
+    ]
+    for obj in objects:
+        try:
+            expected = _json_dumps(obj)
+        except ValueError:
+            with pytest.raises(ValueError):
+                envelope._dumps(obj)
+            continue
+        assert envelope._dumps(obj) == expected
+        assert encode(obj) == expected.encode()
+    with pytest.raises(TypeError):
+        envelope._dumps({"set": {1}})
+    assert envelope._C_ENCODE is not None  # the C speedups are there: what is measured

@@ -116,6 +116,9 @@ def count(obj: Any, *path: str) -> int:
         obj = obj.get(key)
     if obj is None:
         return 0
+    # Nearly every count is a plain int in range: 0.55 -> 0.2 µs a count, ~7 counts an answer.
+    if type(obj) is int and 0 <= obj <= MAX_TOKENS:
+        return obj
     return token_count(obj, ".".join(path))
 
 
