@@ -62,6 +62,9 @@ UNBILLABLE_REASON_HEADER = "Edgemeter-Unbillable-Reason"
 _MAX_WARNED_MODELS = 1024
 # Longer paths (or ones with characters unfit for an envelope) are left out of metadata.path.
 _MAX_PATH_CHARS = 2048
+# The routes requestheaders remembers: paths up to this long, this many (then it starts over).
+_MAX_ROUTED_PATH_CHARS = 256
+_MAX_ROUTED_PATHS = 256
 
 # The answer to a metered request while the spool takes nothing (meter_on_spool_full=reject):
 # OpenAI-shaped, so SDKs surface the message, and retryable.
@@ -126,6 +129,9 @@ class Meter:
         self.who = AttributionSpec()
         self.is_running = False
         self.flows: dict[str, FlowMeter] = {}
+        # (path, method) -> its shape and metadata.path: a handful of routes take nearly all
+        # requests (measured: route and clean_name 0.8-1.5 µs a request, a hit 0.1).
+        self._routes: dict[tuple[str, str], tuple[apis.Shape | None, str | None]] = {}
         # Realtime sessions (WebSockets), from the upgrade request to websocket_end.
         self.sessions: dict[str, RealtimeMeter] = {}
         # Models whose envelopes carried units without a price, each logged once.
@@ -349,7 +355,15 @@ class Meter:
         path = req.path
         if not path.startswith(settings.paths):
             return
-        shape = apis.route(path, req.method)
+        method = req.method
+        known = self._routes.get((path, method))
+        if known is None:
+            known = apis.route(path, method), clean_name(path.split("?", 1)[0], _MAX_PATH_CHARS)
+            if len(path) <= _MAX_ROUTED_PATH_CHARS:
+                if len(self._routes) >= _MAX_ROUTED_PATHS:
+                    self._routes.clear()
+                self._routes[(path, method)] = known
+        shape, clean_path = known
         if shape is None or shape.free:
             # Never silently ignored: a request on a metered path without an envelope is
             # counted, by why (a route no shape meters, a free one such as moderations).
@@ -382,7 +396,7 @@ class Meter:
         facts = Request(
             request_id=uuid7(),
             api=shape.api,
-            path=clean_name(path.split("?", 1)[0], _MAX_PATH_CHARS) or "",
+            path=clean_path or "",
             started_at=req.timestamp_start,
             tenant_id=who.tenant_id,
             customer_id=who.customer_id,
@@ -629,7 +643,7 @@ class Meter:
             record(flow, routed, done)
         if future is None:
             return None
-        return self._counted(self._spool(future, key, started))
+        return self._spool(future, key, started)
 
     def _result(
         self, meter: FlowMeter, *, aborted: bool
@@ -765,6 +779,8 @@ class Meter:
             return failed
 
     async def _spool(self, future: asyncio.Future[None], key: str, started: float) -> None:
+        # Counted here, not by wrapping it in _counted: one coroutine a request, not two.
+        self._spooling += 1
         try:
             await future
             self.stats.histograms.added.observe(time.monotonic() - started)
@@ -780,6 +796,8 @@ class Meter:
                     f"envelope could not be spooled, request {key} goes unbilled "
                     f"({lost} so far): {e}"
                 )
+        finally:
+            self._spooling -= 1
 
     async def _snapshot(self) -> Snapshot:
         """Counters read on the loop, spool figures read in a thread (they touch the disk)."""

@@ -540,3 +540,28 @@ def test_headers_are_read_as_mitmproxy_reads_them() -> None:
         got = headers_get(headers.fields, first.encode(), second.encode())
         assert got == (headers.get(first, ""), headers.get(second, ""))
     assert headers_get(http.Headers().fields, b"content-type") == ("", "")
+
+
+async def test_remembered_routes_are_routed_as_each_request_would_be(
+    meter: tuple[Meter, Any], recorded: Path
+) -> None:
+    from edgemeter import addon as module
+
+    addon, _ = meter
+    body = wire_body(recorded / "openai-chat-nonstream.json")
+    # The same path by another method, again and again: each routed as it asks.
+    for method in ("GET", "POST", "GET", "POST"):
+        await run_flow(addon, make_flow("/v1/chat/completions", method), 200, body, False)
+    envelopes = spooled(addon)
+    assert [env["metadata"]["path"] for env in envelopes] == ["/v1/chat/completions"] * 2
+    assert addon.stats.unmetered == {"unknown_endpoint": 2}
+    # A query is routed by its path and left out of metadata.path, remembered or not.
+    for _ in range(2):
+        await run_flow(addon, make_flow("/v1/chat/completions?x=1"), 200, body, False)
+    assert [env["metadata"]["path"] for env in spooled(addon)[2:]] == ["/v1/chat/completions"] * 2
+    # Bounded: many paths, long ones never kept.
+    for i in range(module._MAX_ROUTED_PATHS + 10):
+        addon.requestheaders(make_flow(f"/v1/x{i}/chat/completions", "GET"))
+    addon.requestheaders(make_flow("/v1/" + "y" * module._MAX_ROUTED_PATH_CHARS, "GET"))
+    assert 0 < len(addon._routes) <= module._MAX_ROUTED_PATHS
+    assert all(len(path) <= module._MAX_ROUTED_PATH_CHARS for path, _ in addon._routes)

@@ -407,6 +407,7 @@ class FlowMeter:
         if (
             source == "reported"
             and self.shape.openai_counts
+            and anthropic_counts
             and any(rule.matches(self.request.path, model) for rule in anthropic_counts)
         ):
             try:
