@@ -34,6 +34,7 @@ from edgemeter.metering.attribution import (
     is_fingerprint,
     picked_headers,
 )
+from edgemeter.metering.attribution import Spec as AttributionSpec
 from edgemeter.metering.flow import FlowMeter, Request
 from edgemeter.metering.prices import flat_price
 from edgemeter.options import OPTIONS
@@ -552,3 +553,13 @@ async def test_a_hostile_customer_header_is_billed_unattributed_and_counted(
     assert env["metadata"]["client_request_id"] == ""
     assert env["metadata"]["path"] == "/v1/chat/completions"
     assert addon.stats.anomalies["invalid_attribution_header"] == 1
+
+
+def test_api_keys_of_picked_headers_without_the_key_headers_refuse_to_read_them() -> None:
+    # api_keys reads PickedHeaders' own lists; a key header that was not picked still raises
+    # rather than reading as absent (a request billed without its key's fingerprint).
+    picked = picked_headers([(b"authorization", b"Bearer sk-1")], frozenset({"x-tenant-id"}))
+    with pytest.raises(ValueError, match="not picked"):
+        api_keys(picked)
+    every = picked_headers([(b"Authorization", b"Bearer sk-1")], header_names(AttributionSpec()))
+    assert api_keys(every) == ["sk-1"]
