@@ -467,7 +467,8 @@ class Spool:
             if checkpoint and not self._closed:
                 self._queue.put(_CHECKPOINT)
         settle = _Settlements()
-        for item in [*writes, *deletes]:
+        items: list[_Write | _Delete] = [*writes, *deletes]
+        for item in items:
             settle.add(item.waiter, None)
         listener = self._listener
         if listener is not None and writes:
