@@ -65,9 +65,11 @@ _DISCARD_NOW_KEYS: Final = 256
 # writer thread checkpoints after every this many of them (~4 WAL pages each: SQLite's default
 # auto-checkpoint is at 1,000 pages).
 _CHECKPOINT_EVERY: Final = 250
-# An inline commit slower than this hands the loop's commits to the writer thread for
-# _INLINE_PAUSE_S: a slow disk stalls a thread, never the loop twice in a row.
+# _INLINE_SLOW_RUN inline commits in a row slower than _INLINE_SLOW_S hand the loop's commits
+# to the writer thread for _INLINE_PAUSE_S: a slow disk stalls a thread, not the loop. One slow
+# commit is not enough: on a busy machine the loop's thread is preempted now and then.
 _INLINE_SLOW_S: Final = 0.002
+_INLINE_SLOW_RUN: Final = 3
 _INLINE_PAUSE_S: Final = 5.0
 
 
@@ -266,6 +268,7 @@ class Spool:
         # database hands the commit to the writer thread instead of waiting).
         self._inline: sqlite3.Connection | None = None
         self._inline_paused_until = 0.0
+        self._slow_run = 0
         self._since_checkpoint = 0
         # Writer-thread commits whose listener call has not run on its loop yet: until it has,
         # an inline commit would be heard of first (guarded by _lock).
@@ -273,6 +276,7 @@ class Spool:
         # Commits made on the loop's thread, and by the writer thread.
         self.inline_commits = 0
         self.thread_commits = 0
+        self.slow_inline_commits = 0
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -347,6 +351,11 @@ class Spool:
             if self._inline is not None:
                 self._inline.close()
                 self._inline = None
+        log.debug(
+            "spool closed: %d commits on the loop's thread, %d by the writer",
+            self.inline_commits,
+            self.thread_commits,
+        )
         cache = self._cache
         self._cache = None
         self._thread = None
@@ -450,8 +459,14 @@ class Spool:
                 log.debug("inline spool commit handed to the writer: %s", exc)
                 self._return_discards(deletes)
                 return False
-            if time.perf_counter() - started > _INLINE_SLOW_S:
-                self._inline_paused_until = time.monotonic() + _INLINE_PAUSE_S
+            if time.perf_counter() - started <= _INLINE_SLOW_S:
+                self._slow_run = 0
+            else:
+                self._slow_run += 1
+                self.slow_inline_commits += 1
+                if self._slow_run >= _INLINE_SLOW_RUN:
+                    self._slow_run = 0
+                    self._inline_paused_until = time.monotonic() + _INLINE_PAUSE_S
             self._seq += 1
             seq = self._seq
             self._written_at = time.monotonic()
