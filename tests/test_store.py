@@ -358,9 +358,24 @@ async def test_a_scan_in_the_writer_says_which_commit_it_reflects(spool: Spool) 
 async def test_envelopes_enqueued_in_one_turn_of_the_loop_share_one_commit(spool: Spool) -> None:
     told: list[int] = []
     spool.listen(lambda seq, entries: told.append(len(entries)))
+    first = spool.enqueue("0193-first", b"{}")
+    assert first.done() and told == [1]  # an idle spool: no batch to join, committed at once
     await asyncio.gather(*[spool.enqueue(f"0193-{i:03d}", b"{}") for i in range(100)])
-    assert told == [100]  # one hand-over to the writer, one transaction, one wake-up
-    assert len(spool) == 100
+    assert told == [1, 100]  # the rest of the turn: one transaction, one wake-up
+    assert len(spool) == 101
+
+
+async def test_an_envelope_right_after_a_commit_waits_for_the_end_of_the_turn(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store, "_IDLE_S", 60.0)  # a commit within the minute: not idle
+    await spool.put("0193-a", b"{}")
+    second = spool.enqueue("0193-b", b"{}")  # a batch may be forming
+    assert not second.done()
+    await second
+    monkeypatch.setattr(store, "_IDLE_S", 0.0)
+    await asyncio.sleep(0.001)
+    assert spool.enqueue("0193-c", b"{}").done()
 
 
 async def test_an_envelope_enqueued_as_the_spool_closes_fails_instead_of_vanishing(
@@ -368,12 +383,13 @@ async def test_an_envelope_enqueued_as_the_spool_closes_fails_instead_of_vanishi
 ) -> None:
     spool = Spool(tmp_path / "spool")
     spool.open()
-    future = spool.enqueue("0193-a", b"{}")
+    assert spool.enqueue("0193-a", b"{}").done()  # an idle spool commits the first at once
+    future = spool.enqueue("0193-b", b"{}")
     spool.close()  # before the loop's turn ends and hands it over
     with pytest.raises(SpoolError, match="not open"):
         await future
     with pytest.raises(SpoolError, match="not open"):
-        spool.enqueue("0193-b", b"{}")
+        spool.enqueue("0193-c", b"{}")
 
 
 async def test_enqueue_refuses_once_queued_envelopes_fill_the_spool(tmp_path: Path) -> None:
