@@ -57,10 +57,11 @@ _LINGER_ENOUGH: Final = 256
 _YIELD_EVERY: Final = 16
 # Acked keys handed to the spool in one discard at most; fewer when a read of acks ends first.
 _DISCARD_BATCH: Final = 256
-# JetStream's answer to a publish it stored (nats-server's JSPubAckResponse without an error):
-# read without json; anything else (errors, other fields, other spellings) goes through json.
+# JetStream's answer to a publish it stored (nats-server 2.15 writes `{"stream":"S","seq":1}`,
+# `,"duplicate": true}` for a repeat): read without json; anything else (errors, other fields
+# or spellings) goes through json. A match is what json would read as the same ack.
 _PUBACK: Final = re.compile(
-    rb'\{"stream":"[^"\\]*",(?:"domain":"[^"\\]*",)?"seq":\d+(,"duplicate":true)?\}'
+    rb'\{"stream": ?"[^"\\]*", ?(?:"domain": ?"[^"\\]*", ?)?"seq": ?\d+(, ?"duplicate": ?true)?\}'
 )
 _HPUB_HEAD: Final = b"HPUB %s %s %d %d\r\n"
 _HEADERS_START: Final = b"NATS/1.0\r\n"

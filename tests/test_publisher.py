@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
+from types import SimpleNamespace
 
 import certifi
 import nats
@@ -16,9 +18,11 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import StorageType, StreamConfig
 
+import spool.publisher as spool_publisher
 from edgemeter.ids import uuid7
 from spool import NatsConfig, Publisher, Spool, SpoolLock
-from spool.publisher import _FRESH_MAX, _LINGER_ENOUGH, _Attempt
+from spool.errors import SpoolError
+from spool.publisher import _FRESH_MAX, _LINGER_ENOUGH, _Attempt, _Client
 from spool.store import Scanned
 from tools.harness import NatsServer
 from tools.streams import ensure_stream, stream_messages
@@ -558,3 +562,166 @@ async def test_a_foreign_answer_to_a_publish_is_an_error_and_the_envelope_stays(
         assert publisher.stats.in_flight == 0
     finally:
         await nc.close()
+
+
+# -- the publisher's own wire work, held to nats-py's (pinned in requirements/lock.txt) -------
+
+
+async def nats_py_hpub(
+    subject: str, reply: str, headers: dict[str, str], payload: bytes
+) -> bytes | BaseException:
+    """What nats-py's publish() queues for these (or raises), read off an unconnected client."""
+    nc = NATS()
+    nc._status = NATS.CONNECTED  # past publish()'s reconnect-buffer checks
+    sent: list[bytes] = []
+
+    async def capture(cmd: bytes, priority: bool = False) -> None:
+        sent.append(cmd)
+
+    nc._send_command = capture  # type: ignore[method-assign]
+    try:
+        await nc.publish(subject, payload, reply=reply, headers=dict(headers))
+    except Exception as exc:
+        return exc
+    (command,) = sent
+    return command
+
+
+@pytest.mark.parametrize(
+    ("subject", "headers", "payload"),
+    [
+        (SUBJECT, {"Nats-Msg-Id": "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b"}, b'{"a": 1}'),
+        (SUBJECT, {"Nats-Msg-Id": " spaced\r\nkey "}, b""),
+        (
+            "catalyst.usage.unbillable",
+            {"Nats-Msg-Id": "k", "ce-id": "x", " ce-type ": "t\nu", "": "skipped", "ce-é": "v"},
+            b"x" * 900,
+        ),
+        (SUBJECT, {"Nats-Msg-Id": "k", "bad key": "v"}, b"{}"),
+        ("bad subject", {"Nats-Msg-Id": "k"}, b"{}"),
+        ("", {"Nats-Msg-Id": "k"}, b"{}"),
+        (SUBJECT, {"Nats-Msg-Id": "k"}, b"x" * (1024 * 1024 + 1)),
+    ],
+)
+async def test_publishes_are_the_bytes_and_errors_of_nats_py(
+    spool: Spool, subject: str, headers: dict[str, str], payload: bytes
+) -> None:
+    publisher = Publisher(spool, NatsConfig(servers=("nats://x:4222",), subject=SUBJECT))
+    nc = NATS()  # its max_payload before any INFO: nats-py's default, 1 MiB
+    expected = await nats_py_hpub(subject, "_INBOX.abc.7", headers, payload)
+    try:
+        built: bytes | BaseException = publisher._hpub(
+            nc, subject, "_INBOX.abc.7", headers, payload
+        )
+    except Exception as exc:
+        built = exc
+    if isinstance(expected, BaseException):
+        assert type(built) is type(expected)
+    else:
+        assert built == expected
+
+
+async def test_acks_are_read_where_nats_py_parses_them_and_a_plain_one_without_json(
+    nats_server: NatsServer,
+    spool: Spool,
+    make_publisher: Callable[..., Publisher],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    await ensure_stream(nats_server.url)
+    through_queue: list[Msg] = []
+
+    async def on_ack(self: Publisher, msg: Msg) -> None:
+        through_queue.append(msg)
+
+    monkeypatch.setattr(Publisher, "_on_ack", on_ack)
+    decoded: list[bytes] = []
+
+    def loads(text: bytes) -> object:
+        decoded.append(text)
+        return json.loads(text)
+
+    monkeypatch.setattr(spool_publisher, "json", SimpleNamespace(loads=loads))
+    publisher = make_publisher(nats_server.url)
+    publisher.start()
+    (key,) = await spool_keys(spool, 1)
+    await wait_until(lambda: len(spool) == 0)
+    await spool.put(key, envelope(key))  # acked as a duplicate
+    keys = await spool_keys(spool, 50)
+    await wait_until(lambda: len(spool) == 0)
+    assert isinstance(publisher._nc, _Client)
+    assert publisher._nc._ack_sid in publisher._nc._subs  # the subscription's sid, as parsed
+    assert publisher.stats.acked == 52 and publisher.stats.duplicates == 1
+    assert through_queue == []  # no Msg, no subscription task
+    assert decoded == []  # nats-server's PubAck, with and without duplicate, read as bytes
+    assert sorted(await msg_ids(nats_server.url)) == sorted([key, *keys])
+
+
+async def test_without_the_interception_acks_still_come_through_the_subscription(
+    nats_server: NatsServer,
+    spool: Spool,
+    make_publisher: Callable[..., Publisher],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    await ensure_stream(nats_server.url)
+    monkeypatch.setattr(_Client, "intercept", lambda self, sid, handler: None)
+    publisher = make_publisher(nats_server.url)
+    publisher.start()
+    keys = await spool_keys(spool, 20)
+    await wait_until(lambda: len(spool) == 0)
+    assert publisher.stats.acked == 20
+    assert await msg_ids(nats_server.url) == keys
+
+
+@pytest.mark.parametrize(
+    ("answer", "duplicate"),
+    [
+        (b'{"stream":"S","seq":1}', False),
+        (b'{"stream":"S","seq":2,"duplicate":true}', True),
+        (b'{"stream":"S","seq":2,"duplicate": true}', True),
+        (b'{"stream": "S", "domain": "hub", "seq": 2}', False),
+        (b'{"stream":"S","domain":"hub","seq":3,"duplicate":true}', True),
+        (b'{"stream":"S","seq":4,"duplicate":false}', False),  # through json
+        (b'{"seq":5,"stream":"S","duplicate":1}', True),  # through json
+        (b'{"stream":"S","seq":6}\n', False),  # through json
+    ],
+)
+async def test_an_ack_read_as_bytes_counts_as_json_would(
+    spool: Spool, answer: bytes, duplicate: bool
+) -> None:
+    publisher = Publisher(spool, NatsConfig(servers=("nats://x:4222",), subject=SUBJECT))
+    publisher._bind()
+    publisher._inbox = "_INBOX.t"
+    assert publisher._slots is not None
+    await publisher._slots.acquire()
+    publisher._awaiting[9] = ("k", b"{}", time.monotonic())
+    publisher._in_flight.add("k")
+    publisher._ack(b"_INBOX.t.9", answer, None)
+    assert publisher.stats.acked == 1
+    assert publisher.stats.duplicates == int(duplicate)
+    assert not publisher._awaiting and not publisher._acked  # handed to the spool at once
+    await asyncio.gather(*publisher._discarding)
+    assert "k" not in publisher._in_flight
+
+
+class FailingDiscards(Spool):
+    def discard(self, sizes: Mapping[str, int]) -> asyncio.Future[None]:
+        raise SpoolError("disk gone")
+
+
+async def test_a_delete_that_fails_is_warned_and_the_keys_come_round_again_as_duplicates(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    await ensure_stream(nats_server.url)
+    spool = FailingDiscards(tmp_path / "failing")
+    spool.open()
+    publisher = Publisher(spool, NatsConfig(servers=(nats_server.url,), subject=SUBJECT))
+    try:
+        publisher.start()
+        keys = await spool_keys(spool, 5)
+        await wait_until(lambda: publisher.stats.acked >= 5 and not publisher._in_flight)
+        assert publisher.stats.errors["spool"] >= 1
+        assert len(spool) == 5
+    finally:
+        await publisher.stop(0)
+        spool.close()
+    assert sorted(await msg_ids(nats_server.url)) == sorted(keys)  # stored once each
