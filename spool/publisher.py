@@ -64,6 +64,9 @@ _PUBACK: Final = re.compile(
     rb'\{"stream": ?"[^"\\]*", ?(?:"domain": ?"[^"\\]*", ?)?"seq": ?\d+(, ?"duplicate": ?true)?\}'
 )
 _HPUB_HEAD: Final = b"HPUB %s %s %d %d\r\n"
+# An unrouted envelope's HPUB after "HPUB <subject> <inbox>.": its token, sizes, id, payload.
+_HPUB_PLAIN: Final = b"%s%d %d %d\r\nNATS/1.0\r\nNats-Msg-Id: %s\r\n\r\n%s\r\n"
+_PLAIN_HEAD_SIZE: Final = len(b"NATS/1.0\r\nNats-Msg-Id: \r\n\r\n")
 _HEADERS_START: Final = b"NATS/1.0\r\n"
 _CRLF: Final = b"\r\n"
 _HEADER_VALUE_NEWLINES: Final = str.maketrans({"\r": " ", "\n": " "})
@@ -335,6 +338,8 @@ class Publisher:
         self._out: list[bytes] = []
         self._out_bytes = 0
         self._valid_subjects: set[str] = set()
+        # "HPUB <subject> <inbox>." for the configured subject, once nats-py's check passed it.
+        self._plain_prefix = b""
         self._failed = False
         self._last_warned: dict[str, float] = {}
         self._suppressed: collections.Counter[str] = collections.Counter()
@@ -681,7 +686,7 @@ class Publisher:
         assert nc is not None
         assert self._wake is not None and self._enough is not None and self._slots is not None
         if self._acks_for is not nc:
-            self._inbox = nc.new_inbox()
+            self._set_inbox(nc.new_inbox())
             sub = await nc.subscribe(self._inbox + ".*", cb=self._on_ack)
             if isinstance(nc, _Client):
                 nc.intercept(sub._id, self._ack)
@@ -771,6 +776,13 @@ class Publisher:
                 await self._linger()
                 from_start, dispatched = cursor == "", 0
 
+    def _set_inbox(self, inbox: str) -> None:
+        self._inbox = inbox
+        self._plain_prefix = b""
+        with contextlib.suppress(nats.errors.BadSubjectError):
+            nats.aio.client._validate_subject(self.config.subject)
+            self._plain_prefix = f"HPUB {self.config.subject} {inbox}.".encode()
+
     async def _linger(self) -> None:
         """Let a trickle of commits gather: up to linger_ms, or until a batch is big enough."""
         assert self._enough is not None
@@ -811,16 +823,23 @@ class Publisher:
         if self._expiry is None:
             self._expiry = asyncio.get_running_loop().call_later(self._timeout_s, self._expire)
         try:
-            headers = {"Nats-Msg-Id": key}
-            subject, body = self.config.subject, data
+            prefix = self._plain_prefix
             # Measured: the check costs a plain value 0.05 µs; a routed one is read in 2.2 µs
             # (to the unbillable subject) to 4.4 µs (seven CloudEvents headers).
-            if data.startswith(ROUTED):
-                route, body = unpack(data)
-                subject = route.subject or subject
-                headers.update(route.headers)
-            self._out.append(self._hpub(nc, subject, f"{self._inbox}.{token}", headers, body))
-            self._out_bytes += len(body)
+            if prefix and not data.startswith(ROUTED) and len(data) <= nc.max_payload:
+                # The common case, as _hpub builds it: 1.9 µs instead of 4.0.
+                value = key.strip().translate(_HEADER_VALUE_NEWLINES).encode()
+                size = len(value) + _PLAIN_HEAD_SIZE
+                self._out.append(_HPUB_PLAIN % (prefix, token, size, size + len(data), value, data))
+            else:
+                headers = {"Nats-Msg-Id": key}
+                subject, body = self.config.subject, data
+                if data.startswith(ROUTED):
+                    route, body = unpack(data)
+                    subject = route.subject or subject
+                    headers.update(route.headers)
+                self._out.append(self._hpub(nc, subject, f"{self._inbox}.{token}", headers, body))
+            self._out_bytes += len(data)
         except Exception as exc:
             del self._awaiting[token]
             if isinstance(exc, nats.errors.MaxPayloadError | RouteError):
