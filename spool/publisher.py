@@ -27,6 +27,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.transport import TcpTransport
 
 # A server URL without its user-info, safe to log (one implementation for options and logs).
 from spool.deadletter import DeadLetters
@@ -885,9 +886,14 @@ class Publisher:
         return b"".join((line, head, payload, _CRLF))
 
     async def _send_out(self, nc: NATS) -> None:
-        """Queue the publishes built so far on nats-py's pending buffer and wake its flusher,
-        as its publish() does for each (pinned nats-py; tests/test_publisher.py): one write
-        for the batch. The buffer is its reconnect buffer too."""
+        """Send the publishes built so far in one write (pinned nats-py; tests/test_publisher.py).
+
+        With nothing of nats-py's waiting to go out, straight to the socket: its flusher task
+        would take a turn of the loop to write the same bytes (measured: 51k of 740k
+        instructions per envelope published one at a time; none in batches). Otherwise behind
+        what waits, on nats-py's pending buffer (its reconnect buffer too), waking its flusher
+        as its publish() does. Unlike the flusher this does not wait for the socket to drain:
+        what is unacked is bounded by max_in_flight."""
         out = self._out
         if not out:
             return
@@ -896,6 +902,10 @@ class Publisher:
         stats["out_msgs"] += len(out)
         stats["out_bytes"] += self._out_bytes
         self._out_bytes = 0
+        transport = nc._transport
+        if isinstance(transport, TcpTransport) and not nc._pending and nc.is_connected:
+            transport.writelines(out)  # type: ignore[no-untyped-call]
+            return
         await nc._send_command(b"".join(out))
         if nc._flush_queue is not None and nc._flush_queue.empty():
             await nc._flush_pending()

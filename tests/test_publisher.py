@@ -16,6 +16,7 @@ import nats
 import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.transport import TcpTransport
 from nats.js.api import StorageType, StreamConfig
 
 import spool.publisher as spool_publisher
@@ -741,6 +742,40 @@ async def test_a_batch_queues_what_nats_py_would_for_each_envelope(
         publisher._release(key, acked=False)
     if publisher._expiry is not None:
         publisher._expiry.cancel()
+
+
+class WrittenTransport(TcpTransport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[list[bytes]] = []
+
+    def writelines(self, payload: list[bytes]) -> None:
+        self.written.append(list(payload))
+
+
+async def test_a_batch_goes_straight_to_the_socket_unless_nats_py_has_bytes_waiting(
+    spool: Spool,
+) -> None:
+    publisher = Publisher(spool, NatsConfig(servers=("nats://x:4222",), subject=SUBJECT))
+    nc = NATS()
+    nc._status = NATS.CONNECTED
+    transport = nc._transport = WrittenTransport()
+    publisher._out = [b"A", b"B"]
+    await publisher._send_out(nc)
+    assert transport.written == [[b"A", b"B"]] and nc._pending == []
+
+    nc._pending = [b"PING\r\n"]  # queued by nats-py, not yet flushed: ours go behind it
+    publisher._out = [b"C", b"D"]
+    await publisher._send_out(nc)
+    assert transport.written == [[b"A", b"B"]]
+    assert nc._pending == [b"PING\r\n", b"CD"]
+    assert nc.stats["out_msgs"] == 4
+
+    nc._pending = []
+    nc._status = NATS.RECONNECTING  # into nats-py's reconnect buffer
+    publisher._out = [b"E"]
+    await publisher._send_out(nc)
+    assert nc._pending == [b"E"] and transport.written == [[b"A", b"B"]]
 
 
 class FailingDiscards(Spool):
