@@ -52,9 +52,9 @@ _PAGE_SIZE: Final = 512
 # Envelopes handed over while lingering that cut the linger short: a batch this big gains
 # nothing from waiting longer.
 _LINGER_ENOUGH: Final = 256
-# Publishes are built in the pump's turn and handed to nats-py together every so many (one
-# write, one wake-up of its flusher), then the pump yields: a 512-envelope page must not hold
-# the loop for milliseconds in one callback.
+# Publishes are built in the pump's turn and written together every so many (one write, see
+# _send_out), then the pump yields: a 512-envelope page must not hold the loop for
+# milliseconds in one callback.
 _YIELD_EVERY: Final = 16
 # Acked keys handed to the spool in one discard at most; fewer when a read of acks ends first.
 _DISCARD_BATCH: Final = 256
@@ -828,8 +828,9 @@ class Publisher:
             # Measured: the check costs a plain value 0.05 µs; a routed one is read in 2.2 µs
             # (to the unbillable subject) to 4.4 µs (seven CloudEvents headers).
             if prefix and not data.startswith(ROUTED) and len(data) <= nc.max_payload:
-                # The common case, as _hpub builds it: 1.9 µs instead of 4.0.
-                value = key.strip().translate(_HEADER_VALUE_NEWLINES).encode()
+                # The common case, as _hpub builds it: measured 0.4 µs for a uuid key and an
+                # 800-byte envelope (2.9 µs through _hpub).
+                value = _header_value(key)
                 size = len(value) + _PLAIN_HEAD_SIZE
                 self._out.append(_HPUB_PLAIN % (prefix, token, size, size + len(data), value, data))
             else:
@@ -876,8 +877,7 @@ class Publisher:
                 continue
             if not _HEADER_KEY.fullmatch(name):
                 raise nats.errors.BadHeaderError(name)
-            value = value.strip().translate(_HEADER_VALUE_NEWLINES)
-            parts += (name.encode(), b": ", value.encode(), _CRLF)
+            parts += (name.encode(), b": ", _header_value(value), _CRLF)
         parts.append(_CRLF)
         head = b"".join(parts)
         size = len(head)
@@ -1060,6 +1060,15 @@ class Publisher:
             self._warn("spool", f"cannot delete published envelopes: {describe(exc)}")
         self._in_flight.difference_update(batch)
         self._signal_settled()
+
+
+def _header_value(value: str) -> bytes:
+    """A header value as nats-py writes it: stripped, line breaks made spaces, UTF-8."""
+    value = value.strip()
+    if "\r" in value or "\n" in value:
+        # Measured: str.translate costs 2.2 µs on a 36-character key; the checks 0.1 µs.
+        value = value.translate(_HEADER_VALUE_NEWLINES)
+    return value.encode()
 
 
 def _server_of(nc: NATS) -> str:
