@@ -12,18 +12,22 @@ import contextlib
 import json
 import logging
 import random
+import re
 import ssl
 import time
 from asyncio import FIRST_COMPLETED
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
+import nats.aio.client
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.transport import TcpTransport
 
 # A server URL without its user-info, safe to log (one implementation for options and logs).
 from spool.deadletter import DeadLetters
@@ -48,11 +52,26 @@ _PAGE_SIZE: Final = 512
 # Envelopes handed over while lingering that cut the linger short: a batch this big gains
 # nothing from waiting longer.
 _LINGER_ENOUGH: Final = 256
-# Publishes start eagerly under mitmproxy's eager task factory: without a yield every so many,
-# dispatching a 512-envelope page holds the loop for milliseconds in one callback.
+# Publishes are built in the pump's turn and written together every so many (one write, see
+# _send_out), then the pump yields: a 512-envelope page must not hold the loop for
+# milliseconds in one callback.
 _YIELD_EVERY: Final = 16
-# Turns of the loop the deleter waits for more acks to join its batch (see _flush_acked).
-_GATHER_TURNS: Final = 4
+# Acked keys handed to the spool in one discard at most; fewer when a read of acks ends first.
+_DISCARD_BATCH: Final = 256
+# JetStream's answer to a publish it stored (nats-server 2.15 writes `{"stream":"S","seq":1}`,
+# `,"duplicate": true}` for a repeat): read without json; anything else (errors, other fields
+# or spellings) goes through json. A match is what json would read as the same ack.
+_PUBACK: Final = re.compile(
+    rb'\{"stream": ?"[^"\\]*", ?(?:"domain": ?"[^"\\]*", ?)?"seq": ?\d+(, ?"duplicate": ?true)?\}'
+)
+_HPUB_HEAD: Final = b"HPUB %s %s %d %d\r\n"
+# An unrouted envelope's HPUB after "HPUB <subject> <inbox>.": its token, sizes, id, payload.
+_HPUB_PLAIN: Final = b"%s%d %d %d\r\nNATS/1.0\r\nNats-Msg-Id: %s\r\n\r\n%s\r\n"
+_PLAIN_HEAD_SIZE: Final = len(b"NATS/1.0\r\nNats-Msg-Id: \r\n\r\n")
+_HEADERS_START: Final = b"NATS/1.0\r\n"
+_CRLF: Final = b"\r\n"
+_HEADER_VALUE_NEWLINES: Final = str.maketrans({"\r": " ", "\n": " "})
+_HEADER_KEY: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _CONNECT_TIMEOUT_S: Final = 2
 # Committed envelopes handed over in memory (Spool.listen) and not yet published: past this
 # many, they are dropped and read back from the spool instead (a broker outage must not grow
@@ -149,8 +168,14 @@ class _Backoff:
         self._delay = _BACKOFF_INITIAL_S
 
 
+# A publish's ack as it comes off the wire: its subject, its payload, its headers (nats-py's
+# parse of them, or None).
+AckHandler = Callable[[bytes, bytes, dict[str, str] | None], None]
+
+
 class _Client(NATS):
-    """nats-py's client, but with TLS configured it never talks in plaintext.
+    """nats-py's client, but with TLS configured it never talks in plaintext, and the acks of
+    the publisher's subscription are handed over as nats-py parses them.
 
     nats-py upgrades to TLS only when the server's INFO says tls_required: a broker that merely
     allows TLS (allow_non_tls), or anyone in the path who edits that INFO, would get the
@@ -161,6 +186,29 @@ class _Client(NATS):
     def __init__(self, *, require_tls: bool) -> None:
         super().__init__()
         self._require_tls = require_tls
+        self._ack_sid = -1
+        self._ack_handler: AckHandler | None = None
+
+    def intercept(self, sid: int, handler: AckHandler) -> None:
+        """Hand the messages of subscription `sid` to `handler` on the reading task, without
+        a Msg, the subscription's queue and its task (pinned nats-py; tests/test_publisher.py)."""
+        self._ack_sid = sid
+        self._ack_handler = handler
+
+    async def _process_msg(
+        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None
+    ) -> None:
+        handler = self._ack_handler
+        if sid != self._ack_sid or handler is None:
+            await super()._process_msg(sid, subject, reply, data, headers)  # type: ignore[arg-type]
+            return
+        stats = self.stats
+        stats["in_msgs"] += 1
+        stats["in_bytes"] += len(data)
+        try:
+            handler(subject, data, await self._process_headers(headers) if headers else None)
+        except Exception as exc:  # as nats-py does with a callback's error
+            await self._error_cb(exc)
 
     async def _process_info(self, info: dict[str, Any], initial_connection: bool = False) -> None:
         # Called on every (re)connect with the INFO dict that nats-py then reads tls_required
@@ -268,7 +316,7 @@ class Publisher:
         # last token of their subject (one subscription for all, as nats.go's async publish).
         self._acks_for: NATS | None = None
         self._inbox = ""
-        self._awaiting: dict[str, _Awaiting] = {}
+        self._awaiting: dict[int, _Awaiting] = {}
         self._token = 0
         self._expiry: asyncio.TimerHandle | None = None
         self._backoff = _Backoff()
@@ -284,7 +332,15 @@ class Publisher:
         # spool's held-bytes account is kept from them, without reading them back).
         self._acked: list[tuple[str, int]] = []
         self._tasks: set[asyncio.Task[None]] = set()
-        self._deleter: asyncio.Task[None] | None = None
+        # Discards handed to the spool and not yet committed; the handle of the one to come.
+        self._discarding: set[asyncio.Future[None]] = set()
+        self._discard_soon: asyncio.Handle | None = None
+        # Publishes built and not yet handed to nats-py (see _send_out).
+        self._out: list[bytes] = []
+        self._out_bytes = 0
+        self._valid_subjects: set[str] = set()
+        # "HPUB <subject> <inbox>." for the configured subject, once nats-py's check passed it.
+        self._plain_prefix = b""
         self._failed = False
         self._last_warned: dict[str, float] = {}
         self._suppressed: collections.Counter[str] = collections.Counter()
@@ -353,9 +409,8 @@ class Publisher:
             pending.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         # Deleting what was acked is local and quick; skipping it would only cost duplicates.
-        if self._deleter is not None:
-            await self._deleter
-        await self._flush_acked()
+        self._discard_acked()
+        await asyncio.gather(*self._discarding, return_exceptions=True)
         nc, self._nc, self._acks_for = self._nc, None, None
         if nc is not None:
             with contextlib.suppress(Exception):
@@ -632,9 +687,13 @@ class Publisher:
         assert nc is not None
         assert self._wake is not None and self._enough is not None and self._slots is not None
         if self._acks_for is not nc:
-            self._inbox = nc.new_inbox()
-            await nc.subscribe(self._inbox + ".*", cb=self._on_ack)
+            self._set_inbox(nc.new_inbox())
+            sub = await nc.subscribe(self._inbox + ".*", cb=self._on_ack)
+            if isinstance(nc, _Client):
+                nc.intercept(sub._id, self._ack)
             self._acks_for = nc
+        # Left by a pump that was cancelled: their acks never come, they expire.
+        self._out, self._out_bytes = [], 0
         assert self._connected is not None and self._settled is not None
         self._failed = False
         cursor = ""
@@ -682,6 +741,7 @@ class Publisher:
                                 break  # the cursor stays before this key
                             dispatched += 1
                         cursor = key
+                    await self._send_out(nc)
                 finally:
                     # Only a scan reads it, so it starts empty; kept, it would grow by every
                     # envelope published while caught up.
@@ -717,6 +777,13 @@ class Publisher:
                 await self._linger()
                 from_start, dispatched = cursor == "", 0
 
+    def _set_inbox(self, inbox: str) -> None:
+        self._inbox = inbox
+        self._plain_prefix = b""
+        with contextlib.suppress(nats.errors.BadSubjectError):
+            nats.aio.client._validate_subject(self.config.subject)
+            self._plain_prefix = f"HPUB {self.config.subject} {inbox}.".encode()
+
     async def _linger(self) -> None:
         """Let a trickle of commits gather: up to linger_ms, or until a batch is big enough."""
         assert self._enough is not None
@@ -727,39 +794,54 @@ class Publisher:
 
     async def _publish_all(self, nc: NATS, entries: list[tuple[str, bytes]]) -> bool:
         """Dispatch the handed-over entries; False if interrupted (a failure, a disconnect)."""
-        for key, data in entries:
-            if key in self._in_flight or key in self._refused_keys:
-                continue
-            if not await self._publish_one(nc, key, data):
-                return False
-        return True
+        try:
+            for key, data in entries:
+                if key in self._in_flight or key in self._refused_keys:
+                    continue
+                if not await self._publish_one(nc, key, data):
+                    return False
+            return True
+        finally:
+            await self._send_out(nc)
 
     async def _publish_one(self, nc: NATS, key: str, data: bytes) -> bool:
-        """Publish one envelope once a slot is free; its ack comes to _on_ack. False if it
-        cannot go now."""
-        assert self._slots is not None
-        await self._slots.acquire()
+        """Build one envelope's publish once a slot is free (sent with the others of its batch
+        by _send_out, which every wait in here and every caller's end calls first); its ack
+        comes to _ack. False if it cannot go now."""
+        slots = self._slots
+        assert slots is not None
+        if slots.locked():
+            await self._send_out(nc)  # the acks that free a slot need these on their way
+        await slots.acquire()
         if self._failed or not nc.is_connected:
-            self._slots.release()
+            slots.release()
             return False
         self._in_flight.add(key)
         self.stats.in_flight += 1
         self._token += 1
-        token = str(self._token)
+        token = self._token
         self._awaiting[token] = (key, data, time.monotonic())
         if self._expiry is None:
             self._expiry = asyncio.get_running_loop().call_later(self._timeout_s, self._expire)
         try:
-            # A new headers dict per call: nats-py adds keys to the dict it is given.
-            headers = {"Nats-Msg-Id": key}
-            subject, body = self.config.subject, data
+            prefix = self._plain_prefix
             # Measured: the check costs a plain value 0.05 µs; a routed one is read in 2.2 µs
             # (to the unbillable subject) to 4.4 µs (seven CloudEvents headers).
-            if data.startswith(ROUTED):
-                route, body = unpack(data)
-                subject = route.subject or subject
-                headers.update(route.headers)
-            await nc.publish(subject, body, reply=f"{self._inbox}.{token}", headers=headers)
+            if prefix and not data.startswith(ROUTED) and len(data) <= nc.max_payload:
+                # The common case, as _hpub builds it: measured 0.4 µs for a uuid key and an
+                # 800-byte envelope (2.9 µs through _hpub).
+                value = _header_value(key)
+                size = len(value) + _PLAIN_HEAD_SIZE
+                self._out.append(_HPUB_PLAIN % (prefix, token, size, size + len(data), value, data))
+            else:
+                headers = {"Nats-Msg-Id": key}
+                subject, body = self.config.subject, data
+                if data.startswith(ROUTED):
+                    route, body = unpack(data)
+                    subject = route.subject or subject
+                    headers.update(route.headers)
+                self._out.append(self._hpub(nc, subject, f"{self._inbox}.{token}", headers, body))
+            self._out_bytes += len(data)
         except Exception as exc:
             del self._awaiting[token]
             if isinstance(exc, nats.errors.MaxPayloadError | RouteError):
@@ -772,16 +854,77 @@ class Publisher:
             return False
         self._dispatched += 1
         if self._dispatched % _YIELD_EVERY == 0:
+            await self._send_out(nc)
             await asyncio.sleep(0)
         return True
 
+    def _hpub(
+        self, nc: NATS, subject: str, reply: str, headers: dict[str, str], payload: bytes
+    ) -> bytes:
+        """The HPUB command nats-py's publish() would queue for these, with its checks (a test
+        holds the bytes and the errors to nats-py's own), built without its per-call work."""
+        if subject not in self._valid_subjects:
+            # Once per subject: the configured one and those routes name (a handful).
+            nats.aio.client._validate_subject(subject)
+            if len(self._valid_subjects) < 64:
+                self._valid_subjects.add(subject)
+        if len(payload) > nc.max_payload:
+            raise nats.errors.MaxPayloadError
+        parts = [_HEADERS_START]
+        for name, value in headers.items():
+            name = name.strip()
+            if not name:
+                continue
+            if not _HEADER_KEY.fullmatch(name):
+                raise nats.errors.BadHeaderError(name)
+            parts += (name.encode(), b": ", _header_value(value), _CRLF)
+        parts.append(_CRLF)
+        head = b"".join(parts)
+        size = len(head)
+        # nats-py's subject checks leave no space or line break in either (reply: our inbox).
+        line = _HPUB_HEAD % (subject.encode(), reply.encode(), size, size + len(payload))
+        return b"".join((line, head, payload, _CRLF))
+
+    async def _send_out(self, nc: NATS) -> None:
+        """Send the publishes built so far in one write (pinned nats-py; tests/test_publisher.py).
+
+        With nothing of nats-py's waiting to go out, straight to the socket: its flusher task
+        would take a turn of the loop to write the same bytes (measured: 51k of 740k
+        instructions per envelope published one at a time; none in batches). Otherwise behind
+        what waits, on nats-py's pending buffer (its reconnect buffer too), waking its flusher
+        as its publish() does. Unlike the flusher this does not wait for the socket to drain:
+        what is unacked is bounded by max_in_flight."""
+        out = self._out
+        if not out:
+            return
+        self._out = []
+        stats = nc.stats
+        stats["out_msgs"] += len(out)
+        stats["out_bytes"] += self._out_bytes
+        self._out_bytes = 0
+        transport = nc._transport
+        if isinstance(transport, TcpTransport) and not nc._pending and nc.is_connected:
+            transport.writelines(out)  # type: ignore[no-untyped-call]
+            return
+        await nc._send_command(b"".join(out))
+        if nc._flush_queue is not None and nc._flush_queue.empty():
+            await nc._flush_pending()
+
     async def _on_ack(self, msg: Msg) -> None:
-        """The broker's answer to one publish (nats-py's subscription task calls it)."""
-        awaiting = self._awaiting.pop(msg.subject.rpartition(".")[2], None)
+        """An ack through nats-py's subscription task (a client other than _Client's)."""
+        self._ack(msg.subject.encode(), msg.data, msg.headers)
+
+    def _ack(self, subject: bytes, answer: bytes, headers: dict[str, str] | None) -> None:
+        """The broker's answer to one publish, as nats-py's reading task parses it."""
+        try:
+            token = int(subject[subject.rfind(b".") + 1 :])
+        except ValueError:
+            return
+        awaiting = self._awaiting.pop(token, None)
         if awaiting is None:
             return  # given up on already (timed out, or stopped): it stays spooled
         key, data, started = awaiting
-        if msg.headers and msg.headers.get("Status") == "503":
+        if headers and headers.get("Status") == "503":
             # No responders: what nats-py's js.publish reports as NoStreamResponseError.
             self._release(key, acked=False)
             self.stats.stream_missing = True
@@ -791,33 +934,43 @@ class Publisher:
                 "envelopes stay spooled until the consumer creates it",
             )
             return
-        try:
-            reply = json.loads(msg.data)
-        except ValueError:
-            reply = None
-        if not isinstance(reply, dict):
-            self._release(key, acked=False)
-            self._fail("api", f"JetStream answered a publish with {msg.data[:80]!r}")
-            return
-        if (error := reply.get("error")) is not None:
-            exc = _api_error(error)
-            if exc.err_code in _PERMANENT_API_ERRORS:
-                self._spawn(self._refuse(key, data, exc))
-            else:
+        stored = _PUBACK.fullmatch(answer)
+        if stored is not None:
+            duplicate = stored[1] is not None
+        else:
+            try:
+                reply = json.loads(answer)
+            except ValueError:
+                reply = None
+            if not isinstance(reply, dict):
                 self._release(key, acked=False)
-                self._fail("api", f"JetStream refused a publish: {describe(exc)}")
-            return
+                self._fail("api", f"JetStream answered a publish with {answer[:80]!r}")
+                return
+            if (error := reply.get("error")) is not None:
+                exc = _api_error(error)
+                if exc.err_code in _PERMANENT_API_ERRORS:
+                    self._spawn(self._refuse(key, data, exc))
+                else:
+                    self._release(key, acked=False)
+                    self._fail("api", f"JetStream refused a publish: {describe(exc)}")
+                return
+            duplicate = bool(reply.get("duplicate"))
         if self.on_ack is not None:
             self.on_ack(time.monotonic() - started)
-        self.stats.acked += 1
-        if reply.get("duplicate"):
-            self.stats.duplicates += 1
-        self.stats.stream_missing = False
+        stats = self.stats
+        stats.acked += 1
+        if duplicate:
+            stats.duplicates += 1
+        stats.stream_missing = False
         self._backoff.reset()
         self._release(key, acked=True)
-        self._acked.append((key, len(data)))
-        if self._deleter is None or self._deleter.done():
-            self._deleter = asyncio.get_running_loop().create_task(self._flush_acked())
+        acked = self._acked
+        acked.append((key, len(data)))
+        if not self._awaiting or len(acked) >= _DISCARD_BATCH:
+            self._discard_acked()  # no more acks to wait for
+        elif self._discard_soon is None:
+            # The acks read with this one are handled in this turn: one discard for them all.
+            self._discard_soon = asyncio.get_running_loop().call_soon(self._discard_acked)
 
     def _subject_of(self, data: bytes) -> str:
         """The subject a spooled value was published on (for messages about it)."""
@@ -873,29 +1026,49 @@ class Publisher:
         if self._settled is not None:
             self._settled.set()
 
-    async def _flush_acked(self) -> None:
-        """Delete acked envelopes from the spool, many per transaction."""
-        while self._acked:
-            # Started by the first ack of a burst (eagerly, under mitmproxy's task factory): the
-            # acks right behind it join its batch, one delete for all. Bounded: while a backlog
-            # drains, acks arrive on every turn of the loop and the deletes must keep up.
-            for _ in range(_GATHER_TURNS):
-                gathered = len(self._acked)
-                await asyncio.sleep(0)
-                if len(self._acked) == gathered:
-                    break
-            acked, self._acked = self._acked, []
-            batch = [key for key, _ in acked]
-            try:
-                await self.spool.discard(dict(acked))
-                if self._scanning:
-                    self._deleted.update(batch)
-            except Exception as exc:
-                # Already on the stream: if they come round again the broker dedupes them.
-                self._warn("spool", f"cannot delete published envelopes: {describe(exc)}")
-            finally:
-                self._in_flight.difference_update(batch)
-                self._signal_settled()
+    def _discard_acked(self) -> None:
+        """Hand the acked keys to the spool in one discard; they leave _in_flight once it has
+        committed (until then a page read earlier may still hold them)."""
+        if self._discard_soon is not None:
+            self._discard_soon.cancel()
+            self._discard_soon = None
+        acked, self._acked = self._acked, []
+        if not acked:
+            return
+        batch = [key for key, _ in acked]
+        try:
+            future = self.spool.discard(dict(acked))
+        except Exception as exc:
+            self._discarded(batch, exc)
+            return
+        self._discarding.add(future)
+        future.add_done_callback(partial(self._on_discarded, batch))
+
+    def _on_discarded(self, batch: list[str], future: asyncio.Future[None]) -> None:
+        self._discarding.discard(future)
+        exc = None if future.cancelled() else future.exception()
+        if future.cancelled():
+            exc = asyncio.CancelledError()
+        self._discarded(batch, exc)
+
+    def _discarded(self, batch: list[str], exc: BaseException | None) -> None:
+        if exc is None:
+            if self._scanning:
+                self._deleted.update(batch)
+        else:
+            # Already on the stream: if they come round again the broker dedupes them.
+            self._warn("spool", f"cannot delete published envelopes: {describe(exc)}")
+        self._in_flight.difference_update(batch)
+        self._signal_settled()
+
+
+def _header_value(value: str) -> bytes:
+    """A header value as nats-py writes it: stripped, line breaks made spaces, UTF-8."""
+    value = value.strip()
+    if "\r" in value or "\n" in value:
+        # Measured: str.translate costs 2.2 µs on a 36-character key; the checks 0.1 µs.
+        value = value.translate(_HEADER_VALUE_NEWLINES)
+    return value.encode()
 
 
 def _server_of(nc: NATS) -> str:

@@ -4,21 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
+from types import SimpleNamespace
 
 import certifi
 import nats
 import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.transport import TcpTransport
 from nats.js.api import StorageType, StreamConfig
 
+import spool.publisher as spool_publisher
 from edgemeter.ids import uuid7
 from spool import NatsConfig, Publisher, Spool, SpoolLock
-from spool.publisher import _FRESH_MAX, _LINGER_ENOUGH, _Attempt
+from spool.errors import SpoolError
+from spool.publisher import _FRESH_MAX, _LINGER_ENOUGH, _Attempt, _Client
+from spool.routing import ROUTED, Route, pack, unpack
 from spool.store import Scanned
 from tools.harness import NatsServer
 from tools.streams import ensure_stream, stream_messages
@@ -434,10 +440,13 @@ async def test_envelopes_committed_once_caught_up_are_published_without_reading_
     for _ in range(10):
         keys += await spool_keys(spool, 30)
         await asyncio.sleep(0.01)
-    await wait_until(lambda: publisher.stats.acked == 300 and len(spool) == 0)
+    # The spool can read empty a moment before the loop hears that the deletes committed.
+    await wait_until(
+        lambda: publisher.stats.acked == 300 and len(spool) == 0 and not publisher._in_flight
+    )
     assert spool.calls["scan"] == 1  # every one of them came from the writer's hand-over
     # Nothing kept per envelope once published: a meter runs for months.
-    assert not publisher._deleted and not publisher._in_flight and not publisher._fresh
+    assert not publisher._deleted and not publisher._fresh
     assert not publisher._awaiting
     assert publisher.stats.duplicates == 0
     assert spool.held_bytes == 0
@@ -558,3 +567,236 @@ async def test_a_foreign_answer_to_a_publish_is_an_error_and_the_envelope_stays(
         assert publisher.stats.in_flight == 0
     finally:
         await nc.close()
+
+
+# -- the publisher's own wire work, held to nats-py's (pinned in requirements/lock.txt) -------
+
+
+async def nats_py_hpub(
+    subject: str, reply: str, headers: dict[str, str], payload: bytes
+) -> bytes | BaseException:
+    """What nats-py's publish() queues for these (or raises), read off an unconnected client."""
+    nc = NATS()
+    nc._status = NATS.CONNECTED  # past publish()'s reconnect-buffer checks
+    sent: list[bytes] = []
+
+    async def capture(cmd: bytes, priority: bool = False) -> None:
+        sent.append(cmd)
+
+    nc._send_command = capture  # type: ignore[method-assign]
+    try:
+        await nc.publish(subject, payload, reply=reply, headers=dict(headers))
+    except Exception as exc:
+        return exc
+    (command,) = sent
+    return command
+
+
+@pytest.mark.parametrize(
+    ("subject", "headers", "payload"),
+    [
+        (SUBJECT, {"Nats-Msg-Id": "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b"}, b'{"a": 1}'),
+        (SUBJECT, {"Nats-Msg-Id": " spaced\r\nkey "}, b""),
+        (
+            "catalyst.usage.unbillable",
+            {"Nats-Msg-Id": "k", "ce-id": "x", " ce-type ": "t\nu", "": "skipped", "ce-é": "v"},
+            b"x" * 900,
+        ),
+        (SUBJECT, {"Nats-Msg-Id": "k", "bad key": "v"}, b"{}"),
+        ("bad subject", {"Nats-Msg-Id": "k"}, b"{}"),
+        ("", {"Nats-Msg-Id": "k"}, b"{}"),
+        (SUBJECT, {"Nats-Msg-Id": "k"}, b"x" * (1024 * 1024 + 1)),
+    ],
+)
+async def test_publishes_are_the_bytes_and_errors_of_nats_py(
+    spool: Spool, subject: str, headers: dict[str, str], payload: bytes
+) -> None:
+    publisher = Publisher(spool, NatsConfig(servers=("nats://x:4222",), subject=SUBJECT))
+    nc = NATS()  # its max_payload before any INFO: nats-py's default, 1 MiB
+    expected = await nats_py_hpub(subject, "_INBOX.abc.7", headers, payload)
+    try:
+        built: bytes | BaseException = publisher._hpub(
+            nc, subject, "_INBOX.abc.7", headers, payload
+        )
+    except Exception as exc:
+        built = exc
+    if isinstance(expected, BaseException):
+        assert type(built) is type(expected)
+    else:
+        assert built == expected
+
+
+async def test_acks_are_read_where_nats_py_parses_them_and_a_plain_one_without_json(
+    nats_server: NatsServer,
+    spool: Spool,
+    make_publisher: Callable[..., Publisher],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    await ensure_stream(nats_server.url)
+    through_queue: list[Msg] = []
+
+    async def on_ack(self: Publisher, msg: Msg) -> None:
+        through_queue.append(msg)
+
+    monkeypatch.setattr(Publisher, "_on_ack", on_ack)
+    decoded: list[bytes] = []
+
+    def loads(text: bytes) -> object:
+        decoded.append(text)
+        return json.loads(text)
+
+    monkeypatch.setattr(spool_publisher, "json", SimpleNamespace(loads=loads))
+    publisher = make_publisher(nats_server.url)
+    publisher.start()
+    (key,) = await spool_keys(spool, 1)
+    await wait_until(lambda: len(spool) == 0)
+    await spool.put(key, envelope(key))  # acked as a duplicate
+    keys = await spool_keys(spool, 50)
+    await wait_until(lambda: len(spool) == 0)
+    assert isinstance(publisher._nc, _Client)
+    assert publisher._nc._ack_sid in publisher._nc._subs  # the subscription's sid, as parsed
+    assert publisher.stats.acked == 52 and publisher.stats.duplicates == 1
+    assert through_queue == []  # no Msg, no subscription task
+    assert decoded == []  # nats-server's PubAck, with and without duplicate, read as bytes
+    assert sorted(await msg_ids(nats_server.url)) == sorted([key, *keys])
+
+
+async def test_without_the_interception_acks_still_come_through_the_subscription(
+    nats_server: NatsServer,
+    spool: Spool,
+    make_publisher: Callable[..., Publisher],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    await ensure_stream(nats_server.url)
+    monkeypatch.setattr(_Client, "intercept", lambda self, sid, handler: None)
+    publisher = make_publisher(nats_server.url)
+    publisher.start()
+    keys = await spool_keys(spool, 20)
+    await wait_until(lambda: len(spool) == 0)
+    assert publisher.stats.acked == 20
+    assert await msg_ids(nats_server.url) == keys
+
+
+@pytest.mark.parametrize(
+    ("answer", "duplicate"),
+    [
+        (b'{"stream":"S","seq":1}', False),
+        (b'{"stream":"S","seq":2,"duplicate":true}', True),
+        (b'{"stream":"S","seq":2,"duplicate": true}', True),
+        (b'{"stream": "S", "domain": "hub", "seq": 2}', False),
+        (b'{"stream":"S","domain":"hub","seq":3,"duplicate":true}', True),
+        (b'{"stream":"S","seq":4,"duplicate":false}', False),  # through json
+        (b'{"seq":5,"stream":"S","duplicate":1}', True),  # through json
+        (b'{"stream":"S","seq":6}\n', False),  # through json
+    ],
+)
+async def test_an_ack_read_as_bytes_counts_as_json_would(
+    spool: Spool, answer: bytes, duplicate: bool
+) -> None:
+    publisher = Publisher(spool, NatsConfig(servers=("nats://x:4222",), subject=SUBJECT))
+    publisher._bind()
+    publisher._inbox = "_INBOX.t"
+    assert publisher._slots is not None
+    await publisher._slots.acquire()
+    publisher._awaiting[9] = ("k", b"{}", time.monotonic())
+    publisher._in_flight.add("k")
+    publisher._ack(b"_INBOX.t.9", answer, None)
+    assert publisher.stats.acked == 1
+    assert publisher.stats.duplicates == int(duplicate)
+    assert not publisher._awaiting and not publisher._acked  # handed to the spool at once
+    await asyncio.gather(*publisher._discarding)
+    assert "k" not in publisher._in_flight
+
+
+@pytest.mark.parametrize(
+    ("key", "data", "subject"),
+    [
+        ("0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b", b'{"a": 1}' * 100, SUBJECT),
+        (" spaced\r\nkey\u00e9 ", b"", SUBJECT),
+        ("0190a1b2", b"{}", "bad subject"),
+        (
+            "0190a1b2",
+            pack(Route("catalyst.usage.unbillable", {"ce-id": "abc", "ce-type": "t"}), b"{}"),
+            SUBJECT,
+        ),
+    ],
+)
+async def test_a_batch_queues_what_nats_py_would_for_each_envelope(
+    spool: Spool, key: str, data: bytes, subject: str
+) -> None:
+    publisher = Publisher(spool, NatsConfig(servers=("nats://x:4222",), subject=subject))
+    publisher._bind()
+    publisher._set_inbox("_INBOX.abc")
+    nc = NATS()
+    nc._status = NATS.CONNECTED
+    assert await publisher._publish_one(nc, key, data) is (subject == SUBJECT)
+    route, body = unpack(data) if data.startswith(ROUTED) else (Route(""), data)
+    expected = await nats_py_hpub(
+        route.subject or subject, "_INBOX.abc.1", {"Nats-Msg-Id": key, **route.headers}, body
+    )
+    if isinstance(expected, BaseException):
+        assert publisher._out == [] and publisher.stats.errors["publish"] == 1
+    else:
+        assert publisher._out == [expected]
+    for _, _, _ in publisher._awaiting.values():
+        publisher._release(key, acked=False)
+    if publisher._expiry is not None:
+        publisher._expiry.cancel()
+
+
+class WrittenTransport(TcpTransport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[list[bytes]] = []
+
+    def writelines(self, payload: list[bytes]) -> None:
+        self.written.append(list(payload))
+
+
+async def test_a_batch_goes_straight_to_the_socket_unless_nats_py_has_bytes_waiting(
+    spool: Spool,
+) -> None:
+    publisher = Publisher(spool, NatsConfig(servers=("nats://x:4222",), subject=SUBJECT))
+    nc = NATS()
+    nc._status = NATS.CONNECTED
+    transport = nc._transport = WrittenTransport()
+    publisher._out = [b"A", b"B"]
+    await publisher._send_out(nc)
+    assert transport.written == [[b"A", b"B"]] and nc._pending == []
+
+    nc._pending = [b"PING\r\n"]  # queued by nats-py, not yet flushed: ours go behind it
+    publisher._out = [b"C", b"D"]
+    await publisher._send_out(nc)
+    assert transport.written == [[b"A", b"B"]]
+    assert nc._pending == [b"PING\r\n", b"CD"]
+    assert nc.stats["out_msgs"] == 4
+
+    nc._pending = []
+    nc._status = NATS.RECONNECTING  # into nats-py's reconnect buffer
+    publisher._out = [b"E"]
+    await publisher._send_out(nc)
+    assert nc._pending == [b"E"] and transport.written == [[b"A", b"B"]]
+
+
+class FailingDiscards(Spool):
+    def discard(self, sizes: Mapping[str, int]) -> asyncio.Future[None]:
+        raise SpoolError("disk gone")
+
+
+async def test_a_delete_that_fails_is_warned_and_the_keys_come_round_again_as_duplicates(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    await ensure_stream(nats_server.url)
+    spool = FailingDiscards(tmp_path / "failing")
+    spool.open()
+    publisher = Publisher(spool, NatsConfig(servers=(nats_server.url,), subject=SUBJECT))
+    try:
+        publisher.start()
+        keys = await spool_keys(spool, 5)
+        await wait_until(lambda: publisher.stats.acked >= 5 and not publisher._in_flight)
+        assert publisher.stats.errors["spool"] >= 1
+        assert len(spool) == 5
+    finally:
+        await publisher.stop(0)
+        spool.close()
+    assert sorted(await msg_ids(nats_server.url)) == sorted(keys)  # stored once each
