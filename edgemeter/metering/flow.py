@@ -191,7 +191,7 @@ class FlowMeter:
             ex.data(event[1], event[0])
             if ex.final and self.on_final is not None:
                 self._finalized()
-            if self.strip and b'"usage"' in chunk:
+            if self.strip and chunk.find(b'"usage"') >= 0:  # find: see SSEDecoder.whole
                 sent = strip_event(chunk)
                 # The same object when nothing was taken out: every include_usage chunk
                 # carries "usage":null, so this is the path of nearly every chunk here.

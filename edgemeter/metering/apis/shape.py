@@ -80,7 +80,7 @@ class Shape:
         # Parsing every chunk of a long stream would cost more than mitmproxy itself; only
         # chunks up to the first that names the model (Azure's first one names none) and chunks
         # that can carry usage or errors matter.
-        elif (ex.model is None or may_carry_usage(data) or b'"error"' in data) and (
+        elif (ex.model is None or may_carry_usage(data) or data.find(b'"error"') >= 0) and (
             obj := json_object(data)
         ) is not None:
             self.event_object(ex, obj)
@@ -160,7 +160,9 @@ class Form(Shape):
 def may_carry_usage(data: bytes) -> bool:
     # OpenAI include_usage streams put "usage":null in every chunk: only an object counts.
     # An unescaped quote only occurs as JSON structure, so text content never matches.
-    return b'"usage":{' in data or b'"usage": {' in data
+    # find, not `in` (see SSEDecoder.whole): ~5,600 Ir against ~12,200 for this check and the
+    # event's "error" one per chunk (callgrind).
+    return data.find(b'"usage":{') >= 0 or data.find(b'"usage": {') >= 0
 
 
 def requested_model(body: bytes) -> str:
