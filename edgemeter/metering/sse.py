@@ -95,7 +95,7 @@ class SSEDecoder:
                 chunk = chunk[1:]
                 if not chunk:
                     return []
-        if b"\n" not in chunk and b"\r" not in chunk:
+        if chunk.find(b"\n") < 0 and chunk.find(b"\r") < 0:  # find: see whole
             self._tail.append(chunk)
             self._tail_len += len(chunk)
             if self._tail_len + self._size > self._max:
@@ -106,7 +106,7 @@ class SSEDecoder:
             data = b"".join(self._tail)
         else:
             data = chunk
-        if b"\r" in data:
+        if data.find(b"\r") >= 0:
             self._skip_lf = data[-1:] == b"\r"
             data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         lines = data.split(b"\n")
@@ -186,7 +186,7 @@ class EventSplitter:
             not self._buf
             and data[-2:] == b"\n\n"
             and data.find(b"\n") == len(data) - 2 > 0  # b"\n\n" is two stray blank lines
-            and b"\r" not in data
+            and data.find(b"\r") < 0  # find: see SSEDecoder.whole
         ):
             # One whole single-line event, as upstreams flush them: nothing to search or hold.
             return [bytes(data)]
