@@ -165,7 +165,7 @@ def test_chunks_of_whole_events_among_any_others_meter_and_pass_on_as_one_body(
     name_strip: tuple[str, bool], merge: list[bool], cuts: list[int]
 ) -> None:
     """Upstreams flush one event per chunk, which the callable takes without framing (see
-    FlowMeter._whole); among merged events and cuts anywhere it must agree with framing."""
+    FlowMeter.__call__); among merged events and cuts anywhere it must agree with framing."""
     name, strip = name_strip
     body = wire_body(RECORDED / name)
     events, rest = split_events(body)

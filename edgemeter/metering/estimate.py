@@ -16,10 +16,12 @@ TOKENS_PER_MESSAGE = 4
 # reasoning_content, reasoning, tool-call arguments; legacy completions: text), Anthropic deltas
 # (text, thinking, partial_json), Responses API deltas (delta: its done events repeat the whole
 # text, so only deltas count). A regex on the raw bytes costs a fraction of a JSON parse, and
-# escapes (\uXXXX) count as more characters, which suits CJK text.
-_VALUE = rb'"\s*:\s*"((?:[^"\\]|\\.)*)"'
+# escapes (\uXXXX) count as more characters, which suits CJK text. The value's loop is unrolled
+# and `reasoning` factored: the same matches, ~8,000 Ir per chat chunk instead of ~9,700
+# (callgrind; the regex runs on every event of every stream).
+_VALUE = rb'"\s*:\s*"([^"\\]*(?:\\.[^"\\]*)*)"'
 _TEXT = {
-    "openai": re.compile(rb'"(?:content|reasoning_content|reasoning|arguments|text)' + _VALUE),
+    "openai": re.compile(rb'"(?:content|reasoning(?:_content)?|arguments|text)' + _VALUE),
     "anthropic": re.compile(rb'"(?:text|thinking|partial_json)' + _VALUE),
     "responses": re.compile(rb'"delta' + _VALUE),
 }

@@ -62,17 +62,18 @@ class SSEDecoder:
             or self.overflowed
             or chunk[-2:] != b"\n\n"
             or len(chunk) > self._max
-            or b"\r" in chunk
+            # find, not `in`: bytes.__contains__ first tries its operand as an int and formats
+            # the TypeError, ~3,600 Ir against ~1,300 (callgrind, a 150-byte event).
+            or chunk.find(b"\r") >= 0
         ):
             return None
         end = len(chunk) - 2
         first = chunk.find(b"\n")
         if first == end:
-            if chunk[:5] != b"data:":
-                return None
-            value = chunk[5:end]
             # A field's value loses one leading space (the WHATWG parsing rules, as in _line).
-            return "", value[1:] if value[:1] == b" " else value
+            if chunk[:6] == b"data: ":
+                return "", chunk[6:end]
+            return ("", chunk[5:end]) if chunk[:5] == b"data:" else None
         if (
             chunk[:6] != b"event:"
             or chunk[first + 1 : first + 6] != b"data:"
@@ -94,7 +95,7 @@ class SSEDecoder:
                 chunk = chunk[1:]
                 if not chunk:
                     return []
-        if b"\n" not in chunk and b"\r" not in chunk:
+        if chunk.find(b"\n") < 0 and chunk.find(b"\r") < 0:  # find: see whole
             self._tail.append(chunk)
             self._tail_len += len(chunk)
             if self._tail_len + self._size > self._max:
@@ -105,7 +106,7 @@ class SSEDecoder:
             data = b"".join(self._tail)
         else:
             data = chunk
-        if b"\r" in data:
+        if data.find(b"\r") >= 0:
             self._skip_lf = data[-1:] == b"\r"
             data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         lines = data.split(b"\n")
@@ -185,7 +186,7 @@ class EventSplitter:
             not self._buf
             and data[-2:] == b"\n\n"
             and data.find(b"\n") == len(data) - 2 > 0  # b"\n\n" is two stray blank lines
-            and b"\r" not in data
+            and data.find(b"\r") < 0  # find: see SSEDecoder.whole
         ):
             # One whole single-line event, as upstreams flush them: nothing to search or hold.
             return [bytes(data)]

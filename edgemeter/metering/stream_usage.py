@@ -54,7 +54,7 @@ def strip_event(raw: bytes) -> bytes:
 
     A usage-only chunk (no choices) is dropped; a chunk that also carries choices keeps them
     and loses only its `usage` key."""
-    if b'"usage":{' not in raw and b'"usage": {' not in raw:
+    if raw.find(b'"usage":{') < 0 and raw.find(b'"usage": {') < 0:  # find: see SSEDecoder.whole
         return raw  # "usage":null rides on every include_usage chunk and is spec-valid
     lines = raw.splitlines(keepends=True)
     out: list[bytes] = []

@@ -81,14 +81,15 @@ class AnthropicMessages(Shape):
                     served_by(ex, block)
 
     def event(self, ex: Extraction, data: bytes, event: str) -> None:
+        # find, not `in` (see Shape.event): a text delta costs ~7,200 Ir here, not ~15,900.
         if not (
-            b"message_start" in data
-            or b'"usage"' in data
-            or b'"error"' in data
-            or b"message_stop" in data
+            data.find(b"message_start") >= 0
+            or data.find(b'"usage"') >= 0
+            or data.find(b'"error"') >= 0
+            or data.find(b"message_stop") >= 0
             # A fallback block opens like any content block: only those events are looked into
             # (or every event of a stream without event names), not each delta.
-            or (event in ("content_block_start", "") and b'"fallback"' in data)
+            or (event in ("content_block_start", "") and data.find(b'"fallback"') >= 0)
         ):
             return
         obj = json_object(data)

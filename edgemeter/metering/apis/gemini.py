@@ -91,9 +91,10 @@ class Gemini(Shape):
 
     def event(self, ex: Extraction, data: bytes, event: str) -> None:
         # Every chunk carries the cumulative usageMetadata: each is read, the last one counts.
-        if (b"usageMetadata" in data or ex.model is None or b'"error"' in data) and (
-            obj := json_object(data)
-        ) is not None:
+        # find, not `in`: see Shape.event (~2,300 Ir less per check, per event).
+        if (
+            data.find(b"usageMetadata") >= 0 or ex.model is None or data.find(b'"error"') >= 0
+        ) and (obj := json_object(data)) is not None:
             self.body(ex, obj)
 
     def requested_model(self, asked: Asked) -> str:

@@ -77,7 +77,10 @@ class OpenAIResponses(Shape):
             web_searches(ex, response)
 
     def event(self, ex: Extraction, data: bytes, event: str) -> None:
-        if ex.events > 1 and not (b'"usage"' in data or b'"error"' in data or b"failed" in data):
+        # find, not `in` (see Shape.event): a text delta costs ~5,600 Ir here, not ~12,100.
+        if ex.events > 1 and not (
+            data.find(b'"usage"') >= 0 or data.find(b'"error"') >= 0 or data.find(b"failed") >= 0
+        ):
             return
         obj = json_object(data)
         if obj is None:

@@ -79,10 +79,17 @@ class Shape:
             ex.final = True
         # Parsing every chunk of a long stream would cost more than mitmproxy itself; only
         # chunks up to the first that names the model (Azure's first one names none) and chunks
-        # that can carry usage or errors matter.
-        elif (ex.model is None or may_carry_usage(data) or b'"error"' in data) and (
-            obj := json_object(data)
-        ) is not None:
+        # that can carry usage or errors matter. OpenAI include_usage streams put "usage":null
+        # in every chunk: only an object counts. An unescaped quote only occurs as JSON
+        # structure, so text content never matches. find, not `in`: bytes.__contains__ first
+        # tries its operand as an int and formats the TypeError (~5,600 Ir against ~12,200 for
+        # these three per chunk, callgrind); inline, since a call is ~400 Ir more.
+        elif (
+            ex.model is None
+            or data.find(b'"usage":{') >= 0
+            or data.find(b'"usage": {') >= 0
+            or data.find(b'"error"') >= 0
+        ) and (obj := json_object(data)) is not None:
             self.event_object(ex, obj)
 
     def event_object(self, ex: Extraction, obj: dict[str, Any]) -> None:
@@ -126,7 +133,11 @@ class TypedEvents(Shape):
     parsed_if: tuple[bytes, ...] = (b'"usage"', b"done", b'"error"')
 
     def event(self, ex: Extraction, data: bytes, event: str) -> None:
-        if not any(mark in data for mark in self.parsed_if):
+        # find, not `in` (see Shape.event), and a loop, not a generator.
+        for mark in self.parsed_if:
+            if data.find(mark) >= 0:
+                break
+        else:
             return
         obj = json_object(data)
         if obj is None:
@@ -155,12 +166,6 @@ class Form(Shape):
     def estimate_input(self, asked: Asked) -> int:
         prompt = fields(asked.body, asked.content_type).get("prompt")
         return estimate.tokens(len(prompt)) if isinstance(prompt, str) else 0
-
-
-def may_carry_usage(data: bytes) -> bool:
-    # OpenAI include_usage streams put "usage":null in every chunk: only an object counts.
-    # An unescaped quote only occurs as JSON structure, so text content never matches.
-    return b'"usage":{' in data or b'"usage": {' in data
 
 
 def requested_model(body: bytes) -> str:
