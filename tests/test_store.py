@@ -470,7 +470,7 @@ async def test_close_does_the_discards_still_waiting(
 # -- inline commits on the loop's thread -----------------------------------------------------
 
 
-async def test_a_free_database_commits_on_the_loops_own_thread(spool: Spool) -> None:
+async def test_an_idle_spool_commits_on_the_loops_own_thread(spool: Spool) -> None:
     told: list[tuple[int, int]] = []
     spool.listen(lambda seq, entries: told.append((seq, threading.get_ident())))
     await spool.put("0193-a", b"{}")
@@ -480,8 +480,9 @@ async def test_a_free_database_commits_on_the_loops_own_thread(spool: Spool) -> 
 
 
 async def test_a_locked_database_hands_the_commit_to_the_writer_without_blocking_the_loop(
-    spool: Spool,
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(store, "_IDLE_S", -1.0)  # every envelope finds the spool idle
     other = sqlite3.connect(spool.directory / "cache.db", isolation_level=None)
     try:
         other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
@@ -501,6 +502,7 @@ async def test_a_locked_database_hands_the_commit_to_the_writer_without_blocking
 async def test_commits_are_heard_in_order_when_writer_and_loop_both_commit(
     spool: Spool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(store, "_IDLE_S", -1.0)  # every envelope finds the spool idle
     told: list[int] = []
     spool.listen(lambda seq, entries: told.append(seq))
     other = sqlite3.connect(spool.directory / "cache.db", isolation_level=None)
@@ -523,6 +525,7 @@ async def test_commits_are_heard_in_order_when_writer_and_loop_both_commit(
 async def test_slow_inline_commits_in_a_row_send_the_next_ones_to_the_writer(
     spool: Spool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(store, "_IDLE_S", -1.0)  # every envelope finds the spool idle
     monkeypatch.setattr(store, "_INLINE_SLOW_S", 0.0)  # every commit is "slow"
     for i in range(store._INLINE_SLOW_RUN + 1):
         await spool.put(f"0193-{i}", b"{}")
@@ -543,6 +546,7 @@ async def test_sync_full_commits_in_the_writer_thread(tmp_path: Path) -> None:
 async def test_inline_commits_leave_checkpoints_to_the_writer_and_the_wal_bounded(
     spool: Spool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(store, "_IDLE_S", -1.0)  # every envelope finds the spool idle
     monkeypatch.setattr(store, "_CHECKPOINT_EVERY", 50)
     checkpoints = 0
     original = spool._checkpoint
@@ -556,16 +560,18 @@ async def test_inline_commits_leave_checkpoints_to_the_writer_and_the_wal_bounde
     value = b"x" * 3000
     for i in range(600):
         await spool.put(f"0193-{i:04d}", value)
-        await asyncio.sleep(0)  # the writer's checkpoints run meanwhile
+        if i % 50 == 49:
+            await asyncio.sleep(0.02)  # a pause, as between requests: the writer checkpoints
     wal = (spool.directory / "cache.db-wal").stat().st_size
     assert spool.inline_commits > 500 and checkpoints >= 6
-    # Without the writer's checkpoints this WAL grew to 17 MiB; with them ~3.5 MiB.
+    # Without the writer's checkpoints this WAL grew to 17 MiB; with them ~1.5-3.5 MiB.
     assert wal < 6 * 2**20
 
 
 async def test_an_inline_commit_the_disk_refuses_fails_through_the_writer(
-    tmp_path: Path, no_file_growth: Callable[[bool], None]
+    tmp_path: Path, no_file_growth: Callable[[bool], None], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(store, "_IDLE_S", -1.0)  # every envelope finds the spool idle
     spool = Spool(tmp_path / "spool")
     spool.open()
     try:
