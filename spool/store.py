@@ -65,11 +65,6 @@ _DISCARD_NOW_KEYS: Final = 256
 # writer thread checkpoints after every this many of them (~4 WAL pages each: SQLite's default
 # auto-checkpoint is at 1,000 pages).
 _CHECKPOINT_EVERY: Final = 250
-# A spool that committed nothing for this long is idle: an envelope enqueued then is committed
-# at once on the loop's thread, and the hook that spooled it has nothing to await (at one
-# client, requests come ~1 ms apart; under load commits come closer together and go to the
-# writer thread, whose group commit is cheaper per envelope there).
-_IDLE_S: Final = 0.0005
 # _INLINE_SLOW_RUN inline commits in a row slower than _INLINE_SLOW_S hand the loop's commits
 # to the writer thread for _INLINE_PAUSE_S: a slow disk stalls a thread, not the loop. One slow
 # commit is not enough: on a busy machine the loop's thread is preempted now and then.
@@ -377,17 +372,18 @@ class Spool:
         self._enqueue(key, data, future)
         return future
 
-    def enqueue(self, key: str, data: bytes) -> asyncio.Future[None]:
+    def enqueue(self, key: str, data: bytes, *, alone: bool = False) -> asyncio.Future[None]:
         """`submit` for the event loop: an asyncio future, settled on this loop together with
         the rest of its batch (one wake-up of the loop per commit, not one per envelope).
 
         The envelopes a turn of the loop enqueues reach the writer together, at the end of
         that turn: one hand-off (a lock, a queue put, a thread wake-up) per turn instead of
         one per envelope, on the thread that serves every request; the writer's group commit
-        then takes whatever queued up while its last transaction ran. An envelope that finds
-        the spool idle (nothing committed for _IDLE_S, nothing pending) has no batch to join:
-        it is committed at once on this thread (_commit_inline) and its future comes back
-        done, so its caller need not wait for the writer nor for a turn of the loop."""
+        then takes whatever queued up while its last transaction ran. An envelope `alone`
+        (its caller knows of nothing else about to be spooled, e.g. no other request in
+        flight) has no batch to join: it is committed at once on this thread when the
+        database is free (_commit_inline) and its future comes back done, so its caller need
+        not wait for the writer nor for a turn of the loop."""
         self._check(key, data)
         loop = asyncio.get_running_loop()
         if self._closed or self._cache is None:
@@ -397,7 +393,7 @@ class Spool:
             raise SpoolFullError("spool is full", path=str(self.directory), bytes=held)
         future: asyncio.Future[None] = loop.create_future()
         pending = self._pending.get(loop)
-        if pending is None and time.monotonic() - self._written_at > _IDLE_S:
+        if alone and pending is None:
             with self._lock:
                 self._bytes += len(data)
             if self._commit_inline(loop, [_Write(key, data, (loop, future))]):
@@ -440,7 +436,7 @@ class Spool:
         loop's wake-up by call_soon_threadsafe); SQLite's own commit is ~40 µs of that. Under
         load the writer's group commit is cheaper: every turn's few envelopes committed inline
         measured 1.07x the CPU per request of the writer's batches at 16 clients (side by side,
-        4 rounds), so only an idle spool commits here (see enqueue).
+        4 rounds), so only an envelope spooled alone commits here (see enqueue).
         """
         if self.sync_full or self._failed_at or time.monotonic() < self._inline_paused_until:
             return False

@@ -358,24 +358,21 @@ async def test_a_scan_in_the_writer_says_which_commit_it_reflects(spool: Spool) 
 async def test_envelopes_enqueued_in_one_turn_of_the_loop_share_one_commit(spool: Spool) -> None:
     told: list[int] = []
     spool.listen(lambda seq, entries: told.append(len(entries)))
-    first = spool.enqueue("0193-first", b"{}")
-    assert first.done() and told == [1]  # an idle spool: no batch to join, committed at once
     await asyncio.gather(*[spool.enqueue(f"0193-{i:03d}", b"{}") for i in range(100)])
-    assert told == [1, 100]  # the rest of the turn: one transaction, one wake-up
-    assert len(spool) == 101
+    assert told == [100]  # one hand-over to the writer, one transaction, one wake-up
+    assert len(spool) == 100
+    assert (spool.inline_commits, spool.thread_commits) == (0, 1)
 
 
-async def test_an_envelope_right_after_a_commit_waits_for_the_end_of_the_turn(
-    spool: Spool, monkeypatch: pytest.MonkeyPatch
+async def test_an_envelope_spooled_alone_is_committed_at_once_on_the_loops_thread(
+    spool: Spool,
 ) -> None:
-    monkeypatch.setattr(store, "_IDLE_S", 60.0)  # a commit within the minute: not idle
-    await spool.put("0193-a", b"{}")
-    second = spool.enqueue("0193-b", b"{}")  # a batch may be forming
-    assert not second.done()
-    await second
-    monkeypatch.setattr(store, "_IDLE_S", 0.0)
-    await asyncio.sleep(0.001)
-    assert spool.enqueue("0193-c", b"{}").done()
+    told: list[tuple[int, int]] = []
+    spool.listen(lambda seq, entries: told.append((seq, threading.get_ident())))
+    alone = spool.enqueue("0193-a", b"{}", alone=True)
+    assert alone.done() and told == [(1, threading.get_ident())]  # no batch to wait for
+    assert (spool.inline_commits, spool.thread_commits) == (1, 0)
+    assert [k for k, _ in spool.read_page("", 10)] == ["0193-a"]
 
 
 async def test_an_envelope_enqueued_as_the_spool_closes_fails_instead_of_vanishing(
@@ -383,13 +380,12 @@ async def test_an_envelope_enqueued_as_the_spool_closes_fails_instead_of_vanishi
 ) -> None:
     spool = Spool(tmp_path / "spool")
     spool.open()
-    assert spool.enqueue("0193-a", b"{}").done()  # an idle spool commits the first at once
-    future = spool.enqueue("0193-b", b"{}")
+    future = spool.enqueue("0193-a", b"{}")
     spool.close()  # before the loop's turn ends and hands it over
     with pytest.raises(SpoolError, match="not open"):
         await future
     with pytest.raises(SpoolError, match="not open"):
-        spool.enqueue("0193-c", b"{}")
+        spool.enqueue("0193-b", b"{}")
 
 
 async def test_enqueue_refuses_once_queued_envelopes_fill_the_spool(tmp_path: Path) -> None:
@@ -470,24 +466,14 @@ async def test_close_does_the_discards_still_waiting(
 # -- inline commits on the loop's thread -----------------------------------------------------
 
 
-async def test_an_idle_spool_commits_on_the_loops_own_thread(spool: Spool) -> None:
-    told: list[tuple[int, int]] = []
-    spool.listen(lambda seq, entries: told.append((seq, threading.get_ident())))
-    await spool.put("0193-a", b"{}")
-    assert (spool.inline_commits, spool.thread_commits) == (1, 0)
-    assert told == [(1, threading.get_ident())]
-    assert [k for k, _ in spool.read_page("", 10)] == ["0193-a"]
-
-
 async def test_a_locked_database_hands_the_commit_to_the_writer_without_blocking_the_loop(
     spool: Spool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store, "_IDLE_S", -1.0)  # every envelope finds the spool idle
     other = sqlite3.connect(spool.directory / "cache.db", isolation_level=None)
     try:
         other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
         started = time.monotonic()
-        write = spool.enqueue("0193-a", b"{}")
+        write = spool.enqueue("0193-a", b"{}", alone=True)
         await asyncio.sleep(0.2)
         assert time.monotonic() - started < 1.0 and not write.done()  # the loop ran on
         other.execute("COMMIT")
@@ -495,14 +481,13 @@ async def test_a_locked_database_hands_the_commit_to_the_writer_without_blocking
     finally:
         other.close()
     assert (spool.inline_commits, spool.thread_commits) == (0, 1)
-    await spool.put("0193-b", b"{}")
+    await spool.enqueue("0193-b", b"{}", alone=True)
     assert spool.inline_commits == 1  # the lock is gone: inline again
 
 
 async def test_commits_are_heard_in_order_when_writer_and_loop_both_commit(
     spool: Spool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store, "_IDLE_S", -1.0)  # every envelope finds the spool idle
     told: list[int] = []
     spool.listen(lambda seq, entries: told.append(seq))
     other = sqlite3.connect(spool.directory / "cache.db", isolation_level=None)
@@ -514,10 +499,10 @@ async def test_commits_are_heard_in_order_when_writer_and_loop_both_commit(
     finally:
         other.close()
     # The writer's commit may not be heard yet when these come: they wait their turn.
-    inline = [spool.enqueue(f"0193-i{i}", b"{}") for i in range(3)]
+    inline = [spool.enqueue(f"0193-i{i}", b"{}", alone=True) for i in range(3)]
     await asyncio.wait_for(asyncio.gather(*by_writer, *inline), 10)
     for i in range(5):
-        await spool.put(f"0193-j{i}", b"{}")
+        await spool.enqueue(f"0193-j{i}", b"{}", alone=True)
     assert told == sorted(told) and len(told) == len(set(told))
     assert len(spool) == 11 and spool.inline_commits >= 5
 
@@ -525,10 +510,9 @@ async def test_commits_are_heard_in_order_when_writer_and_loop_both_commit(
 async def test_slow_inline_commits_in_a_row_send_the_next_ones_to_the_writer(
     spool: Spool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store, "_IDLE_S", -1.0)  # every envelope finds the spool idle
     monkeypatch.setattr(store, "_INLINE_SLOW_S", 0.0)  # every commit is "slow"
     for i in range(store._INLINE_SLOW_RUN + 1):
-        await spool.put(f"0193-{i}", b"{}")
+        await spool.enqueue(f"0193-{i}", b"{}", alone=True)
     assert spool.inline_commits == store._INLINE_SLOW_RUN  # one slow commit is not a slow disk
     assert spool.thread_commits == 1
 
@@ -537,7 +521,7 @@ async def test_sync_full_commits_in_the_writer_thread(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool", sync_full=True)
     spool.open()
     try:
-        await spool.put("0193-a", b"{}")
+        await spool.enqueue("0193-a", b"{}", alone=True)
         assert (spool.inline_commits, spool.thread_commits) == (0, 1)
     finally:
         spool.close()
@@ -546,7 +530,6 @@ async def test_sync_full_commits_in_the_writer_thread(tmp_path: Path) -> None:
 async def test_inline_commits_leave_checkpoints_to_the_writer_and_the_wal_bounded(
     spool: Spool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store, "_IDLE_S", -1.0)  # every envelope finds the spool idle
     monkeypatch.setattr(store, "_CHECKPOINT_EVERY", 50)
     checkpoints = 0
     original = spool._checkpoint
@@ -559,7 +542,7 @@ async def test_inline_commits_leave_checkpoints_to_the_writer_and_the_wal_bounde
     monkeypatch.setattr(spool, "_checkpoint", counted)
     value = b"x" * 3000
     for i in range(600):
-        await spool.put(f"0193-{i:04d}", value)
+        await spool.enqueue(f"0193-{i:04d}", value, alone=True)
         if i % 50 == 49:
             await asyncio.sleep(0.02)  # a pause, as between requests: the writer checkpoints
     wal = (spool.directory / "cache.db-wal").stat().st_size
@@ -571,17 +554,16 @@ async def test_inline_commits_leave_checkpoints_to_the_writer_and_the_wal_bounde
 async def test_an_inline_commit_the_disk_refuses_fails_through_the_writer(
     tmp_path: Path, no_file_growth: Callable[[bool], None], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store, "_IDLE_S", -1.0)  # every envelope finds the spool idle
     spool = Spool(tmp_path / "spool")
     spool.open()
     try:
-        await spool.put("before", b"x")
+        await spool.enqueue("before", b"x", alone=True)
         for i in range(50):
-            await spool.put(f"filler{i:02d}", b"f" * 4000)
+            await spool.enqueue(f"filler{i:02d}", b"f" * 4000, alone=True)
         await spool.discard({f"filler{i:02d}": 4000 for i in range(50)})
         no_file_growth(True)
         with pytest.raises(SpoolError, match="write failed"):
-            await spool.put("lost", b"z" * 200_000)
+            await spool.enqueue("lost", b"z" * 200_000, alone=True)
         assert not spool.accepting
         no_file_growth(False)
     finally:
