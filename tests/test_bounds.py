@@ -340,8 +340,8 @@ async def test_a_bomb_answer_reaches_the_client_as_it_came(small_meter: Meter) -
 
     async def respond() -> None:
         pending = small_meter.response(flow)
-        assert pending is not None
-        await pending
+        if pending is not None:  # else committed before the hook returned (nothing in flight)
+            await pending
 
     gc.collect()
     tracemalloc.start()

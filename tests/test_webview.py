@@ -165,8 +165,8 @@ async def test_an_aborted_stream_shows_what_was_billed_on_the_request(
     )
     flow.error = tflow.terr()
     pending = addon.error(flow)
-    assert pending is not None
-    await pending
+    if pending is not None:  # else committed before the hook returned (nothing in flight)
+        await pending
     [env] = spooled(addon)
     assert shown(flow).text == "Content is missing."  # mitmproxy's own, before any view
     result = shown(flow, message=flow.request)
