@@ -120,7 +120,7 @@ async def test_a_client_abort_bills_the_usage_reported_so_far(
     flow.response.stream(body[: body.index(b"event: ping")])  # message_start only
     flow.error = tflow.terr()
     pending = addon.error(flow)
-    if pending is not None:  # else committed before the hook returned (an idle spool)
+    if pending is not None:  # else committed before the hook returned (nothing in flight)
         await pending
     [env] = spooled(addon)
     assert env["metadata"]["outcome"] == "client_aborted"
@@ -342,7 +342,7 @@ async def test_a_client_abort_without_usage_is_estimated(meter: tuple[Meter, Any
         )
     flow.error = tflow.terr()
     pending = addon.error(flow)
-    if pending is not None:  # else committed before the hook returned (an idle spool)
+    if pending is not None:  # else committed before the hook returned (nothing in flight)
         await pending
     [env] = spooled(addon)
     meta = env["metadata"]
@@ -417,7 +417,7 @@ async def test_an_encoded_answer_is_metered_and_reaches_the_client_still_encoded
     assert raw != body
     addon.responseheaders(flow)
     pending = addon.response(flow)
-    if pending is not None:  # else committed before the hook returned (an idle spool)
+    if pending is not None:  # else committed before the hook returned (nothing in flight)
         await pending
     assert flow.response.raw_content == raw
     assert flow.response.headers["content-encoding"] == encoding
@@ -469,14 +469,12 @@ async def test_a_stream_is_spooled_when_its_last_event_is_parsed_before_the_clie
     stream(body[last:])  # the last event: spooled before it is returned to mitmproxy
     routed, future, _, _ = addon.flows[flow.id].early
     envelope = routed.envelope
-    await asyncio.wait_for(future, 10)
+    assert future.done()  # the only request in flight: committed before the event goes on
     assert [e["metadata"]["request_id"] for e in spooled(addon)] == [
         envelope["metadata"]["request_id"]
     ]
     stream(b"")
-    pending = addon.response(flow)
-    if pending is not None:  # else committed before the hook returned (an idle spool)
-        await pending
+    assert addon.response(flow) is None  # nothing left to await
     [env] = spooled(addon)  # still one: the end of the flow does not spool it again
     assert env == envelope
     assert addon.stats.metered[(env["metadata"]["api"], "complete", "reported")] == 1
@@ -598,3 +596,24 @@ async def test_with_other_requests_in_flight_the_response_hook_awaits_the_commit
     await first
     assert addon.response(flows[1]) is None  # the last one in flight goes at once
     assert len(spooled(addon)) == 2
+
+
+async def test_a_stream_ending_beside_other_requests_spools_through_the_writer(
+    meter: tuple[Meter, Any], recorded: Path
+) -> None:
+    addon, _ = meter
+    other = make_flow()
+    addon.requestheaders(other)  # still in flight when the stream ends
+    flow = make_flow("/v1/messages")
+    addon.requestheaders(flow)
+    addon.request(flow)
+    flow.response = tutils.tresp(headers=http.Headers(content_type="text/event-stream"))
+    flow.response.content = b""
+    addon.responseheaders(flow)
+    stream = flow.response.stream
+    assert callable(stream)
+    stream(wire_body(recorded / "anthropic-messages-stream-simple.raw.sse"))
+    _, future, _, _ = addon.flows[flow.id].early
+    assert not future.done()  # a batch may form: the writer's group commit takes it
+    await asyncio.wait_for(future, 10)
+    assert len(spooled(addon)) == 1
