@@ -565,16 +565,22 @@ async def test_remembered_routes_are_routed_as_each_request_would_be(
     assert all(len(path) <= module._MAX_ROUTED_PATH_CHARS for path, _ in addon._routes)
 
 
-async def test_with_nothing_else_in_flight_the_envelope_is_on_disk_when_the_hook_returns(
-    meter: tuple[Meter, Any], recorded: Path
-) -> None:
-    addon, _ = meter
+def answered_chat(addon: Meter, recorded: Path) -> http.HTTPFlow:
+    """A chat request the meter saw, answered by the recorded JSON, before its response hook."""
     flow = make_flow()
     addon.requestheaders(flow)
     addon.request(flow)
     flow.response = tutils.tresp(headers=http.Headers(content_type="application/json"))
     flow.response.content = wire_body(recorded / "openai-chat-nonstream.json")
     addon.responseheaders(flow)
+    return flow
+
+
+async def test_with_nothing_else_in_flight_the_envelope_is_on_disk_when_the_hook_returns(
+    meter: tuple[Meter, Any], recorded: Path
+) -> None:
+    addon, _ = meter
+    flow = answered_chat(addon, recorded)
     assert addon.response(flow) is None  # nothing left to await: already committed
     [env] = spooled(addon)
     assert env["metadata"]["tokens_used"] == 379
@@ -584,13 +590,7 @@ async def test_with_other_requests_in_flight_the_response_hook_awaits_the_commit
     meter: tuple[Meter, Any], recorded: Path
 ) -> None:
     addon, _ = meter
-    flows = [make_flow() for _ in range(2)]
-    for flow in flows:
-        addon.requestheaders(flow)
-        addon.request(flow)
-        flow.response = tutils.tresp(headers=http.Headers(content_type="application/json"))
-        flow.response.content = wire_body(recorded / "openai-chat-nonstream.json")
-        addon.responseheaders(flow)
+    flows = [answered_chat(addon, recorded) for _ in range(2)]
     first = addon.response(flows[0])  # the second is still in flight: a batch may form
     assert first is not None and spooled(addon) == []
     await first
