@@ -164,6 +164,13 @@ class _Settlements:
         # First in the loop's list: the listener hears of a commit before anyone resumes.
         self.by_loop.setdefault(loop, []).insert(0, lambda: _notify(callback, seq, entries))
 
+    def committed(self, writes: list[_Write], deletes: list[_Delete]) -> None:
+        """Answer the waiters of a commit that succeeded; its envelopes are the entries."""
+        items: list[_Write | _Delete] = [*writes, *deletes]
+        for item in items:
+            self.add(item.waiter, None)
+        self.entries = [(write.key, write.data) for write in writes]
+
     def run_here(self, loop: asyncio.AbstractEventLoop) -> None:
         """Settle what belongs to `loop` now (the caller runs on it), send the rest."""
         calls = self.by_loop.pop(loop, None)
@@ -196,6 +203,20 @@ def _notify(
     except Exception as exc:
         log.warning("spool commit listener failed: %r", exc)
         log.debug("spool commit listener failed", exc_info=True)
+
+
+def _write_rows(con: sqlite3.Connection, writes: list[_Write], deletes: list[_Delete]) -> int:
+    """Insert the envelopes and delete the discarded keys, in the caller's transaction; the
+    bytes freed (only what was there: another process may have deleted it)."""
+    if writes:
+        now = time.time()
+        con.executemany(_INSERT_SQL, [(write.key, now, now, write.data) for write in writes])
+    freed = 0
+    for delete in deletes:
+        for key, size in delete.sizes.items():
+            if con.execute(_DELETE_SQL, (key,)).rowcount:
+                freed += size
+    return freed
 
 
 def _run_all(calls: list[Callable[[], None]]) -> None:
@@ -276,7 +297,6 @@ class Spool:
         # Commits made on the loop's thread, and by the writer thread.
         self.inline_commits = 0
         self.thread_commits = 0
-        self.slow_inline_commits = 0
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -393,13 +413,12 @@ class Spool:
             raise SpoolFullError("spool is full", path=str(self.directory), bytes=held)
         future: asyncio.Future[None] = loop.create_future()
         pending = self._pending.get(loop)
-        if alone and pending is None:
-            with self._lock:
-                self._bytes += len(data)
-            if self._commit_inline(loop, [_Write(key, data, (loop, future))]):
-                return future
-            with self._lock:
-                self._bytes -= len(data)
+        if (
+            alone
+            and pending is None
+            and self._commit_inline(loop, [_Write(key, data, (loop, future))])
+        ):
+            return future
         if pending is None:
             pending = self._pending[loop] = []
             loop.call_soon(self._hand_over, loop)
@@ -412,15 +431,10 @@ class Spool:
         size = sum(len(write.data) for write in writes)
         self._pending_bytes -= size
         with self._lock:
-            is_open = not self._closed and self._cache is not None
-            if is_open:
-                self._bytes += size
-        with self._lock:
             if not self._closed and self._cache is not None:
+                self._bytes += size
                 self._queue.put(writes)
                 return
-            if is_open:
-                self._bytes -= size
         error = SpoolError("spool is not open", path=str(self.directory))
         for write in writes:
             _set(write.waiter[1], None, error)  # type: ignore[index]
@@ -450,18 +464,10 @@ class Spool:
                 return False
             deletes = self._take_discards()
             started = time.perf_counter()
-            freed = 0
             try:
                 con.execute("BEGIN IMMEDIATE")
                 try:
-                    now = time.time()
-                    con.executemany(
-                        _INSERT_SQL, [(write.key, now, now, write.data) for write in writes]
-                    )
-                    for delete in deletes:
-                        for key, size in delete.sizes.items():
-                            if con.execute(_DELETE_SQL, (key,)).rowcount:
-                                freed += size
+                    freed = _write_rows(con, writes, deletes)
                     con.execute("COMMIT")
                 except BaseException:
                     with contextlib.suppress(sqlite3.Error):
@@ -476,7 +482,6 @@ class Spool:
                 self._slow_run = 0
             else:
                 self._slow_run += 1
-                self.slow_inline_commits += 1
                 if self._slow_run >= _INLINE_SLOW_RUN:
                     self._slow_run = 0
                     self._inline_paused_until = time.monotonic() + _INLINE_PAUSE_S
@@ -491,16 +496,15 @@ class Spool:
         finally:
             self._db_lock.release()
         with self._lock:
-            self._bytes = max(self._bytes - freed, 0)
+            written = sum(len(write.data) for write in writes)
+            self._bytes = max(self._bytes + written - freed, 0)
             if checkpoint and not self._closed:
                 self._queue.put(_CHECKPOINT)
         settle = _Settlements()
-        items: list[_Write | _Delete] = [*writes, *deletes]
-        for item in items:
-            settle.add(item.waiter, None)
+        settle.committed(writes, deletes)
         listener = self._listener
-        if listener is not None and writes:
-            settle.notify(listener[0], listener[1], seq, [(w.key, w.data) for w in writes])
+        if listener is not None and settle.entries:
+            settle.notify(listener[0], listener[1], seq, settle.entries)
         settle.run_here(loop)
         return True
 
@@ -695,12 +699,12 @@ class Spool:
                     settle.add(scan.waiter, Scanned(page, spooled, self._seq))
                 except Exception as exc:
                     settle.fail(scan.waiter, exc)
+            entries = settle.entries
             with self._lock:
                 listener = self._listener
-            entries = settle.entries
-            if listener is not None and entries:
-                with self._lock:
+                if listener is not None and entries:
                     self._unheard += 1
+            if listener is not None and entries:
                 settle.notify(listener[0], self._heard(listener[1]), self._seq, entries)
         if _CHECKPOINT in batch:
             self._checkpoint(cache)
@@ -746,19 +750,9 @@ class Spool:
                 # envelope from being written (it is still a billable request).
                 write.waiter.set_running_or_notify_cancel()
         items: list[_Write | _Delete] = [*writes, *deletes]
-        freed = 0
         try:
             with cache.transact(retry=True):
-                if writes:
-                    now = time.time()
-                    cache._con.executemany(
-                        _INSERT_SQL, [(write.key, now, now, write.data) for write in writes]
-                    )
-                for delete in deletes:
-                    for key, size in delete.sizes.items():
-                        # Only what was there is freed: another process may have deleted it.
-                        if cache._con.execute(_DELETE_SQL, (key,)).rowcount:
-                            freed += size
+                freed = _write_rows(cache._con, writes, deletes)
                 recount = bool(deletes) and (
                     time.monotonic() - self._last_recount >= _RECOUNT_INTERVAL_S
                 )
@@ -787,9 +781,7 @@ class Spool:
                 # Writes still queued are not in the table yet: the recount is a floor.
                 self._bytes = max(total, self._bytes - freed)
                 self._last_recount = time.monotonic()
-        for item in items:
-            settle.add(item.waiter, None)
-        settle.entries = [(write.key, write.data) for write in writes]
+        settle.committed(writes, deletes)
 
     def _probe(self, cache: diskcache.Cache) -> None:
         try:
