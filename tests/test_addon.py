@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 from mitmproxy import exceptions, http
 from mitmproxy.test import taddons, tflow, tutils
 
-from edgemeter.addon import Meter
+from edgemeter.addon import Meter, headers_get
 from tests.corpus import is_stream, wire_body
 from tests.flows import KEY, make_flow, run_flow, spooled
 
@@ -106,18 +107,24 @@ async def test_the_requested_model_is_used_when_the_answer_names_none(
     assert env["metadata"]["model"] == "requested-model"
 
 
+def streaming(addon: Meter, flow: http.HTTPFlow) -> Callable[[bytes], Iterable[bytes] | bytes]:
+    """The meter's stream callable for `flow`, its request seen and an SSE answer begun."""
+    addon.requestheaders(flow)
+    addon.request(flow)
+    flow.response = tutils.tresp(headers=http.Headers(content_type="text/event-stream"))
+    addon.responseheaders(flow)
+    stream = flow.response.stream
+    assert callable(stream)
+    return stream
+
+
 async def test_a_client_abort_bills_the_usage_reported_so_far(
     meter: tuple[Meter, Any], recorded: Path
 ) -> None:
     addon, _ = meter
     flow = make_flow("/v1/messages")
     body = wire_body(recorded / "anthropic-messages-stream-simple.raw.sse")
-    addon.requestheaders(flow)
-    addon.request(flow)
-    flow.response = tutils.tresp(headers=http.Headers(content_type="text/event-stream"))
-    addon.responseheaders(flow)
-    assert callable(flow.response.stream)
-    flow.response.stream(body[: body.index(b"event: ping")])  # message_start only
+    streaming(addon, flow)(body[: body.index(b"event: ping")])  # message_start only
     flow.error = tflow.terr()
     pending = addon.error(flow)
     if pending is not None:  # else committed before the hook returned (nothing in flight)
@@ -331,15 +338,9 @@ async def test_a_client_abort_without_usage_is_estimated(meter: tuple[Meter, Any
     flow = streamed_chat_flow(
         {**STREAM_REQUEST, "messages": [{"role": "user", "content": "x" * 400}]}
     )
-    addon.requestheaders(flow)
-    addon.request(flow)
-    flow.response = tutils.tresp(headers=http.Headers(content_type="text/event-stream"))
-    addon.responseheaders(flow)
-    assert callable(flow.response.stream)
+    stream = streaming(addon, flow)
     for _ in range(10):
-        flow.response.stream(
-            b'data: {"model":"m","choices":[{"delta":{"content":"' + b"y" * 40 + b'"}}]}\n\n'
-        )
+        stream(b'data: {"model":"m","choices":[{"delta":{"content":"' + b"y" * 40 + b'"}}]}\n\n')
     flow.error = tflow.terr()
     pending = addon.error(flow)
     if pending is not None:  # else committed before the hook returned (nothing in flight)
@@ -456,13 +457,9 @@ async def test_a_stream_is_spooled_when_its_last_event_is_parsed_before_the_clie
     addon, _ = meter
     body = wire_body(recorded / fixture)
     flow = make_flow(path)
-    addon.requestheaders(flow)
-    addon.request(flow)
-    flow.response = tutils.tresp(headers=http.Headers(content_type="text/event-stream"))
+    stream = streaming(addon, flow)
+    assert flow.response is not None
     flow.response.content = b""
-    addon.responseheaders(flow)
-    stream = flow.response.stream
-    assert callable(stream)
     last = body.rindex(b"data:")  # the start of the last event
     stream(body[:last])
     assert addon.flows[flow.id].early is None
@@ -523,8 +520,6 @@ async def test_units_without_a_price_are_counted_and_told_once_per_model(
 
 
 def test_headers_are_read_as_mitmproxy_reads_them() -> None:
-    from edgemeter.addon import headers_get
-
     headers = http.Headers(
         [
             (b"Content-Type", b"application/json"),
@@ -605,14 +600,7 @@ async def test_a_stream_ending_beside_other_requests_spools_through_the_writer(
     other = make_flow()
     addon.requestheaders(other)  # still in flight when the stream ends
     flow = make_flow("/v1/messages")
-    addon.requestheaders(flow)
-    addon.request(flow)
-    flow.response = tutils.tresp(headers=http.Headers(content_type="text/event-stream"))
-    flow.response.content = b""
-    addon.responseheaders(flow)
-    stream = flow.response.stream
-    assert callable(stream)
-    stream(wire_body(recorded / "anthropic-messages-stream-simple.raw.sse"))
+    streaming(addon, flow)(wire_body(recorded / "anthropic-messages-stream-simple.raw.sse"))
     _, future, _, _ = addon.flows[flow.id].early
     assert not future.done()  # a batch may form: the writer's group commit takes it
     await asyncio.wait_for(future, 10)
