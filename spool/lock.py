@@ -24,11 +24,12 @@ LOCK_FILE: Final = "publisher.lock"
 
 
 class SpoolLock:
-    """The exclusive right to publish `directory` (see the module docstring)."""
+    """The exclusive right to publish `directory` (see the module docstring); with another file
+    `name`, another right of the same kind (the spool's journal: `spool.journal`)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, name: str = LOCK_FILE) -> None:
         self.directory = Path(directory)
-        self.path = self.directory / LOCK_FILE
+        self.path = self.directory / name
         self._fd: int | None = None
 
     @property

@@ -336,7 +336,9 @@ async def test_rows_it_writes_and_discards_are_the_rows_diskcache_writes(spool: 
         await spool.discard({"0193-a": 7, "0193-gone": 99})
         assert len(cache) == 1 and cache.get("0193-a") is None
         assert spool.held_bytes == held - 7  # only what was there is freed
-        assert cache.check() == []  # diskcache finds nothing inconsistent
+        # diskcache finds nothing inconsistent; the journal's files are not its own.
+        found = [str(w.message) for w in cache.check()]
+        assert all(m.startswith("unknown file") and "journal" in m for m in found), found
     finally:
         cache.close()
 
@@ -355,30 +357,52 @@ async def test_a_scan_in_the_writer_says_which_commit_it_reflects(spool: Spool) 
     assert spool.listening
 
 
-async def test_envelopes_enqueued_in_one_turn_of_the_loop_share_one_commit(spool: Spool) -> None:
-    told: list[int] = []
-    spool.listen(lambda seq, entries: told.append(len(entries)))
-    await asyncio.gather(*[spool.enqueue(f"0193-{i:03d}", b"{}") for i in range(100)])
-    assert told == [100]  # one hand-over to the writer, one transaction, one wake-up
-    assert len(spool) == 100
-    assert (spool.inline_commits, spool.thread_commits) == (0, 1)
-
-
-async def test_an_envelope_spooled_alone_is_committed_at_once_on_the_loops_thread(
+async def test_an_enqueued_envelope_is_durable_at_once_and_committed_on_the_loops_thread_soon(
     spool: Spool,
 ) -> None:
     told: list[tuple[int, int]] = []
-    spool.listen(lambda seq, entries: told.append((seq, threading.get_ident())))
-    alone = spool.enqueue("0193-a", b"{}", alone=True)
-    assert alone.done() and told == [(1, threading.get_ident())]  # no batch to wait for
-    assert (spool.inline_commits, spool.thread_commits) == (1, 0)
-    assert [k for k, _ in spool.read_page("", 10)] == ["0193-a"]
+    spool.listen(lambda seq, entries: told.append((len(entries), threading.get_ident())))
+    futures = [spool.enqueue(f"0193-{i:03d}", b"{}") for i in range(100)]
+    assert all(f.done() and f.exception() is None for f in futures)  # nobody waits for a commit
+    assert spool.journaled == 100 and told == [] and len(spool) == 0
+    segment = next(spool.directory.glob("journal-*.log"))
+    assert segment.stat().st_size > 100 * len(b"0193-000{}")  # in the kernel, not in memory
+    deadline = time.monotonic() + 10
+    while not told and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
+    assert told == [(100, threading.get_ident())]  # one transaction, on the loop's thread
+    assert len(spool) == 100 and (spool.loop_commits, spool.thread_commits) == (1, 0)
+    assert not segment.exists()  # settled: its envelopes are in the database
+
+
+async def test_the_journal_flushes_at_once_when_it_holds_a_batch(spool: Spool) -> None:
+    for i in range(spool.max_batch):
+        spool.enqueue(f"0193-{i:04d}", b"{}")
+    assert len(spool) == spool.max_batch and spool.loop_commits == 1
+
+
+async def test_without_the_journal_a_turns_envelopes_share_one_writer_commit(
+    tmp_path: Path,
+) -> None:
+    spool = Spool(tmp_path / "spool", sync_full=True)  # an append is not synced: no journal
+    spool.open()
+    try:
+        told: list[int] = []
+        spool.listen(lambda seq, entries: told.append(len(entries)))
+        futures = [spool.enqueue(f"0193-{i:03d}", b"{}") for i in range(100)]
+        assert not any(f.done() for f in futures)
+        await asyncio.gather(*futures)
+        assert told == [100]  # one hand-over to the writer, one transaction, one wake-up
+        assert (spool.journaled, spool.loop_commits, spool.thread_commits) == (0, 0, 1)
+        assert not list(spool.directory.glob("journal-*.log"))
+    finally:
+        spool.close()
 
 
 async def test_an_envelope_enqueued_as_the_spool_closes_fails_instead_of_vanishing(
     tmp_path: Path,
 ) -> None:
-    spool = Spool(tmp_path / "spool")
+    spool = Spool(tmp_path / "spool", sync_full=True)
     spool.open()
     future = spool.enqueue("0193-a", b"{}")
     spool.close()  # before the loop's turn ends and hands it over
@@ -386,6 +410,18 @@ async def test_an_envelope_enqueued_as_the_spool_closes_fails_instead_of_vanishi
         await future
     with pytest.raises(SpoolError, match="not open"):
         spool.enqueue("0193-b", b"{}")
+
+
+async def test_an_envelope_journaled_as_the_spool_closes_is_committed_by_the_close(
+    tmp_path: Path,
+) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    await spool.enqueue("0193-a", b"{}")
+    spool.close()  # before the journal's flush
+    assert not list((tmp_path / "spool").glob("journal-*.log"))
+    with Spool(tmp_path / "spool") as reopened:
+        assert reopened.read_page("", 10) == [("0193-a", b"{}")]
 
 
 async def test_enqueue_refuses_once_queued_envelopes_fill_the_spool(tmp_path: Path) -> None:
@@ -463,26 +499,31 @@ async def test_close_does_the_discards_still_waiting(
         assert len(reopened) == 0
 
 
-# -- inline commits on the loop's thread -----------------------------------------------------
+# -- commits on the loop's thread -------------------------------------------------------------
 
 
 async def test_a_locked_database_hands_the_commit_to_the_writer_without_blocking_the_loop(
     spool: Spool,
 ) -> None:
+    told: list[int] = []
+    spool.listen(lambda seq, entries: told.append(len(entries)))
     other = sqlite3.connect(spool.directory / "cache.db", isolation_level=None)
     try:
         other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
         started = time.monotonic()
-        write = spool.enqueue("0193-a", b"{}", alone=True)
+        assert spool.enqueue("0193-a", b"{}").done()
+        flushed = asyncio.ensure_future(spool.flush())
         await asyncio.sleep(0.2)
-        assert time.monotonic() - started < 1.0 and not write.done()  # the loop ran on
+        assert time.monotonic() - started < 1.0 and not flushed.done()  # the loop ran on
+        assert told == [] and list(spool.directory.glob("journal-*.log"))
         other.execute("COMMIT")
-        await asyncio.wait_for(write, 10)
+        await asyncio.wait_for(flushed, 10)
     finally:
         other.close()
-    assert (spool.inline_commits, spool.thread_commits) == (0, 1)
-    await spool.enqueue("0193-b", b"{}", alone=True)
-    assert spool.inline_commits == 1  # the lock is gone: inline again
+    assert told == [1] and (spool.loop_commits, spool.thread_commits) == (0, 1)
+    spool.enqueue("0193-b", b"{}")
+    await spool.flush()
+    assert spool.loop_commits == 1  # the lock is gone: on the loop's thread again
 
 
 async def test_commits_are_heard_in_order_when_writer_and_loop_both_commit(
@@ -493,41 +534,36 @@ async def test_commits_are_heard_in_order_when_writer_and_loop_both_commit(
     other = sqlite3.connect(spool.directory / "cache.db", isolation_level=None)
     try:
         other.execute("BEGIN IMMEDIATE")
-        by_writer = [spool.enqueue(f"0193-w{i}", b"{}") for i in range(3)]
+        for i in range(3):
+            spool.enqueue(f"0193-w{i}", b"{}")
+        spool._flush_journal()  # handed to the writer, which waits for the lock
         await asyncio.sleep(0.05)
         other.execute("COMMIT")
     finally:
         other.close()
     # The writer's commit may not be heard yet when these come: they wait their turn.
-    inline = [spool.enqueue(f"0193-i{i}", b"{}", alone=True) for i in range(3)]
-    await asyncio.wait_for(asyncio.gather(*by_writer, *inline), 10)
+    for i in range(3):
+        spool.enqueue(f"0193-i{i}", b"{}")
+        spool._flush_journal()
     for i in range(5):
-        await spool.enqueue(f"0193-j{i}", b"{}", alone=True)
+        spool.enqueue(f"0193-j{i}", b"{}")
+        await spool.flush()
     assert told == sorted(told) and len(told) == len(set(told))
-    assert len(spool) == 11 and spool.inline_commits >= 5
+    assert len(spool) == 11 and spool.loop_commits >= 1 and spool.thread_commits >= 1
 
 
-async def test_slow_inline_commits_in_a_row_send_the_next_ones_to_the_writer(
+async def test_slow_commits_on_the_loop_in_a_row_send_the_next_ones_to_the_writer(
     spool: Spool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store, "_INLINE_SLOW_S", 0.0)  # every commit is "slow"
-    for i in range(store._INLINE_SLOW_RUN + 1):
-        await spool.enqueue(f"0193-{i}", b"{}", alone=True)
-    assert spool.inline_commits == store._INLINE_SLOW_RUN  # one slow commit is not a slow disk
+    monkeypatch.setattr(store, "_HERE_SLOW_S", 0.0)  # every commit is "slow"
+    for i in range(store._HERE_SLOW_RUN + 1):
+        spool.enqueue(f"0193-{i}", b"{}")
+        await spool.flush()
+    assert spool.loop_commits == store._HERE_SLOW_RUN  # one slow commit is not a slow disk
     assert spool.thread_commits == 1
 
 
-async def test_sync_full_commits_in_the_writer_thread(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "spool", sync_full=True)
-    spool.open()
-    try:
-        await spool.enqueue("0193-a", b"{}", alone=True)
-        assert (spool.inline_commits, spool.thread_commits) == (0, 1)
-    finally:
-        spool.close()
-
-
-async def test_inline_commits_leave_checkpoints_to_the_writer_and_the_wal_bounded(
+async def test_commits_on_the_loop_leave_checkpoints_to_the_writer_and_the_wal_bounded(
     spool: Spool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(store, "_CHECKPOINT_EVERY", 50)
@@ -542,34 +578,40 @@ async def test_inline_commits_leave_checkpoints_to_the_writer_and_the_wal_bounde
     monkeypatch.setattr(spool, "_checkpoint", counted)
     value = b"x" * 3000
     for i in range(600):
-        await spool.enqueue(f"0193-{i:04d}", value, alone=True)
+        spool.enqueue(f"0193-{i:04d}", value)
+        spool._flush_journal()  # one envelope a commit, as at one request at a time
         if i % 50 == 49:
             # A pause, as between requests, until the writer has checkpointed what was asked.
             deadline = time.monotonic() + 10
             while checkpoints < (i + 1) // 50 and time.monotonic() < deadline:
                 await asyncio.sleep(0.005)
     wal = (spool.directory / "cache.db-wal").stat().st_size
-    assert spool.inline_commits > 500 and checkpoints == 12
+    assert spool.loop_commits > 500 and checkpoints == 12
     # Without the writer's checkpoints this WAL grew to 17 MiB; with them ~1.5 MiB.
     assert wal < 4 * 2**20
 
 
-async def test_an_inline_commit_the_disk_refuses_fails_through_the_writer(
+async def test_an_envelope_the_disk_refuses_fails_through_the_writer(
     tmp_path: Path, no_file_growth: Callable[[bool], None]
 ) -> None:
     spool = Spool(tmp_path / "spool")
     spool.open()
     try:
-        await spool.enqueue("before", b"x", alone=True)
+        spool.enqueue("before", b"x")
+        await spool.flush()
         for i in range(50):
-            await spool.enqueue(f"filler{i:02d}", b"f" * 4000, alone=True)
+            spool.enqueue(f"filler{i:02d}", b"f" * 4000)
+        await spool.flush()
         await spool.discard({f"filler{i:02d}": 4000 for i in range(50)})
         no_file_growth(True)
+        # Neither the journal's segment nor the WAL can grow: the writer reports it.
         with pytest.raises(SpoolError, match="write failed"):
-            await spool.enqueue("lost", b"z" * 200_000, alone=True)
+            await spool.enqueue("lost", b"z" * 200_000)
         assert not spool.accepting
         no_file_growth(False)
     finally:
         spool.close()
+    with Spool(tmp_path / "spool") as reopened:
+        assert [k for k, _ in reopened.read_page("", 10)] == ["before"]
     with Spool(tmp_path / "spool") as reopened:
         assert [k for k, _ in reopened.read_page("", 10)] == ["before"]
