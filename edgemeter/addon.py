@@ -551,6 +551,13 @@ class Meter:
         async def shutdown() -> None:
             await self._let_flows_finish(grace_s)
             self.spool = None
+            if spool is not None:
+                # The journal's last envelopes into the database now, so the final drain
+                # publishes them (else they wait, spooled, for the next start).
+                try:
+                    await spool.flush()
+                except SpoolError as e:
+                    logger.warning(f"spool journal not flushed before the final drain: {e}")
             left = await publisher.stop(drain_timeout=drain_s)
             if spool is not None:
                 await asyncio.to_thread(spool.close)
@@ -613,7 +620,7 @@ class Meter:
                 meter.early = (routed, None, 0.0, reason)  # nothing to spool, and counted so
                 return
             key = meter.request.request_id
-            future = self._submit(spool, key, value, still_in_flight=1)
+            future = self._submit(spool, key, value)
             meter.early = (routed, future, time.monotonic(), reason)
         except Exception:
             # Never out of the stream callable: the end of the flow spools it instead.
@@ -775,16 +782,11 @@ class Meter:
 
         return self._counted(committed())
 
-    def _submit(
-        self, spool: Spool, key: str, data: bytes, still_in_flight: int = 0
-    ) -> asyncio.Future[None]:
-        """Queue the envelope's bytes for the spool writer; a refusal comes back in the future.
-        With no other request in flight (`still_in_flight`: those of `self.flows` that are this
-        envelope's own, a stream spooled at its last event) there is no batch to wait for: the
-        spool commits it at once (one request at a time: -12 % CPU per request side by side with
-        the writer's commit, whose hand-offs cost more than the commit itself)."""
+    def _submit(self, spool: Spool, key: str, data: bytes) -> asyncio.Future[None]:
+        """Spool the envelope's bytes; a refusal comes back in the future. It comes back done
+        when the spool's journal took it (nearly always: see Spool.enqueue)."""
         try:
-            return spool.enqueue(key, data, alone=len(self.flows) <= still_in_flight)
+            return spool.enqueue(key, data)
         except Exception as e:
             failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             failed.set_exception(e)
@@ -819,7 +821,7 @@ class Meter:
         """Spooled envelopes, the oldest one's key, dead letters and how those read."""
         spool, dead = self.spool, self.dead_letters
         try:
-            envelopes = len(spool) if spool is not None else 0
+            envelopes = len(spool) + spool.in_journal if spool is not None else 0
             oldest = spool.oldest_key() if spool is not None else None
         except SpoolError:
             envelopes, oldest = 0, None
@@ -912,7 +914,7 @@ class Meter:
         if self.publisher is None or self.spool is None:
             return "the meter is not running"
         self.publisher.notify()
-        return f"publishing {len(self.spool)} spooled envelopes"
+        return f"publishing {len(self.spool) + self.spool.in_journal} spooled envelopes"
 
     @command.command("meter.status")
     def status(self) -> str:

@@ -57,6 +57,7 @@ async def run_flow(
 def published(addon: Meter) -> list[tuple[str, dict[str, str], bytes]]:
     """(subject, headers, body) of every spooled envelope, as the publisher will send it."""
     assert addon.spool is not None and addon.settings is not None
+    addon.spool.drain_journal()  # as its timer would, a moment later
     found = []
     for _, value in addon.spool.read_page("", 100):
         where, body = unpack(value)

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 from collections.abc import Callable, Iterable
@@ -12,6 +11,7 @@ from mitmproxy import exceptions, http
 from mitmproxy.test import taddons, tflow, tutils
 
 from edgemeter.addon import Meter, headers_get
+from spool.journal import records, segments
 from tests.corpus import is_stream, wire_body
 from tests.flows import KEY, make_flow, run_flow, spooled
 
@@ -571,29 +571,41 @@ def answered_chat(addon: Meter, recorded: Path) -> http.HTTPFlow:
     return flow
 
 
-async def test_with_nothing_else_in_flight_the_envelope_is_on_disk_when_the_hook_returns(
-    meter: tuple[Meter, Any], recorded: Path
-) -> None:
-    addon, _ = meter
-    flow = answered_chat(addon, recorded)
-    assert addon.response(flow) is None  # nothing left to await: already committed
-    [env] = spooled(addon)
-    assert env["metadata"]["tokens_used"] == 379
+def journaled(addon: Meter) -> list[str]:
+    """Request ids appended to the spool's journal and not moved into its database yet."""
+    assert addon.spool is not None
+    return [
+        key for path in segments(addon.spool.directory) for key, _ in records(path.read_bytes())[0]
+    ]
 
 
-async def test_with_other_requests_in_flight_the_response_hook_awaits_the_commit(
+async def test_the_envelope_is_on_disk_in_the_journal_when_the_response_hook_returns(
     meter: tuple[Meter, Any], recorded: Path
 ) -> None:
     addon, _ = meter
     flows = [answered_chat(addon, recorded) for _ in range(2)]
-    first = addon.response(flows[0])  # the second is still in flight: a batch may form
-    assert first is not None and spooled(addon) == []
-    await first
-    assert addon.response(flows[1]) is None  # the last one in flight goes at once
-    assert len(spooled(addon)) == 2
+    # Another request in flight or not, nothing is left to await: no batch to wait for.
+    assert addon.response(flows[0]) is None and addon.response(flows[1]) is None
+    ids = [flow.metadata["edgemeter"]["metadata"]["request_id"] for flow in flows]
+    assert journaled(addon) == ids
+    assert [env["metadata"]["request_id"] for env in spooled(addon)] == ids
+    assert journaled(addon) == []  # in the database now, the journal's segment gone
 
 
-async def test_a_stream_ending_beside_other_requests_spools_through_the_writer(
+async def test_without_the_journal_the_response_hook_awaits_the_commit(
+    meter: tuple[Meter, Any], recorded: Path
+) -> None:
+    addon, tctx = meter
+    tctx.configure(addon, meter_spool_sync="full")  # a synced commit per batch, no journal
+    flow = answered_chat(addon, recorded)
+    pending = addon.response(flow)
+    assert pending is not None and spooled(addon) == [] and journaled(addon) == []
+    await pending
+    [env] = spooled(addon)
+    assert env["metadata"]["tokens_used"] == 379
+
+
+async def test_a_streams_envelope_is_journaled_at_its_last_event(
     meter: tuple[Meter, Any], recorded: Path
 ) -> None:
     addon, _ = meter
@@ -602,6 +614,6 @@ async def test_a_stream_ending_beside_other_requests_spools_through_the_writer(
     flow = make_flow("/v1/messages")
     streaming(addon, flow)(wire_body(recorded / "anthropic-messages-stream-simple.raw.sse"))
     _, future, _, _ = addon.flows[flow.id].early
-    assert not future.done()  # a batch may form: the writer's group commit takes it
-    await asyncio.wait_for(future, 10)
+    assert future.done() and future.exception() is None
+    assert journaled(addon) == [addon.flows[flow.id].request.request_id]
     assert len(spooled(addon)) == 1

@@ -337,6 +337,7 @@ async def test_a_billable_envelope_is_spooled_exactly_as_built(
     addon, _ = meter
     flow = await answer(addon, recorded)
     assert addon.spool is not None
+    addon.spool.drain_journal()
     [(_, value)] = addon.spool.read_page("", 10)
     assert value == encode(flow.metadata["edgemeter"])  # plain: no route, no extra header
     assert published(addon) == [("catalyst.usage.recorded", {}, value)]
