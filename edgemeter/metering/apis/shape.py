@@ -86,8 +86,11 @@ class Shape:
         # these three per chunk, callgrind); inline, since a call is ~400 Ir more.
         elif (
             ex.model is None
-            or data.find(b'"usage":{') >= 0
-            or data.find(b'"usage": {') >= 0
+            # One search where "usage" is absent, as in nearly every chunk (~1,600 Ir a find).
+            or (
+                data.find(b'"usage"') >= 0
+                and (data.find(b'"usage":{') >= 0 or data.find(b'"usage": {') >= 0)
+            )
             or data.find(b'"error"') >= 0
         ) and (obj := json_object(data)) is not None:
             self.event_object(ex, obj)
