@@ -51,6 +51,10 @@ class SSEDecoder:
         self._size = 0
         self.overflowed = False
 
+    def idle(self) -> bool:
+        """Nothing held from earlier chunks: the next chunk starts an event."""
+        return not (self._size or self._tail or self._skip_lf or self.overflowed)
+
     def whole(self, chunk: bytes) -> tuple[str, bytes] | None:
         """`(event, data)` if `chunk` is one whole event of a `data:` line, optionally after an
         `event:` line, and nothing is held from earlier chunks, as upstreams flush events: what
