@@ -11,7 +11,7 @@ import pytest
 from mitmproxy import exceptions, http
 from mitmproxy.test import taddons, tflow, tutils
 
-from edgemeter.addon import Meter, headers_get
+from edgemeter.addon import Meter, headers_get, set_body
 from tests.corpus import is_stream, wire_body
 from tests.flows import KEY, make_flow, run_flow, spooled
 
@@ -605,3 +605,28 @@ async def test_a_stream_ending_beside_other_requests_spools_through_the_writer(
     assert not future.done()  # a batch may form: the writer's group commit takes it
     await asyncio.wait_for(future, 10)
     assert len(spooled(addon)) == 1
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        [],
+        [(b"Content-Length", b"12")],
+        [(b"content-type", b"application/json"), (b"CONTENT-LENGTH", b"12"), (b"x-a", b"1")],
+        [(b"content-length", b"12"), (b"x-a", b"1"), (b"Content-Length", b"13")],
+        [(b"Transfer-Encoding", b"chunked"), (b"x-a", b"1")],
+        [(b"content-length", b"12"), (b"transfer-encoding", b"chunked")],
+    ],
+)
+def test_set_body_leaves_what_mitmproxy_content_setter_leaves(
+    fields: list[tuple[bytes, bytes]],
+) -> None:
+    # The request hook rewrites an unencoded body with set_body instead of `.content =`.
+    ours, theirs = tutils.treq(), tutils.treq()
+    for request in (ours, theirs):
+        request.headers.fields = tuple(fields)
+        request.raw_content = b'{"stream":true}'
+    set_body(ours, b'{"a":1,"stream":true}')
+    theirs.content = b'{"a":1,"stream":true}'
+    assert ours.headers.fields == theirs.headers.fields
+    assert ours.raw_content == theirs.raw_content
