@@ -200,7 +200,9 @@ class FlowMeter:
                     ex.data(data, name)
                     if ex.final and self.on_final is not None:
                         self._finalized()
-                    if self.strip and chunk.find(b'"usage"') >= 0:
+                    # Only an event that names a usage object can lose it (strip_event): the
+                    # shape searched for one already (usage_named: ~1,600 Ir a chunk less).
+                    if self.strip and ex.usage_named:
                         sent = strip_event(chunk)
                         # The same object when nothing was taken out: every include_usage chunk
                         # carries "usage":null, so this is the path of nearly every chunk here.
