@@ -103,6 +103,32 @@ def headers_get(
     )
 
 
+def set_body(message: http.Message, body: bytes) -> None:
+    """`message.content = body` for a message without Content-Encoding, the same fields in the
+    end: Content-Length set to the body's length unless Transfer-Encoding is there (the first
+    Content-Length field keeps its place and name, others go, one is added if none was), in one
+    pass over the raw fields instead of mitmproxy's three lookups that lower-case every field
+    name through Python calls (the request hook of a stream: ~121k -> ~61k Ir, callgrind)."""
+    length = b"%d" % len(body)
+    fields: list[tuple[bytes, bytes]] = []
+    replaced = False
+    for name, value in message.headers.fields:
+        lower = name.lower()
+        if lower == b"content-length":
+            if not replaced:
+                fields.append((name, length))
+                replaced = True
+        elif lower == b"transfer-encoding":
+            message.raw_content = body
+            return
+        else:
+            fields.append((name, value))
+    if not replaced:
+        fields.append((b"content-length", length))
+    message.headers.fields = tuple(fields)
+    message.raw_content = body
+
+
 class Meter:
     def __init__(
         self, worker: int | None = None, admin_socket: socket.socket | None = None
@@ -431,7 +457,10 @@ class Meter:
         if self.settings.stream_usage == "off" or not meter.shape.stream_options:
             return
         if (injected := include_usage.inject(body)) is not None:
-            flow.request.content = injected
+            if encoding:
+                req.content = injected  # encoded as the client's body was
+            else:
+                set_body(req, injected)
             meter.injected = True
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:

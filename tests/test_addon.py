@@ -10,7 +10,7 @@ import pytest
 from mitmproxy import exceptions, http
 from mitmproxy.test import taddons, tflow, tutils
 
-from edgemeter.addon import Meter, headers_get
+from edgemeter.addon import Meter, headers_get, set_body
 from spool.journal import records, segments
 from tests.corpus import is_stream, wire_body
 from tests.flows import KEY, make_flow, run_flow, spooled
@@ -617,3 +617,28 @@ async def test_a_streams_envelope_is_journaled_at_its_last_event(
     assert future.done() and future.exception() is None
     assert journaled(addon) == [addon.flows[flow.id].request.request_id]
     assert len(spooled(addon)) == 1
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        [],
+        [(b"Content-Length", b"12")],
+        [(b"content-type", b"application/json"), (b"CONTENT-LENGTH", b"12"), (b"x-a", b"1")],
+        [(b"content-length", b"12"), (b"x-a", b"1"), (b"Content-Length", b"13")],
+        [(b"Transfer-Encoding", b"chunked"), (b"x-a", b"1")],
+        [(b"content-length", b"12"), (b"transfer-encoding", b"chunked")],
+    ],
+)
+def test_set_body_leaves_what_mitmproxy_content_setter_leaves(
+    fields: list[tuple[bytes, bytes]],
+) -> None:
+    # The request hook rewrites an unencoded body with set_body instead of `.content =`.
+    ours, theirs = tutils.treq(), tutils.treq()
+    for request in (ours, theirs):
+        request.headers.fields = tuple(fields)
+        request.raw_content = b'{"stream":true}'
+    set_body(ours, b'{"a":1,"stream":true}')
+    theirs.content = b'{"a":1,"stream":true}'
+    assert ours.headers.fields == theirs.headers.fields
+    assert ours.raw_content == theirs.raw_content

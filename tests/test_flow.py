@@ -220,3 +220,27 @@ def test_a_chunk_the_parser_chokes_on_still_reaches_the_client() -> None:
     assert m(junk) == junk
     assert m.broken
     assert m(b"more") == b"more"
+
+
+def test_whole_events_skip_framing_again_once_a_split_event_is_complete(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    name = "openai-chat-stream-include-usage.chunks.txt"
+    events = split_events(wire_body(RECORDED / name))[0]
+    m = meter_for(name, injected=True)
+    m.start_stream(200, "", strip=True)
+    assert m.quick
+    first = events[0]
+    m(first[:7])
+    assert not m.quick  # part of an event is held: the next chunk needs framing
+    m(first[7:])
+    assert m.quick and m.extraction.events == 1
+
+    def framed(*args: object) -> None:
+        raise AssertionError("framed")
+
+    monkeypatch.setattr(SSEDecoder, "feed", framed)
+    monkeypatch.setattr(EventSplitter, "feed", framed)
+    for event in events[1:]:
+        m(event)
+    assert m.extraction.final and m.extraction.usage is not None

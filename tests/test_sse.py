@@ -203,3 +203,24 @@ def test_whole_refuses_a_chunk_once_anything_is_held() -> None:
         assert decoder.whole(event) is None
     small = SSEDecoder(max_event_bytes=8)
     assert small.whole(event) is None  # 9 bytes: the limit is feed's to enforce
+
+
+@given(
+    st.lists(
+        st.sampled_from(
+            [b"data:", b"data: ", b"event:", b"event: ", b"x", b" ", b"\n", b"\r", b":", b"\xff"]
+        ),
+        max_size=12,
+    ).map(b"".join)
+)
+def test_whole_never_disagrees_with_feeding_byte_by_byte(chunk: bytes) -> None:
+    """Whatever `whole` takes is one event that feed, one byte at a time, makes of it whole,
+    with nothing left held."""
+    event = SSEDecoder().whole(chunk)
+    if event is None:
+        return
+    decoder = SSEDecoder()
+    assert [ev for i in range(len(chunk)) for ev in decoder.feed(chunk[i : i + 1])] == [
+        SSEEvent(*event)
+    ]
+    assert decoder.close() == []

@@ -8,6 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from edgemeter.metering.apis import SHAPES, Shape
+from edgemeter.metering.extraction import Extraction
 from edgemeter.metering.sse import EventSplitter, split_events
 from edgemeter.metering.stream_usage import inject, strip_event
 
@@ -172,3 +174,19 @@ def test_whole_events_in_a_chunk_split_as_byte_by_byte(body: bytes) -> None:
     want = [ev for i in range(len(body)) for ev in byte_by_byte.feed(body[i : i + 1])]
     assert got == want
     assert whole.take() == byte_by_byte.take()
+
+
+@pytest.mark.parametrize("shape", [s for s in SHAPES if s.stream_options], ids=lambda s: s.api)
+def test_shapes_whose_usage_is_stripped_say_which_events_name_a_usage_object(shape: Shape) -> None:
+    # The stream callable strips only events whose shape set usage_named (FlowMeter.__call__).
+    ex = Extraction(shape)
+    for data, named in [
+        (b'{"model":"m","choices":[{"delta":{"content":"x"}}],"usage":null}', False),
+        (b'{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}', True),
+        (b'{"choices":[],"usage": {"prompt_tokens":1,"completion_tokens":2}}', True),
+        (b'{"choices":[{"delta":{"content":"\\"usage\\""}}]}', False),
+        (b"[DONE]", False),
+    ]:
+        ex.data(data)
+        assert ex.usage_named is named
+        assert (strip_event(b"data: " + data + b"\n\n") != b"data: " + data + b"\n\n") is named

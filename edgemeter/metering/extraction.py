@@ -38,6 +38,7 @@ class Extraction:
         "units",
         "upstream_id",
         "usage",
+        "usage_named",
     )
 
     def __init__(self, api: str | Shape) -> None:
@@ -62,6 +63,9 @@ class Extraction:
         self.hollow = False
         # What the answer bills outside its usage object (Responses' web_search_call items,
         # an image count), and the service tier it names outside it ("" for a base tier).
+        # The latest event named a usage object ("usage":{): set by the shapes that accept
+        # stream_options (Shape.event), whose usage meter_stream_usage may strip.
+        self.usage_named = False
         self.units: dict[str, int | str] | None = None
         self.service_tier = ""
         self._text = text_pattern(self.shape.text)
