@@ -301,11 +301,13 @@ async def stream_ids(config: NatsConfig) -> list[str]:
     try:
         jsm = nc.jsm()
         info = await jsm.stream_info(STREAM)
+        if not info.state.messages:
+            return []  # an empty stream says first_seq 0, which get_msg refuses
         ids = []
         for seq in range(info.state.first_seq, info.state.last_seq + 1):
             msg = await jsm.get_msg(STREAM, seq)
             ids.append((msg.headers or {}).get("Nats-Msg-Id", ""))
-        return ids if info.state.messages else []
+        return ids
     finally:
         await nc.close()
 
