@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
+import sys
 import threading
 import zlib
 from dataclasses import dataclass, field
@@ -106,7 +107,10 @@ class Journal:
         self._started = False
 
     def claim(self) -> bool:
-        """Become the journal's holder (False: another process or object holds it)."""
+        """Become the journal's holder (False: another process or object holds it, or there
+        is no flock to tell: a second holder would replay segments still being written)."""
+        if sys.platform == "win32":
+            return False
         return self._lock.acquire_nowait()
 
     def leftovers(self) -> list[tuple[Path, list[tuple[str, bytes]], int]]:

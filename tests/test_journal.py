@@ -217,3 +217,14 @@ async def test_closing_settles_the_journal_and_lets_go_of_it(tmp_path: Path) -> 
     successor = Journal(directory)
     assert successor.claim()  # another process may now hold it
     successor.release()
+
+
+async def test_without_flock_no_spool_journals(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "platform", "win32")  # no lock could keep a second holder out
+    with Spool(tmp_path / "spool") as spool:
+        future = spool.enqueue("0193-a", b"{}")
+        assert not future.done()
+        await future
+        assert spool.journaled == 0 and segments(spool.directory) == []
