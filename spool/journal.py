@@ -189,13 +189,14 @@ class Journal:
                 path.unlink()
 
     def close(self) -> None:
-        """No more appends (take() still hands over what was appended), then let go of the lock
-        once nothing is left to take."""
+        """No more appends; take() still hands over what was appended. The lock stays held
+        until release()."""
         with self._guard:
             self._closed = True
             self._close_segment()
 
     def release(self) -> None:
+        """Let another holder take the journal (and replay what is left of it)."""
         self._lock.release()
 
     def _open_segment(self) -> None:
