@@ -65,6 +65,9 @@ _DISCARD_NOW_KEYS: Final = 256
 # at once, max_batch of them): one transaction for all of them, whose envelopes the publisher
 # hears of then. Its own linger is longer (publisher._LINGER_S).
 _JOURNAL_FLUSH_S: Final = 0.02
+# A spool that found its journal held by another (a worker restarted while another one adopts
+# its spool) asks for it again this often, from the writer thread, once the holder lets go.
+_CLAIM_RETRY_S: Final = 1.0
 # Commits made on the event loop's thread (see _commit_here) do not checkpoint the WAL
 # themselves (a checkpoint copies pages and syncs: milliseconds the loop must not spend); the
 # writer thread checkpoints after every this many envelopes committed there (SQLite's own
@@ -310,6 +313,7 @@ class Spool:
         # Segments taken from the journal whose commit failed: retried by the writer (only it
         # touches this).
         self._unsettled: list[Taken] = []
+        self._claim_again_at = 0.0
         # Held by whoever commits or scans (the writer thread waits for it, the loop never:
         # see _commit_here), so commits are numbered in order and a scan's page reflects
         # exactly the commits up to its seq.
@@ -373,7 +377,7 @@ class Spool:
                 message = "spool database is unreadable"  # e.g. not an SQLite file
             raise SpoolError(message, path=str(directory), error=str(exc)) from exc
         # Segments a commit failed for before a close are on disk: the replay above took them.
-        self._journal, self._unsettled = journal, []
+        self._journal, self._unsettled, self._claim_again_at = journal, [], 0.0
         self._cache = cache
         self._closed = False
         self._bytes = self._count_bytes(cache)
@@ -806,6 +810,8 @@ class Spool:
         deletes = [item for item in batch if isinstance(item, _Delete)]
         settle = _Settlements()
         with self._db_lock:
+            if self._journal is None and not self.sync_full and not self._closed:
+                self._claim_again(cache)
             taken = self._take_journal([item for item in batch if isinstance(item, Taken)])
             for segment in taken:
                 writes += [_Write(key, data, None) for key, data in segment.entries]
@@ -868,6 +874,22 @@ class Spool:
                     self._last_recount = time.monotonic()
         except sqlite3.Error as exc:
             log.debug("spool checkpoint failed: %s", exc)
+
+    def _claim_again(self, cache: diskcache.Cache) -> None:
+        """The journal, if its holder has let go since open (or the last try): replayed and
+        started here, then the loop's next envelope goes to it."""
+        now = time.monotonic()
+        if now < self._claim_again_at:
+            return
+        self._claim_again_at = now + _CLAIM_RETRY_S
+        try:
+            journal = self._claim_journal(cache)
+        except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
+            log.debug("spool journal not taken: %s", exc)
+            return
+        if journal is not None:
+            log.info("spool journal taken over from a holder that let go: %s", self.directory)
+        self._journal = journal
 
     def _take_journal(self, handed: list[Taken]) -> list[Taken]:
         """The journal's segments to commit now: those whose commit failed before, those the

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from spool import store
 from spool.journal import Journal, frame, records, segments
 from spool.store import Spool
 
@@ -188,6 +189,39 @@ async def test_a_second_spool_on_a_journaled_directory_neither_journals_nor_repl
         assert len(first) == 2
     finally:
         first.close()
+
+
+async def test_a_spool_that_found_its_journal_held_takes_it_once_the_holder_lets_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker restarted while another one adopts its spool journals again after the adopter."""
+    monkeypatch.setattr(store, "_CLAIM_RETRY_S", 0.0)
+    directory = tmp_path / "spool"
+    adopter = Spool(directory)
+    adopter.open()
+    restarted = Spool(directory)
+    restarted.open()
+    try:
+        await restarted.enqueue("0193-a", b"through the writer")
+        assert restarted.journaled == 0
+        await asyncio.to_thread(adopter.close)
+        (directory / "journal-00000099.log").write_bytes(frame("0193-left", b"by a crash"))
+        await restarted.enqueue("0193-b", b"through the writer, which takes the journal")
+        assert restarted.enqueue("0193-c", b"journaled").done()
+        assert restarted.journaled == 1
+        await restarted.flush()
+        assert [k for k, _ in restarted.read_page("", 10)] == [
+            "0193-a",
+            "0193-b",
+            "0193-c",
+            "0193-left",
+        ]
+        assert not (directory / "journal-00000099.log").exists()
+    finally:
+        restarted.close()
+    successor = Journal(directory)
+    assert successor.claim()  # let go at close
+    successor.release()
 
 
 async def test_the_publisher_hears_of_envelopes_only_once_their_segment_is_gone(
