@@ -47,7 +47,7 @@ from edgemeter.settings import Settings, nats_config, parse_settings
 from edgemeter.stats import Snapshot, Stats, status_text
 from edgemeter.webview import UsageContentview, not_billed, record
 from spool.deadletter import DeadLetters
-from spool.errors import SpoolError, SpoolFullError
+from spool.errors import SpoolError, SpoolFullError, describe
 from spool.lock import SpoolLock
 from spool.publisher import Publisher, check_creds_file
 from spool.routing import Route, pack
@@ -584,9 +584,13 @@ class Meter:
                 # The journal's last envelopes into the database now, so the final drain
                 # publishes them (else they wait, spooled, for the next start).
                 try:
-                    await spool.flush()
-                except SpoolError as e:
-                    logger.warning(f"spool journal not flushed before the final drain: {e}")
+                    # Bounded like the drain: a database another process keeps locked must
+                    # not hold the shutdown (the journal keeps them for the next start).
+                    await asyncio.wait_for(spool.flush(), max(drain_s, 1.0))
+                except (SpoolError, TimeoutError) as e:
+                    logger.warning(
+                        f"spool journal not flushed before the final drain: {describe(e)}"
+                    )
             left = await publisher.stop(drain_timeout=drain_s)
             if spool is not None:
                 await asyncio.to_thread(spool.close)

@@ -8,9 +8,11 @@ loses nothing; a crash of the machine may lose the last ones (`sync_full` spools
 
 Appends go to the current segment (`journal-<n>.log`). The writer takes the envelopes appended so
 far and starts a new segment in one step (`take`), commits them to the database, and only then
-removes the old segment (`settle`) and lets the publisher hear of them: a segment on disk holds
-only envelopes nobody has published, so a replay after a crash (`recover`) can insert all of them
-without publishing one twice. One process journals a directory: `journal.lock` (flock) says which.
+removes the old segment (`settle`) and lets the publisher hear of them. The commit also names the
+segment in the database (spool.store), so a segment still on disk after it (a crash before the
+removal, a removal the disk refused) is skipped by the replay, and any other segment holds only
+envelopes nobody has published: a replay after a crash inserts them without publishing one twice.
+One process journals a directory: `journal.lock` (flock) says which.
 """
 
 from __future__ import annotations
@@ -68,12 +70,17 @@ def records(blob: bytes) -> tuple[list[tuple[str, bytes]], int]:
     return out, end - at
 
 
+def number_of(path: Path) -> int:
+    """The number in a segment's name."""
+    return int(path.name[len(_PREFIX) : -len(_SUFFIX)])
+
+
 def segments(directory: Path) -> list[Path]:
     """The segments in `directory`, oldest first."""
     found = []
     for path in directory.glob(f"{_PREFIX}*{_SUFFIX}"):
         number = path.name[len(_PREFIX) : -len(_SUFFIX)]
-        if number.isdigit():
+        if number.isascii() and number.isdigit():
             found.append((int(number), path))
     return [path for _, path in sorted(found)]
 
@@ -121,7 +128,7 @@ class Journal:
         for path in segments(self.directory):
             entries, torn = records(path.read_bytes())
             found.append((path, entries, torn))
-            self._number = max(self._number, int(path.name[len(_PREFIX) : -len(_SUFFIX)]))
+            self._number = max(self._number, number_of(path))
         return found
 
     def start(self) -> None:
@@ -165,17 +172,27 @@ class Journal:
 
     def take(self) -> Taken:
         """The envelopes appended so far, with their segment; appends go to a new segment from
-        now on. The caller settles the segment once they are committed."""
+        now on. The caller settles the segment once they are committed.
+
+        The files are opened and closed outside the lock that appends take: a slow disk keeps
+        this thread, not an append on the loop's, waiting."""
         with self._guard:
             if not self._entries and (self._fd is not None or not self._started):
                 return Taken(None)
+            self._number += 1
+            number, closed = self._number, self._closed
+        fd, path = (None, None) if closed else self._open(number)
+        with self._guard:
             taken = Taken(self._path, self._entries, self._size)
             self._entries, self._size = [], 0
-            self._close_segment()
-            self._path = None
-            if not self._closed:
-                self._open_segment()
-            return taken
+            old = self._fd
+            if self._closed and fd is not None:
+                # Closed meanwhile (rare): no appends; the empty file goes with the next take.
+                self._close(fd)
+                fd = None
+            self._fd, self._path, self._offset = fd, path, 0
+        self._close(old)
+        return taken
 
     @property
     def count(self) -> int:
@@ -201,19 +218,28 @@ class Journal:
 
     def _open_segment(self) -> None:
         self._number += 1
-        path = self.directory / f"{_PREFIX}{self._number:08d}{_SUFFIX}"
+        self._fd, self._path = self._open(self._number)
+        self._offset = 0
+
+    def _open(self, number: int) -> tuple[int | None, Path | None]:
+        """A new, empty segment (O_EXCL: never one a holder before us left); (None, None)
+        when the disk refuses it: appends then fail over until the next take."""
+        path = self.directory / f"{_PREFIX}{number:08d}{_SUFFIX}"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            return os.open(path, flags, 0o600), path
         except OSError:
-            self._fd, self._path = None, None
-            return
-        self._fd, self._path, self._offset = fd, path, 0
+            return None, None
 
     def _close_segment(self) -> None:
         fd, self._fd = self._fd, None
+        self._close(fd)
+
+    @staticmethod
+    def _close(fd: int | None) -> None:
         if fd is not None:
             with contextlib.suppress(OSError):
                 os.close(fd)
 
 
-__all__ = ["JOURNAL_LOCK", "Journal", "Taken", "frame", "records", "segments"]
+__all__ = ["JOURNAL_LOCK", "Journal", "Taken", "frame", "number_of", "records", "segments"]

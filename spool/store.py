@@ -24,7 +24,7 @@ from typing import Any, Final
 import diskcache
 
 from spool.errors import SpoolError, SpoolFullError
-from spool.journal import Journal, Taken
+from spool.journal import Journal, Taken, number_of
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,14 @@ _INSERT_SQL: Final = (
     " access_time = excluded.access_time, value = excluded.value"
 )
 _DELETE_SQL: Final = "DELETE FROM Cache WHERE key = ? AND raw = 1"
+# The journal's segments whose envelopes are committed, named in the commit's own transaction:
+# a replay skips them (their envelopes may be published and deleted since), and a segment's row
+# goes once its file is gone (in the next commit).
+_SETTLED_TABLE_SQL: Final = (
+    "CREATE TABLE IF NOT EXISTS EdgemeterJournal (segment INTEGER PRIMARY KEY)"
+)
+_SETTLED_SQL: Final = "INSERT OR IGNORE INTO EdgemeterJournal(segment) VALUES (?)"
+_GONE_SQL: Final = "DELETE FROM EdgemeterJournal WHERE segment = ?"
 # A journal replayed after a crash: an envelope already in the table stays as it is.
 _RECOVER_SQL: Final = (
     "INSERT INTO Cache(key, raw, store_time, expire_time, access_time, access_count, tag,"
@@ -244,6 +252,16 @@ def _write_rows(con: sqlite3.Connection, writes: list[_Write], deletes: list[_De
     return freed
 
 
+def _name_settled(con: sqlite3.Connection, segments: list[Taken], gone: list[int]) -> None:
+    """In the caller's transaction: these segments' envelopes are committed; those files are
+    gone."""
+    named = [(number_of(t.path),) for t in segments if t.path is not None and t.entries]
+    if named:
+        con.executemany(_SETTLED_SQL, named)
+    if gone:
+        con.executemany(_GONE_SQL, [(number,) for number in gone])
+
+
 def _run_all(calls: list[Callable[[], None]]) -> None:
     for call in calls:
         call()
@@ -314,6 +332,9 @@ class Spool:
         # touches this).
         self._unsettled: list[Taken] = []
         self._claim_again_at = 0.0
+        # Numbers of settled segments whose files are gone: their rows go in the next commit
+        # (under _db_lock).
+        self._gone: list[int] = []
         # Held by whoever commits or scans (the writer thread waits for it, the loop never:
         # see _commit_here), so commits are numbered in order and a scan's page reflects
         # exactly the commits up to its seq.
@@ -366,7 +387,7 @@ class Spool:
             for path in directory.iterdir():
                 if path.is_file():
                     path.chmod(0o600)
-            journal = self._claim_journal(cache)
+            journal, _ = self._claim_journal(cache)
         except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
             if cache is not None:
                 cache.close()
@@ -378,6 +399,7 @@ class Spool:
             raise SpoolError(message, path=str(directory), error=str(exc)) from exc
         # Segments a commit failed for before a close are on disk: the replay above took them.
         self._journal, self._unsettled, self._claim_again_at = journal, [], 0.0
+        self._gone, self._flush_at = [], None
         self._cache = cache
         self._closed = False
         self._bytes = self._count_bytes(cache)
@@ -388,16 +410,25 @@ class Spool:
         )
         self._thread.start()
 
-    def _claim_journal(self, cache: diskcache.Cache) -> Journal | None:
+    def _claim_journal(
+        self, cache: diskcache.Cache
+    ) -> tuple[Journal | None, list[tuple[str, bytes]]]:
         """Hold the directory's journal: replay what a holder before us left, then journal
-        (unless sync_full: an append is not synced). None: another process journals here, so
-        its segments are not ours to replay (our envelopes go through the writer thread)."""
+        (unless sync_full: an append is not synced); with the envelopes replayed. None: another
+        process journals here, so its segments are not ours to replay (our envelopes go
+        through the writer thread)."""
         journal = Journal(self.directory)
         if not journal.claim():
-            return None
+            return None, []
+        replayed: list[tuple[str, bytes]] = []
         try:
             recovered = 0
+            cache._sql(_SETTLED_TABLE_SQL)
+            settled = {number for (number,) in cache._sql("SELECT segment FROM EdgemeterJournal")}
             for path, entries, torn in journal.leftovers():
+                if number_of(path) in settled:
+                    journal.settle(path)  # committed before the crash: maybe published since
+                    continue
                 if entries:
                     now = time.time()
                     with cache.transact(retry=True):
@@ -405,6 +436,7 @@ class Spool:
                             _RECOVER_SQL, [(key, now, now, data) for key, data in entries]
                         )
                 recovered += len(entries)
+                replayed += entries
                 if torn:
                     log.warning(
                         "spool journal %s: %d bytes at its end are no whole envelope"
@@ -413,6 +445,8 @@ class Spool:
                         torn,
                     )
                 journal.settle(path)
+            # Every leftover is gone: new segments may take any number again.
+            cache._sql("DELETE FROM EdgemeterJournal")
             if recovered:
                 log.info("spool journal replayed: %d envelopes", recovered)
             if not self.sync_full:
@@ -420,7 +454,7 @@ class Spool:
         except BaseException:
             journal.release()
             raise
-        return journal
+        return journal, replayed
 
     def close(self, timeout: float = 5.0) -> None:
         with self._lock:
@@ -533,12 +567,20 @@ class Spool:
         journal = self._journal
         if journal is None or self._closed:
             return
+        if self._failed_at or time.monotonic() < self._here_paused_until:
+            # The writer takes the journal itself: the loop's thread keeps off a failing or
+            # slow disk, the segments' files included.
+            with self._lock:
+                if not self._closed:
+                    self._queue.put(_FLUSH)
+            return
+        started = time.perf_counter()
         taken = journal.take()
         if not taken.entries and taken.path is None:
             return
         with self._lock:
             self._bytes += taken.size
-        if self._commit_here(taken):
+        if self._commit_here(taken, started):
             return
         with self._lock:
             if not self._closed:
@@ -546,13 +588,11 @@ class Spool:
                 return
         self._unsettled.append(taken)  # the writer takes it on its way out (see _write_loop)
 
-    def _commit_here(self, taken: Taken) -> bool:
+    def _commit_here(self, taken: Taken, started: float) -> bool:
         """Commit a segment's envelopes (and the deletes waiting) right here, on the loop's
         thread; False, having changed nothing, when the writer thread must do it: the database
-        is busy (the writer, another process), the last write failed, or recent commits here
-        were slow."""
-        if self._failed_at or time.monotonic() < self._here_paused_until:
-            return False
+        is busy (the writer, another process). Flushes slower than _HERE_SLOW_S from
+        `started` (the segment's files included) pause this for _HERE_PAUSE_S."""
         if not self._db_lock.acquire(blocking=False):
             return False
         try:
@@ -563,11 +603,11 @@ class Spool:
                 return False
             writes = [_Write(key, data, None) for key, data in taken.entries]
             deletes = self._take_discards()
-            started = time.perf_counter()
             try:
                 con.execute("BEGIN IMMEDIATE")
                 try:
                     freed = _write_rows(con, writes, deletes)
+                    _name_settled(con, [taken], self._gone)
                     con.execute("COMMIT")
                 except BaseException:
                     with contextlib.suppress(sqlite3.Error):
@@ -578,6 +618,8 @@ class Spool:
                 log.debug("spool commit handed to the writer: %s", exc)
                 self._return_discards(deletes)
                 return False
+            self._gone = []
+            self._journal_settle(taken)  # before anyone hears of them: see spool.journal
             if time.perf_counter() - started <= _HERE_SLOW_S:
                 self._slow_run = 0
             else:
@@ -585,7 +627,6 @@ class Spool:
                 if self._slow_run >= _HERE_SLOW_RUN:
                     self._slow_run = 0
                     self._here_paused_until = time.monotonic() + _HERE_PAUSE_S
-            self._journal_settle(taken)  # before anyone hears of them: see spool.journal
             self._seq += 1
             seq = self._seq
             self._written_at = time.monotonic()
@@ -819,7 +860,7 @@ class Spool:
                 for segment in taken:  # empty: the journal was closed, or its segment failed
                     self._journal_settle(segment)
             else:
-                if self._commit(cache, writes, deletes, settle):
+                if self._commit(cache, writes, deletes, settle, taken):
                     # Only now may the publisher hear of them (see spool.journal).
                     for segment in taken:
                         self._journal_settle(segment)
@@ -883,13 +924,28 @@ class Spool:
             return
         self._claim_again_at = now + _CLAIM_RETRY_S
         try:
-            journal = self._claim_journal(cache)
+            journal, replayed = self._claim_journal(cache)
         except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
             log.debug("spool journal not taken: %s", exc)
             return
-        if journal is not None:
-            log.info("spool journal taken over from a holder that let go: %s", self.directory)
+        if journal is None:
+            return
+        log.info("spool journal taken over from a holder that let go: %s", self.directory)
         self._journal = journal
+        if not replayed:
+            return
+        # Counted, and told to the publisher like a commit: one that has caught up would
+        # otherwise not look for them until a rescan.
+        self._seq += 1
+        with self._lock:
+            self._bytes += sum(len(data) for _, data in replayed)
+            listener = self._listener
+            if listener is not None:
+                self._unheard += 1
+        if listener is not None:
+            told = _Settlements()
+            told.notify(listener[0], self._heard(listener[1]), self._seq, replayed)
+            told.send()
 
     def _take_journal(self, handed: list[Taken]) -> list[Taken]:
         """The journal's segments to commit now: those whose commit failed before, those the
@@ -912,9 +968,11 @@ class Spool:
         try:
             journal.settle(segment.path)
         except OSError as exc:
-            # Replayed after a restart: its envelopes are in the table already, and stay as
-            # they are then (a copy published meanwhile is deduped by the broker).
+            # Its row stays: a replay skips it (see _name_settled) and removes it then.
             log.warning("spool journal segment not removed: %s", exc)
+            return
+        if segment.path is not None and segment.entries:
+            self._gone.append(number_of(segment.path))
 
     def _commit(
         self,
@@ -922,6 +980,7 @@ class Spool:
         writes: list[_Write],
         deletes: list[_Delete],
         settle: _Settlements,
+        segments: list[Taken],
     ) -> bool:
         for write in writes:
             if isinstance(write.waiter, concurrent.futures.Future):
@@ -932,6 +991,7 @@ class Spool:
         try:
             with cache.transact(retry=True):
                 freed = _write_rows(cache._con, writes, deletes)
+                _name_settled(cache._con, segments, self._gone)
                 recount = bool(deletes) and (
                     time.monotonic() - self._last_recount >= _RECOUNT_INTERVAL_S
                 )
@@ -951,6 +1011,7 @@ class Spool:
             log.debug("spool write of %d envelopes failed: %s", len(writes), exc)
             return False
         self._seq += 1
+        self._gone = []
         if writes:
             self._written_at = time.monotonic()
         with self._lock:

@@ -6,13 +6,14 @@ import asyncio
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from spool import store
-from spool.journal import Journal, frame, records, segments
+from spool.journal import Journal, Taken, frame, records, segments
 from spool.store import Spool
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,6 +85,38 @@ def test_appends_go_to_a_new_segment_once_taken(tmp_path: Path) -> None:
     assert nothing.path is None and nothing.entries == []  # an empty segment stays in use
     journal.close()
     assert not journal.append("d", b"4")
+    journal.release()
+
+
+def test_an_append_never_waits_for_the_files_a_take_opens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """take() runs on the writer thread too: a slow disk there must not stall the loop's append."""
+    journal = Journal(tmp_path)
+    assert journal.claim()
+    journal.start()
+    journal.append("a", b"1")
+    entered, go = threading.Event(), threading.Event()
+    appended_meanwhile: list[bool] = []
+    real = os.open
+
+    def slow_open(path: str | os.PathLike[str], flags: int, mode: int = 0o777) -> int:
+        if threading.current_thread() is not threading.main_thread():
+            entered.set()
+            # An append waiting for the take's lock never gets here first: this gives up.
+            appended_meanwhile.append(go.wait(3))
+        return real(path, flags, mode)
+
+    monkeypatch.setattr(os, "open", slow_open)
+    taken: list[Taken] = []
+    taker = threading.Thread(target=lambda: taken.append(journal.take()))
+    taker.start()
+    assert entered.wait(10)
+    assert journal.append("b", b"2")  # while the take waits for the disk
+    go.set()
+    taker.join(10)
+    assert appended_meanwhile == [True]
+    assert [key for key, _ in taken[0].entries] == ["a", "b"]  # both in the segment taken
     journal.release()
 
 
@@ -191,6 +224,31 @@ async def test_a_second_spool_on_a_journaled_directory_neither_journals_nor_repl
         first.close()
 
 
+async def test_a_segment_left_after_its_commit_is_not_replayed_over_a_published_envelope(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its envelopes may have been published and deleted since: inserting them again would
+    publish them twice, past the broker's duplicate window if the restart comes later."""
+    directory = tmp_path / "spool"
+    refused: list[Path] = []
+
+    def unremovable(self: Journal, path: Path | None) -> None:
+        if path is not None and not refused:
+            refused.append(path)
+            raise PermissionError("the disk refuses the unlink")
+
+    monkeypatch.setattr(Journal, "settle", unremovable)
+    with Spool(directory) as spool:
+        spool.enqueue("0193-a", b"published")
+        await spool.flush()
+        assert refused and refused[0].exists()  # committed, its segment still there
+        await spool.discard({"0193-a": 9})  # the broker's ack came: gone from the spool
+    monkeypatch.undo()
+    with Spool(directory) as spool:
+        assert len(spool) == 0  # not resurrected by a replay
+        assert not refused[0].exists()
+
+
 async def test_a_spool_that_found_its_journal_held_takes_it_once_the_holder_lets_go(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -202,14 +260,20 @@ async def test_a_spool_that_found_its_journal_held_takes_it_once_the_holder_lets
     restarted = Spool(directory)
     restarted.open()
     try:
+        heard: list[str] = []
+        restarted.listen(lambda seq, entries: heard.extend(key for key, _ in entries))
         await restarted.enqueue("0193-a", b"through the writer")
         assert restarted.journaled == 0
         await asyncio.to_thread(adopter.close)
         (directory / "journal-00000099.log").write_bytes(frame("0193-left", b"by a crash"))
+        held = restarted.held_bytes
         await restarted.enqueue("0193-b", b"through the writer, which takes the journal")
         assert restarted.enqueue("0193-c", b"journaled").done()
         assert restarted.journaled == 1
         await restarted.flush()
+        # The replayed envelope is counted and told to the publisher like a commit.
+        assert "0193-left" in heard
+        assert restarted.held_bytes >= held + len(b"by a crash")
         assert [k for k, _ in restarted.read_page("", 10)] == [
             "0193-a",
             "0193-b",
