@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import subprocess
 import sys
 import time
@@ -157,6 +158,26 @@ def test_sigterm_publishes_what_is_spooled_and_exits_cleanly(
     assert len(envelopes(stopped_nats_server.url, customer, 3, timeout=5)) == 3
     with Spool(proxy.spool_dir) as spool:
         assert len(spool) == 0
+
+
+def test_a_shutdown_while_another_process_locks_the_spool_ends_and_loses_nothing(
+    runner: MeterFactory, demo_upstream: BackgroundDemo, stopped_nats_server: NatsServer
+) -> None:
+    """The journal's last envelopes cannot reach the database: the shutdown does not wait for
+    it forever, and they wait in the journal for the next start."""
+    proxy = runner.start(demo_upstream.url, stopped_nats_server.url, "meter_shutdown_drain_ms=500")
+    customer = f"cus_{uuid.uuid4().hex[:8]}"
+    locker = sqlite3.connect(proxy.spool_dir / "cache.db", isolation_level=None, timeout=10)
+    try:
+        locker.execute("BEGIN IMMEDIATE")  # e.g. an operator's tool holding the write lock
+        client(proxy, customer).chat.completions.create(model="demo-chat", messages=CHAT)
+        assert proxy.stop(timeout=30) == 0
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    with Spool(proxy.spool_dir) as spool:  # the next start replays the journal
+        [(_, body)] = spool.read_page("", 10)
+        assert json.loads(body)["customer_id"] == customer
 
 
 def test_a_script_given_with_s_is_loaded_next_to_the_meter(
