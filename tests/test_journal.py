@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -58,6 +58,16 @@ async def test_a_key_too_long_for_a_record_goes_through_the_writer(tmp_path: Pat
         assert spool.read_page("", 1) == [(key, b"{}")]
 
 
+@pytest.fixture
+def journal(tmp_path: Path) -> Iterator[Journal]:
+    """A journal held and started on an empty directory, let go after the test."""
+    held = Journal(tmp_path)
+    assert held.claim()
+    held.start()
+    yield held
+    held.release()
+
+
 def test_one_holder_per_directory(tmp_path: Path) -> None:
     first, second = Journal(tmp_path), Journal(tmp_path)
     assert first.claim() and not second.claim()
@@ -66,10 +76,7 @@ def test_one_holder_per_directory(tmp_path: Path) -> None:
     second.release()
 
 
-def test_appends_go_to_a_new_segment_once_taken(tmp_path: Path) -> None:
-    journal = Journal(tmp_path)
-    assert journal.claim()
-    journal.start()
+def test_appends_go_to_a_new_segment_once_taken(tmp_path: Path, journal: Journal) -> None:
     assert journal.append("a", b"1") and journal.append("b", b"22")
     assert (journal.count, journal.appended) == (2, 3)
     taken = journal.take()
@@ -85,16 +92,12 @@ def test_appends_go_to_a_new_segment_once_taken(tmp_path: Path) -> None:
     assert nothing.path is None and nothing.entries == []  # an empty segment stays in use
     journal.close()
     assert not journal.append("d", b"4")
-    journal.release()
 
 
 def test_an_append_never_waits_for_the_files_a_take_opens(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    journal: Journal, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """take() runs on the writer thread too: a slow disk there must not stall the loop's append."""
-    journal = Journal(tmp_path)
-    assert journal.claim()
-    journal.start()
     journal.append("a", b"1")
     entered, go = threading.Event(), threading.Event()
     appended_meanwhile: list[bool] = []
@@ -117,15 +120,11 @@ def test_an_append_never_waits_for_the_files_a_take_opens(
     taker.join(10)
     assert appended_meanwhile == [True]
     assert [key for key, _ in taken[0].entries] == ["a", "b"]  # both in the segment taken
-    journal.release()
 
 
 def test_a_short_write_is_cut_off_so_the_segment_stays_readable(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    journal: Journal, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    journal = Journal(tmp_path)
-    assert journal.claim()
-    journal.start()
     assert journal.append("a", b"kept")
     real = os.write
 
@@ -139,7 +138,6 @@ def test_a_short_write_is_cut_off_so_the_segment_stays_readable(
     taken = journal.take()
     assert taken.entries == [("a", b"kept"), ("c", b"after")]
     assert taken.path is not None and records(taken.path.read_bytes()) == (taken.entries, 0)
-    journal.release()
 
 
 CRASHER = """
