@@ -86,10 +86,12 @@ _HERE_PAUSE_S: Final = 5.0
 # the same row Cache.set writes for a str key and inline bytes (raw=1, mode=1, no file, no
 # expiry), diskcache's triggers keep its count and size settings. tests/test_store.py checks
 # diskcache's public API reads these rows back.
-_INSERT_SQL: Final = (
+_ROW_SQL: Final = (
     "INSERT INTO Cache(key, raw, store_time, expire_time, access_time, access_count, tag,"
     " size, mode, filename, value) VALUES (?, 1, ?, NULL, ?, 0, NULL, 0, 1, NULL, ?)"
-    " ON CONFLICT(key, raw) DO UPDATE SET store_time = excluded.store_time,"
+)
+_INSERT_SQL: Final = (
+    _ROW_SQL + " ON CONFLICT(key, raw) DO UPDATE SET store_time = excluded.store_time,"
     " access_time = excluded.access_time, value = excluded.value"
 )
 _DELETE_SQL: Final = "DELETE FROM Cache WHERE key = ? AND raw = 1"
@@ -102,11 +104,7 @@ _SETTLED_TABLE_SQL: Final = (
 _SETTLED_SQL: Final = "INSERT OR IGNORE INTO EdgemeterJournal(segment) VALUES (?)"
 _GONE_SQL: Final = "DELETE FROM EdgemeterJournal WHERE segment = ?"
 # A journal replayed after a crash: an envelope already in the table stays as it is.
-_RECOVER_SQL: Final = (
-    "INSERT INTO Cache(key, raw, store_time, expire_time, access_time, access_count, tag,"
-    " size, mode, filename, value) VALUES (?, 1, ?, NULL, ?, 0, NULL, 0, 1, NULL, ?)"
-    " ON CONFLICT(key, raw) DO NOTHING"
-)
+_RECOVER_SQL: Final = _ROW_SQL + " ON CONFLICT(key, raw) DO NOTHING"
 
 # A waiter for the writer thread's answer: a concurrent future (any thread), or an asyncio
 # future with its loop (settled there, one hand-off per batch and loop).
@@ -422,7 +420,6 @@ class Spool:
             return None, []
         replayed: list[tuple[str, bytes]] = []
         try:
-            recovered = 0
             cache._sql(_SETTLED_TABLE_SQL)
             settled = {number for (number,) in cache._sql("SELECT segment FROM EdgemeterJournal")}
             for path, entries, torn in journal.leftovers():
@@ -435,7 +432,6 @@ class Spool:
                         cache._con.executemany(
                             _RECOVER_SQL, [(key, now, now, data) for key, data in entries]
                         )
-                recovered += len(entries)
                 replayed += entries
                 if torn:
                     log.warning(
@@ -447,8 +443,8 @@ class Spool:
                 journal.settle(path)
             # Every leftover is gone: new segments may take any number again.
             cache._sql("DELETE FROM EdgemeterJournal")
-            if recovered:
-                log.info("spool journal replayed: %d envelopes", recovered)
+            if replayed:
+                log.info("spool journal replayed: %d envelopes", len(replayed))
             if not self.sync_full:
                 journal.start()
         except BaseException:
@@ -507,10 +503,12 @@ class Spool:
         transaction a little later (_JOURNAL_FLUSH_S; on this thread when the database is free,
         see _flush_journal). In process, one envelope each 0.7 ms (a client's pace; the least
         of 3 runs of 5 rounds): 44 µs of CPU per envelope committed alone on this thread, as
-        before the journal, against 26 journaled. Without it (another
-        process journals this directory, sync_full, a failing disk), the envelopes a turn of
-        the loop enqueues reach the writer together at the end of that turn (one hand-off per
-        turn, not per envelope), and the future is settled once the writer committed them."""
+        before the journal, against 26 journaled.
+
+        Without it (another process journals this directory, sync_full, a failing disk), the
+        envelopes a turn of the loop enqueues reach the writer together at the end of that
+        turn (one hand-off per turn, not per envelope), and the future is settled once the
+        writer committed them."""
         self._check(key, data)
         loop = asyncio.get_running_loop()
         if self._closed or self._cache is None:
@@ -539,24 +537,24 @@ class Spool:
     async def flush(self) -> None:
         """Commit what the journal holds now instead of at its time; returns once it is in the
         database (for tools and tests: the meter never needs to wait for it)."""
-        self._flush_journal()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        with self._lock:
-            if self._closed or self._cache is None:
-                raise SpoolError("spool is not open", path=str(self.directory))
-            self._queue.put(_Barrier((loop, future)))
+        self._flush_then((loop, future))
         await future
 
     def drain_journal(self, timeout: float = 10.0) -> None:
         """`flush`, blocking: for tools and tests on the loop's thread (or without a loop)."""
-        self._flush_journal()
         future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._flush_then(future)
+        future.result(timeout)
+
+    def _flush_then(self, waiter: _Waiter) -> None:
+        """Flush the journal, then answer `waiter` once the writer has done all queued before."""
+        self._flush_journal()
         with self._lock:
             if self._closed or self._cache is None:
                 raise SpoolError("spool is not open", path=str(self.directory))
-            self._queue.put(_Barrier(future))
-        future.result(timeout)
+            self._queue.put(_Barrier(waiter))
 
     def _flush_journal(self) -> None:
         """Commit what the journal holds: here, on the loop's thread, when the database is
@@ -856,10 +854,7 @@ class Spool:
             taken = self._take_journal([item for item in batch if isinstance(item, Taken)])
             for segment in taken:
                 writes += [_Write(key, data, None) for key, data in segment.entries]
-            if not writes and not deletes:
-                for segment in taken:  # empty: the journal was closed, or its segment failed
-                    self._journal_settle(segment)
-            else:
+            if writes or deletes:
                 if self._commit(cache, writes, deletes, settle, taken):
                     # Only now may the publisher hear of them (see spool.journal).
                     for segment in taken:
@@ -867,9 +862,12 @@ class Spool:
                 else:
                     self._unsettled = taken
                 self.thread_commits += 1
-            if not writes and not deletes and any(isinstance(item, _Probe) for item in batch):
-                # With writes, the batch's own commit answers the same question.
-                self._probe(cache)
+            else:
+                for segment in taken:  # empty: the journal was closed, or its segment failed
+                    self._journal_settle(segment)
+                if any(isinstance(item, _Probe) for item in batch):
+                    # With writes, the batch's own commit answers the same question.
+                    self._probe(cache)
             for barrier in (item for item in batch if isinstance(item, _Barrier)):
                 settle.add(barrier.waiter, None)
             for scan in (item for item in batch if isinstance(item, _Scan)):
@@ -878,28 +876,28 @@ class Spool:
                     settle.add(scan.waiter, Scanned(page, spooled, self._seq))
                 except Exception as exc:
                     settle.fail(scan.waiter, exc)
-            entries = settle.entries
-            with self._lock:
-                listener = self._listener
-                if listener is not None and entries:
-                    self._unheard += 1
-            if listener is not None and entries:
-                settle.notify(listener[0], self._heard(listener[1]), self._seq, entries)
+            if settle.entries:
+                self._announce(settle, settle.entries)
         if _CHECKPOINT in batch:
             self._checkpoint(cache)
         settle.send()
 
-    def _heard(
-        self, callback: Callable[[int, list[tuple[str, bytes]]], None]
-    ) -> Callable[[int, list[tuple[str, bytes]]], None]:
-        """The listener, counting the writer's commit as heard once it has run (on its loop)."""
+    def _announce(self, settle: _Settlements, entries: list[tuple[str, bytes]]) -> None:
+        """Have the listener told of the writer's commit numbered `self._seq` when `settle` is
+        sent, counted as unheard until it has run on its loop (see _commit_here)."""
+        with self._lock:
+            listener = self._listener
+            if listener is None:
+                return
+            self._unheard += 1
+        callback = listener[1]
 
         def heard(seq: int, entries: list[tuple[str, bytes]]) -> None:
             with self._lock:
                 self._unheard -= 1
             callback(seq, entries)
 
-        return heard
+        settle.notify(listener[0], heard, self._seq, entries)
 
     def _checkpoint(self, cache: diskcache.Cache) -> None:
         """Copy the WAL that the loop's commits filled back into the database, and recount the
@@ -939,13 +937,9 @@ class Spool:
         self._seq += 1
         with self._lock:
             self._bytes += sum(len(data) for _, data in replayed)
-            listener = self._listener
-            if listener is not None:
-                self._unheard += 1
-        if listener is not None:
-            told = _Settlements()
-            told.notify(listener[0], self._heard(listener[1]), self._seq, replayed)
-            told.send()
+        told = _Settlements()  # sent now: heard before the commit of the batch that found it
+        self._announce(told, replayed)
+        told.send()
 
     def _take_journal(self, handed: list[Taken]) -> list[Taken]:
         """The journal's segments to commit now: those whose commit failed before, those the
