@@ -582,10 +582,9 @@ class Meter:
             self.spool = None
             if spool is not None:
                 # The journal's last envelopes into the database now, so the final drain
-                # publishes them (else they wait, spooled, for the next start).
+                # publishes them. Bounded like the drain: a database another process keeps
+                # locked must not hold the shutdown (the journal keeps them for the next start).
                 try:
-                    # Bounded like the drain: a database another process keeps locked must
-                    # not hold the shutdown (the journal keeps them for the next start).
                     await asyncio.wait_for(spool.flush(), max(drain_s, 1.0))
                 except (SpoolError, TimeoutError) as e:
                     logger.warning(
@@ -653,8 +652,7 @@ class Meter:
                 meter.early = (routed, None, 0.0, reason)  # nothing to spool, and counted so
                 return
             key = meter.request.request_id
-            future = self._submit(spool, key, value)
-            meter.early = (routed, future, time.monotonic(), reason)
+            meter.early = (routed, self._submit(spool, key, value), time.monotonic(), reason)
         except Exception:
             # Never out of the stream callable: the end of the flow spools it instead.
             logger.warning("early spooling failed; spooling at the end of the response")
@@ -687,7 +685,7 @@ class Meter:
         if future is None:
             return None
         if future.done() and not future.cancelled() and future.exception() is None:
-            # Committed at once (nothing else in flight): nothing to await, no turn of the loop.
+            # Journaled: on disk already, nothing to await, no turn of the loop.
             self.stats.histograms.added.observe(time.monotonic() - started)
             return None
         return self._spool(future, key, started)
