@@ -93,6 +93,11 @@ class Taken:
     entries: list[tuple[str, bytes]] = field(default_factory=list)
     size: int = 0
 
+    @property
+    def empty(self) -> bool:
+        """Nothing taken: no envelopes, and no segment to settle."""
+        return self.path is None and not self.entries
+
 
 class Journal:
     """The journal of one spool directory, held by one process (see the module docstring).

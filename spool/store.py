@@ -574,7 +574,7 @@ class Spool:
             return
         started = time.perf_counter()
         taken = journal.take()
-        if not taken.entries and taken.path is None:
+        if taken.empty:
             return
         with self._lock:
             self._bytes += taken.size
@@ -950,7 +950,7 @@ class Spool:
         if journal is None:
             return taken
         fresh = journal.take()
-        if fresh.entries or fresh.path is not None:
+        if not fresh.empty:
             with self._lock:
                 self._bytes += fresh.size
             taken.append(fresh)
