@@ -411,7 +411,10 @@ class Meter:
             )
             return
         headers = picked_headers(req.headers.fields, self.header_names)
-        who = attribute(headers, self.who, self.keys.lookup if self.keys else None)
+        query_key = ""
+        if shape.key_param and "?" in path:
+            query_key = req.query.get(shape.key_param, "")
+        who = attribute(headers, self.who, self.keys.lookup if self.keys else None, query_key)
         if who.source == "unknown_key":
             self.stats.unknown_keys += 1
             if self.keys is not None:

@@ -86,6 +86,7 @@ def write_atomically(path: Path, text: str) -> Path:
         ({"authorization": "bearer  sk-abc "}, "sk-abc"),
         ({"x-api-key": "sk-ant-1"}, "sk-ant-1"),
         ({"api-key": "azure-1"}, "azure-1"),
+        ({"x-goog-api-key": "AIza-gemini-1"}, "AIza-gemini-1"),
         ({"authorization": "Basic dXNlcjpwYXNz", "x-api-key": "k2"}, "k2"),
         ({}, ""),
     ],
@@ -104,6 +105,20 @@ def test_every_key_is_seen_also_in_repeated_headers() -> None:
         ]
     )
     assert api_keys(headers) == ["one", "two", "three"]
+
+
+def test_a_key_in_the_url_comes_after_the_headers_keys() -> None:
+    assert api_keys({"x-goog-api-key": "AIza-1"}, " AIza-2 ") == ["AIza-1", "AIza-2"]
+    assert api_keys({"x-goog-api-key": "AIza-1"}, "AIza-1") == ["AIza-1"]
+    assert api_keys({}, "") == []
+
+
+def test_a_url_key_attributes_like_a_header_key() -> None:
+    spec = AttributionSpec(mode="keymap", fingerprint_secret=SECRET)
+    accounts = {fingerprint(KEY_A, SECRET): Account("t_a", "cus_a")}
+    who = attribute({}, spec, accounts.get, KEY_A)
+    assert (who.tenant_id, who.customer_id, who.source) == ("t_a", "cus_a", "keymap")
+    assert who.fingerprint == fingerprint(KEY_A, SECRET)
 
 
 def test_fingerprint_is_a_sha256_prefix_and_never_the_key() -> None:
@@ -381,6 +396,32 @@ async def test_the_addon_bills_the_key_map_account_and_counts_unknown_keys(
     assert unknown["metadata"]["attribution"] == "unknown_key"
     assert addon.stats.unknown_keys == 1
     assert "unknown keys (billed unattributed): 1" in addon.status()
+
+
+GEMINI = json.dumps(
+    {"modelVersion": "gemini-2.5-flash", "usageMetadata": {"promptTokenCount": 2,
+     "candidatesTokenCount": 3, "totalTokenCount": 5}}
+).encode()  # fmt: skip
+
+
+@pytest.mark.parametrize("where", ["x-goog-api-key", "query"])
+async def test_gemini_keys_bill_their_key_map_account(
+    keymap_meter: tuple[Meter, Any, Path], where: str
+) -> None:
+    addon, _, _ = keymap_meter
+    path = "/v1beta/models/gemini-2.5-flash:generateContent"
+    flow = make_flow(path + (f"?alt=json&key={KEY_A}" if where == "query" else ""))
+    del flow.request.headers["authorization"]
+    if where != "query":
+        flow.request.headers[where] = KEY_A
+    flow.request.content = b'{"contents": [{"parts": [{"text": "hi"}]}]}'
+    await run_flow(addon, flow, 200, GEMINI, stream=False)
+    [env] = spooled(addon)
+    md = env["metadata"]
+    assert (env["customer_id"], md["tenant_id"], md["attribution"]) == ("cus_a", "t_a", "keymap")
+    assert md["api_key_fingerprint"] == fingerprint(KEY_A, SECRET)
+    # The key in the URL stays out of the envelope: its path is the path alone.
+    assert md["path"] == path and KEY_A not in json.dumps(env)
 
 
 async def test_headers_mode_marks_its_envelopes(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import pytest
 from google import genai
 from google.genai import types
 
+from edgemeter.metering.attribution import fingerprint
 from tests.corpus import wav
 from tests.test_e2e import API_KEY, METADATA, PRICE, TENANT, TOP_LEVEL, Ledger, Published, billed
 from tests.test_e2e import unique as unique_id
@@ -209,6 +210,8 @@ def test_gemini_is_billed_streamed_and_not(proxy: MeterProxy, ledger: Ledger) ->
             "model": "gemini-2.5-flash", "usage_source": "reported", "outcome": "complete",
             "input_tokens": 3, "output_tokens": REPLY_TOKENS, "reasoning_tokens": 0,
             "tokens_detail": None,
+            # The SDK's x-goog-api-key, as the gateway authenticates it.
+            "api_key_fingerprint": fingerprint(API_KEY),
         })  # fmt: skip
 
 

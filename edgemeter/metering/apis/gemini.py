@@ -66,6 +66,7 @@ def _modalities(entries: Any, side: str, into: dict[str, int]) -> None:
 class Gemini(Shape):
     api = "gemini.generate_content"
     suffixes = (":generateContent", ":streamGenerateContent")
+    key_param = "key"  # REST clients' ?key=; the SDKs send x-goog-api-key
     counts = GEMINI_COUNTS
 
     def normalize(self, usage: dict[str, Any], *, anthropic_counts: bool = False) -> Usage:

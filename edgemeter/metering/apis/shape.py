@@ -53,6 +53,9 @@ class Shape:
     asks: bool = False
     """Bills on what the request said beyond its JSON (multipart uploads): the addon keeps the
     request's Content-Type for `settle`."""
+    key_param: str = ""
+    """The query parameter an API key may come in (Gemini's `?key=`), read after the key
+    headers for the fingerprint; empty: keys come in headers only."""
     counts: frozenset[str] = frozenset()
     """The usage object's keys that are counts: one with none of them (`{"foo": 0}`) is no
     report, and the answer is estimated (empty: any object counts)."""
