@@ -523,18 +523,26 @@ class Meter:
 
     def websocket_message(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         """A Realtime message: a server event that bills (response.done, a transcription with
-        usage) is spooled before mitmproxy passes it on, as a stream's last event is."""
-        session = self.sessions.get(flow.id)
-        if session is None or flow.websocket is None or self.settings is None:
+        usage) is spooled before mitmproxy passes it on, as a stream's last event is. Any
+        WebSocket flow keeps at most twice meter_websocket_keep messages in memory."""
+        settings, websocket = self.settings, flow.websocket
+        if settings is None or websocket is None:
             return None
-        message = flow.websocket.messages[-1]
+        messages = websocket.messages
+        if settings.websocket_keep and len(messages) > 2 * settings.websocket_keep:
+            # One cut per `keep` messages, not a shift of the list per message.
+            del messages[: -settings.websocket_keep]
+        session = self.sessions.get(flow.id)
+        if session is None:
+            return None
+        message = messages[-1]
         if message.from_client:
             session.client(message.content)
             return None
         results = session.server(
             message.content,
             now=time.time(),
-            currency=self.settings.currency,
+            currency=settings.currency,
             price_of=self._price_of,
         )
         return self._spool_results(results, flow) if results else None

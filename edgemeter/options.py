@@ -305,6 +305,15 @@ OPTIONS: tuple[Option, ...] = (
         bytes still flow on unchanged, and inject-strip stops stripping that stream.""",
     ),
     Option(
+        "meter_websocket_keep",
+        int,
+        100,
+        """WebSocket messages a flow keeps in memory, the newest (mitmweb shows these). mitmproxy
+        keeps every message of a connection until it closes, so an hour of Realtime audio holds
+        hundreds of MiB; past twice this many, the older ones are let go (the meter has read
+        them). 0 keeps them all, as mitmproxy does.""",
+    ),
+    Option(
         "meter_admin_listen",
         str,
         "127.0.0.1:9464",

@@ -68,6 +68,7 @@ class Settings:
     anthropic_counts: tuple[CountRule, ...] = ()
     max_body_bytes: int = 16 * 1024 * 1024
     max_event_bytes: int = 1024 * 1024
+    websocket_keep: int = 100
     attribution: AttributionMode = "headers"
     keymap_file: str = ""
     fingerprint_secret: bytes = field(default=b"", repr=False)
@@ -370,6 +371,7 @@ def parse_settings(options: Mapping[str, object]) -> Settings:
         anthropic_counts=parse_count_rules(text("meter_anthropic_counts")),
         max_body_bytes=parse_positive(number("meter_max_body_mb"), "meter_max_body_mb") * 2**20,
         max_event_bytes=parse_positive(number("meter_max_event_kb"), "meter_max_event_kb") * 2**10,
+        websocket_keep=parse_non_negative(number("meter_websocket_keep"), "meter_websocket_keep"),
         attribution=attribution,
         keymap_file=parse_keymap_file(text("meter_keymap"), attribution),
         fingerprint_secret=parse_fingerprint_secret(

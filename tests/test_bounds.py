@@ -13,8 +13,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from mitmproxy import exceptions, http
-from mitmproxy.test import taddons, tutils
+from mitmproxy import exceptions, http, websocket
+from mitmproxy.test import taddons, tflow, tutils
+from wsproto.frame_protocol import Opcode
 
 from edgemeter.addon import Meter
 from edgemeter.metering.decoding import MAX_RATIO, SLACK
@@ -296,6 +297,55 @@ def test_limits_must_be_positive(meter: tuple[Meter, Any], option: str, value: i
     addon, tctx = meter
     with pytest.raises(exceptions.OptionsError, match=option):
         tctx.configure(addon, **{option: value})
+
+
+async def test_a_long_websocket_session_keeps_a_bounded_history(meter: tuple[Meter, Any]) -> None:
+    addon, tctx = meter
+    tctx.configure(addon, meter_websocket_keep=50)
+    flow = tflow.twebsocketflow()
+    assert flow.websocket is not None
+    flow.request.path = "/v1/realtime?model=gpt-realtime"
+    response, flow.response = flow.response, None
+    addon.requestheaders(flow)
+    addon.request(flow)
+    flow.response = response
+    addon.responseheaders(flow)
+    assert addon.response(flow) is None
+    # An hour of Realtime audio is ~36,000 appends; mitmproxy alone would keep them all.
+    append = json.dumps({"type": "input_audio_buffer.append", "audio": "AAAA" * 1024}).encode()
+    longest = 0
+    for _ in range(1000):
+        message = websocket.WebSocketMessage(Opcode.TEXT, True, append)
+        flow.websocket.messages.append(message)
+        assert addon.websocket_message(flow) is None
+        assert flow.websocket.messages[-1] is message  # what mitmproxy sends on is still there
+        longest = max(longest, len(flow.websocket.messages))
+    assert longest == 100 and len(flow.websocket.messages) >= 50
+    usage = {"total_tokens": 30, "input_tokens": 10, "output_tokens": 20}
+    done = {
+        "type": "response.done",
+        "response": {"id": "r1", "status": "completed", "usage": usage},
+    }
+    flow.websocket.messages.append(
+        websocket.WebSocketMessage(Opcode.TEXT, False, json.dumps(done).encode())
+    )
+    if (pending := addon.websocket_message(flow)) is not None:
+        await pending
+    [env] = spooled(addon)
+    assert (env["metadata"]["upstream_id"], env["metadata"]["tokens_used"]) == ("r1", 30)
+
+
+def test_with_keep_0_every_websocket_message_is_kept(meter: tuple[Meter, Any]) -> None:
+    addon, tctx = meter
+    tctx.configure(addon, meter_websocket_keep=0)
+    flow = tflow.twebsocketflow()  # not a metered session: bounded all the same, unless 0
+    assert flow.websocket is not None
+    for _ in range(300):
+        flow.websocket.messages.append(websocket.WebSocketMessage(Opcode.TEXT, True, b"{}"))
+        assert addon.websocket_message(flow) is None
+    assert len(flow.websocket.messages) >= 300
+    with pytest.raises(exceptions.OptionsError, match="meter_websocket_keep"):
+        tctx.configure(addon, meter_websocket_keep=-1)
 
 
 @pytest.fixture
