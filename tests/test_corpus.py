@@ -309,7 +309,8 @@ ROWS: list[Row] = [
     # prompt 9; candidates 9 + thoughts 34 = 43 = 52 - 9.
     Row("gemini-generatecontent-thinking.json", "/v1beta/models/gemini-2.5-flash:generateContent", 200, "gemini-2.5-flash", (9, 0, 0, 43, 34, 52), "complete", "reported"),
     # prompt 17 + toolUsePrompt 119 = 136; candidates 201 + thoughts 213 = 414 = 550 - 136.
-    Row("gemini-generatecontent-web-search-tooluse.json", "/v1beta/models/gemini-2.5-pro:generateContent", 200, "gemini-2.5-pro", (136, 0, 0, 414, 213, 550), "complete", "reported"),
+    # groundingMetadata.webSearchQueries: one query.
+    Row("gemini-generatecontent-web-search-tooluse.json", "/v1beta/models/gemini-2.5-pro:generateContent", 200, "gemini-2.5-pro", (136, 0, 0, 414, 213, 550), "complete", "reported", units={"web_search_calls": 1}),
 ]  # fmt: skip
 
 

@@ -54,6 +54,20 @@ def normalize_gemini(usage: dict[str, Any]) -> Usage:
     )
 
 
+def web_searches(candidates: Any) -> int:
+    """Google Search grounding: the queries the model ran (`groundingMetadata.webSearchQueries`
+    of each candidate), as Google bills Gemini 3's grounding; the usage object does not count
+    them. A stream's chunks may repeat them: the most seen in one chunk counts."""
+    if type(candidates) is not list:
+        return 0
+    searches = 0
+    for candidate in candidates:
+        grounding = candidate.get("groundingMetadata") if type(candidate) is dict else None
+        if type(grounding) is dict and type(queries := grounding.get("webSearchQueries")) is list:
+            searches += len(queries)
+    return searches
+
+
 def _modalities(entries: Any, side: str, into: dict[str, int]) -> None:
     if not isinstance(entries, list):
         return
@@ -78,6 +92,9 @@ class Gemini(Shape):
             ex.error = "error"
         if (usage := as_dict(obj.get("usageMetadata"))) is not None:
             ex.set_usage(usage)
+        searches = web_searches(obj.get("candidates"))
+        if searches and searches > int((ex.units or {}).get("web_search_calls", 0)):
+            ex.add_units(web_search_calls=searches)
 
     def other_body(self, ex: Extraction, content: bytes, content_type: str) -> None:
         # :streamGenerateContent without alt=sse answers one JSON array of the stream's chunks.
