@@ -12,7 +12,7 @@ import logging
 import socket
 import sys
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Coroutine
 from typing import Any
 
 from mitmproxy import command, contentviews, ctx, exceptions, http
@@ -695,11 +695,7 @@ class Meter:
             record(flow, routed, done)
         if future is None:
             return None
-        if future.done() and not future.cancelled() and future.exception() is None:
-            # Journaled: on disk already, nothing to await, no turn of the loop.
-            self.stats.histograms.added.observe(time.monotonic() - started)
-            return None
-        return self._spool(future, key, started)
+        return self._spooled(future, key, started)
 
     def _result(
         self, meter: FlowMeter, *, aborted: bool
@@ -811,8 +807,9 @@ class Meter:
             key = result.envelope["metadata"]["request_id"]
             routed, value, reason = self._routed(key, result)
             if value is not None and spool is not None:
-                future = self._submit(spool, key, value)
-                writes.append(self._spool(future, key, time.monotonic()))
+                future, started = self._submit(spool, key, value), time.monotonic()
+                if (write := self._spooled(future, key, started)) is not None:
+                    writes.append(write)
             if flow is not None:
                 # For mitmweb, as on HTTP flows: the session's latest envelope.
                 record(flow, routed, {"despite": reason})
@@ -833,6 +830,16 @@ class Meter:
             failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             failed.set_exception(e)
             return failed
+
+    def _spooled(
+        self, future: asyncio.Future[None], key: str, started: float
+    ) -> Coroutine[Any, Any, None] | None:
+        """What to await for an envelope handed to the spool: nothing once journaled (on disk
+        already: no coroutine, no turn of the loop), else its commit (see _spool)."""
+        if future.done() and not future.cancelled() and future.exception() is None:
+            self.stats.histograms.added.observe(time.monotonic() - started)
+            return None
+        return self._spool(future, key, started)
 
     async def _spool(self, future: asyncio.Future[None], key: str, started: float) -> None:
         # Counted here, not by wrapping it in _counted: one coroutine a request, not two.
