@@ -259,6 +259,7 @@ def test_header_names_are_those_attribution_reads_and_the_extra_ones() -> None:
         "authorization",
         "x-api-key",
         "api-key",
+        "x-goog-api-key",
         "x-tenant-id",
         "x-billed-to",
         "x-request-id",
