@@ -236,7 +236,7 @@ class Meter:
         self.settings, self.prices, self.keys = settings, prices, keys
         self.stats.genai.max_models = settings.metrics_max_models
         self.who = settings.attribution_spec
-        self.header_names = header_names(self.who, "x-request-id")
+        self.header_names = header_names(self.who, "x-request-id", *apis.KEY_HEADERS)
         self.limits = Limits(settings.max_body_bytes, settings.max_event_bytes)
         if self.is_running and previous and nats_config(previous) != nats_config(settings):
             self._restart_publisher()
@@ -382,13 +382,15 @@ class Meter:
         if not path.startswith(settings.paths):
             return
         method = req.method
-        known = self._routes.get((path, method))
+        # Keyed without the query: routing ignores it, and it may hold a key (Gemini's ?key=).
+        bare = path.partition("?")[0] if "?" in path else path
+        known = self._routes.get((bare, method))
         if known is None:
-            known = apis.route(path, method), clean_name(path.split("?", 1)[0], _MAX_PATH_CHARS)
-            if len(path) <= _MAX_ROUTED_PATH_CHARS:
+            known = apis.route(bare, method), clean_name(bare, _MAX_PATH_CHARS)
+            if len(bare) <= _MAX_ROUTED_PATH_CHARS:
                 if len(self._routes) >= _MAX_ROUTED_PATHS:
                     self._routes.clear()
-                self._routes[(path, method)] = known
+                self._routes[(bare, method)] = known
         shape, clean_path = known
         if shape is None or shape.free:
             # Never silently ignored: a request on a metered path without an envelope is
@@ -411,10 +413,12 @@ class Meter:
             )
             return
         headers = picked_headers(req.headers.fields, self.header_names)
-        query_key = ""
+        own: list[str] = []  # keys only this route's API sends (Gemini's), after the usual ones
+        if shape.key_header:
+            own += headers.get_all(shape.key_header)
         if shape.key_param and "?" in path:
-            query_key = req.query.get(shape.key_param, "")
-        who = attribute(headers, self.who, self.keys.lookup if self.keys else None, query_key)
+            own += req.query.get_all(shape.key_param)
+        who = attribute(headers, self.who, self.keys.lookup if self.keys else None, own)
         if who.source == "unknown_key":
             self.stats.unknown_keys += 1
             if self.keys is not None:
@@ -524,14 +528,16 @@ class Meter:
     def websocket_message(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         """A Realtime message: a server event that bills (response.done, a transcription with
         usage) is spooled before mitmproxy passes it on, as a stream's last event is. Any
-        WebSocket flow keeps at most twice meter_websocket_keep messages in memory."""
+        live WebSocket flow keeps at most twice meter_websocket_keep messages in memory."""
         settings, websocket = self.settings, flow.websocket
         if settings is None or websocket is None:
             return None
-        messages = websocket.messages
-        if settings.websocket_keep and len(messages) > 2 * settings.websocket_keep:
-            # One cut per `keep` messages, not a shift of the list per message.
-            del messages[: -settings.websocket_keep]
+        messages, keep = websocket.messages, settings.websocket_keep
+        if keep and len(messages) > 2 * keep and flow.live and not flow.is_replay:
+            # One cut per `keep` messages, not a shift of the list per message. Never a flow
+            # read from a file (mitmweb's Open replays its messages through this hook): a
+            # session kept for a dispute keeps all of it.
+            del messages[:-keep]
         session = self.sessions.get(flow.id)
         if session is None:
             return None

@@ -308,10 +308,11 @@ OPTIONS: tuple[Option, ...] = (
         "meter_websocket_keep",
         int,
         100,
-        """WebSocket messages a flow keeps in memory, the newest (mitmweb shows these). mitmproxy
-        keeps every message of a connection until it closes, so an hour of Realtime audio holds
-        hundreds of MiB; past twice this many, the older ones are let go (the meter has read
-        them). 0 keeps them all, as mitmproxy does.""",
+        """WebSocket messages a live flow keeps in memory, the newest (mitmweb shows these, and a
+        saved flow holds these). mitmproxy keeps every message of a connection until it
+        closes, so an hour of Realtime audio holds hundreds of MiB; past twice this many, the
+        older ones are let go (the meter has read them). A flow read from a file keeps all.
+        0 keeps them all, as mitmproxy does.""",
     ),
     Option(
         "meter_admin_listen",

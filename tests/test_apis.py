@@ -181,21 +181,25 @@ def test_a_gemini_stream_without_alt_sse_is_one_json_array() -> None:
     )
 
 
-def grounded(queries: list[str], candidates: int = 1, tokens: int = 9) -> dict[str, Any]:
+def grounded(queries: list[Any], candidates: int = 1, tokens: int | None = 9) -> dict[str, Any]:
     grounding = {"webSearchQueries": queries, "groundingChunks": []}
-    return {
+    chunk: dict[str, Any] = {
         "modelVersion": "gemini-2.5-pro",
         "candidates": [{"groundingMetadata": grounding} for _ in range(candidates)],
-        "usageMetadata": {"promptTokenCount": 4, "totalTokenCount": tokens},
     }
+    if tokens is not None:
+        chunk["usageMetadata"] = {"promptTokenCount": 4, "totalTokenCount": tokens}
+    return chunk
 
 
 def test_gemini_grounding_bills_each_search_query_of_each_candidate() -> None:
     path = "/v1beta/models/gemini-2.5-pro:generateContent"
     body = json.dumps(grounded(["a", "b"], candidates=2)).encode()
     assert meta(answered("gemini.generate_content", path, body))["units"] == {"web_search_calls": 4}
-    plain = json.dumps(grounded([])).encode()
-    assert "units" not in meta(answered("gemini.generate_content", path, plain))
+    # Only queries count: not empty ones, not what is not a string.
+    for queries in ([], ["", None, 3, {"q": "x"}]):
+        plain = json.dumps(grounded(queries)).encode()
+        assert "units" not in meta(answered("gemini.generate_content", path, plain))
 
 
 def test_a_gemini_streams_repeated_grounding_is_counted_once() -> None:
@@ -204,7 +208,8 @@ def test_a_gemini_streams_repeated_grounding_is_counted_once() -> None:
         path="/v1beta/models/gemini-2.5-pro:streamGenerateContent?alt=sse",
     )
     m.start_stream(200, "", strip=False)
-    chunks = [grounded([], tokens=5), grounded(["q1", "q2"], tokens=7), grounded(["q1"], tokens=9)]
+    # The queries in a chunk of their own (no usageMetadata) are read too.
+    chunks = [grounded([], tokens=5), grounded(["q1", "q2"], tokens=None), grounded(["q1"])]
     feed_stream(m, [f"data: {json.dumps(c)}\r\n\r\n".encode() for c in chunks])
     found = meta(finish(m))
     assert (found["units"], found["tokens_used"]) == ({"web_search_calls": 2}, 9)

@@ -86,7 +86,8 @@ def write_atomically(path: Path, text: str) -> Path:
         ({"authorization": "bearer  sk-abc "}, "sk-abc"),
         ({"x-api-key": "sk-ant-1"}, "sk-ant-1"),
         ({"api-key": "azure-1"}, "azure-1"),
-        ({"x-goog-api-key": "AIza-gemini-1"}, "AIza-gemini-1"),
+        # Gemini's own header is read on Gemini's routes only (see test_gemini_keys_...).
+        ({"x-goog-api-key": "AIza-gemini-1"}, ""),
         ({"authorization": "Basic dXNlcjpwYXNz", "x-api-key": "k2"}, "k2"),
         ({}, ""),
     ],
@@ -107,16 +108,15 @@ def test_every_key_is_seen_also_in_repeated_headers() -> None:
     assert api_keys(headers) == ["one", "two", "three"]
 
 
-def test_a_key_in_the_url_comes_after_the_headers_keys() -> None:
-    assert api_keys({"x-goog-api-key": "AIza-1"}, " AIza-2 ") == ["AIza-1", "AIza-2"]
-    assert api_keys({"x-goog-api-key": "AIza-1"}, "AIza-1") == ["AIza-1"]
-    assert api_keys({}, "") == []
+def test_a_routes_own_keys_come_after_the_usual_headers_keys() -> None:
+    assert api_keys({"x-api-key": "k1"}, [" k2 ", "k1", ""]) == ["k1", "k2"]
+    assert api_keys({}, []) == []
 
 
 def test_a_url_key_attributes_like_a_header_key() -> None:
     spec = AttributionSpec(mode="keymap", fingerprint_secret=SECRET)
     accounts = {fingerprint(KEY_A, SECRET): Account("t_a", "cus_a")}
-    who = attribute({}, spec, accounts.get, KEY_A)
+    who = attribute({}, spec, accounts.get, [KEY_A])
     assert (who.tenant_id, who.customer_id, who.source) == ("t_a", "cus_a", "keymap")
     assert who.fingerprint == fingerprint(KEY_A, SECRET)
 
@@ -259,7 +259,6 @@ def test_header_names_are_those_attribution_reads_and_the_extra_ones() -> None:
         "authorization",
         "x-api-key",
         "api-key",
-        "x-goog-api-key",
         "x-tenant-id",
         "x-billed-to",
         "x-request-id",
@@ -423,6 +422,33 @@ async def test_gemini_keys_bill_their_key_map_account(
     assert md["api_key_fingerprint"] == fingerprint(KEY_A, SECRET)
     # The key in the URL stays out of the envelope: its path is the path alone.
     assert md["path"] == path and KEY_A not in json.dumps(env)
+    assert not any(KEY_A in bare for bare, _ in addon._routes)  # nor in the route cache
+
+
+@pytest.mark.parametrize(
+    ("path", "extra", "source"),
+    [
+        # Another API's route: its upstream does not authenticate Gemini's key there.
+        ("/v1/chat/completions?key=" + KEY_A, {}, "unknown_key"),
+        ("/v1/chat/completions", {"x-goog-api-key": KEY_A}, "unknown_key"),
+        # Both on a Gemini route: the first key found in the map bills, whatever carried it.
+        ("/v1beta/models/g:generateContent?key=" + KEY_A, {"x-api-key": KEY_UNKNOWN}, "keymap"),
+    ],
+)
+async def test_gemini_keys_count_only_on_gemini_routes_and_after_the_usual_ones(
+    keymap_meter: tuple[Meter, Any, Path], path: str, extra: dict[str, str], source: str
+) -> None:
+    addon, _, _ = keymap_meter
+    flow = make_flow(path)
+    del flow.request.headers["authorization"]
+    flow.request.headers.update(extra)
+    body = GEMINI if "generateContent" in path else NONSTREAM
+    await run_flow(addon, flow, 200, body, stream=False)
+    [env] = spooled(addon)
+    md = env["metadata"]
+    assert md["attribution"] == source
+    # Keymap: the URL's mapped key; unknown_key: no key of the route's read at all.
+    assert md["api_key_fingerprint"] == (fingerprint(KEY_A, SECRET) if source == "keymap" else "")
 
 
 async def test_headers_mode_marks_its_envelopes(tmp_path: Path) -> None:

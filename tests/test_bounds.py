@@ -335,6 +335,20 @@ async def test_a_long_websocket_session_keeps_a_bounded_history(meter: tuple[Met
     assert (env["metadata"]["upstream_id"], env["metadata"]["tokens_used"]) == ("r1", 30)
 
 
+def test_a_websocket_flow_read_from_a_file_keeps_its_whole_history(
+    meter: tuple[Meter, Any],
+) -> None:
+    addon, tctx = meter
+    tctx.configure(addon, meter_websocket_keep=10)
+    flow = tflow.twebsocketflow()
+    flow.live = False  # as mitmweb's Open and -r replay a saved session's messages
+    assert flow.websocket is not None
+    for _ in range(500):
+        flow.websocket.messages.append(websocket.WebSocketMessage(Opcode.TEXT, True, b"{}"))
+        assert addon.websocket_message(flow) is None
+    assert len(flow.websocket.messages) >= 500
+
+
 def test_with_keep_0_every_websocket_message_is_kept(meter: tuple[Meter, Any]) -> None:
     addon, tctx = meter
     tctx.configure(addon, meter_websocket_keep=0)

@@ -275,22 +275,24 @@ def test_a_long_realtime_session_does_not_grow_the_meter(
     ledger: Ledger,
 ) -> None:  # fmt: skip
     proxy = module_meter_factory.start(demo_upstream.url, broker.url, "meter_websocket_keep=10")
-    customer = unique_id("cus_rt_long")
-    # 2 s of pcm16 at 24 kHz a message, 800 messages: 77 MB that mitmproxy alone would keep.
-    audio = base64.b64encode(b"\0" * 96_000).decode()
-    with client(proxy, customer).realtime.connect(model="gpt-realtime") as conn:
-        conn.input_audio_buffer.append(audio=audio)
-        before = _rss_mib(proxy.pid)
-        for _ in range(799):
+    try:
+        customer = unique_id("cus_rt_long")
+        # 2 s of pcm16 at 24 kHz a message, 800 messages: 77 MB that mitmproxy alone would keep.
+        audio = base64.b64encode(b"\0" * 96_000).decode()
+        with client(proxy, customer).realtime.connect(model="gpt-realtime") as conn:
             conn.input_audio_buffer.append(audio=audio)
-        conn.input_audio_buffer.commit()
-        conn.response.create()
-        for event in conn:
-            if event.type == "response.done":
-                break
-        grown = _rss_mib(proxy.pid) - before
-    [responded] = billed(proxy, ledger, customer, 1)
-    # 1,600 s of audio at the demo's 10 tokens a second, every message counted.
-    assert responded.metadata["tokens_detail"]["input_audio"] == 16_000
-    assert grown < 25, f"RSS grew {grown:.1f} MiB over the session"
-    proxy.stop()
+            before = _rss_mib(proxy.pid)
+            for _ in range(799):
+                conn.input_audio_buffer.append(audio=audio)
+            conn.input_audio_buffer.commit()
+            conn.response.create()
+            for event in conn:
+                if event.type == "response.done":
+                    break
+            grown = _rss_mib(proxy.pid) - before
+        [responded] = billed(proxy, ledger, customer, 1)
+        # 1,600 s of audio at the demo's 10 tokens a second, every message counted.
+        assert responded.metadata["tokens_detail"]["input_audio"] == 16_000
+        assert grown < 25, f"RSS grew {grown:.1f} MiB over the session"
+    finally:
+        proxy.stop()

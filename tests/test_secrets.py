@@ -28,7 +28,7 @@ from edgemeter.metering.attribution import fingerprint
 from edgemeter.options import OPTIONS
 from edgemeter.settings import parse_nats_urls, parse_settings
 from spool.publisher import redact_url as redact_userinfo
-from tests.flows import make_flow, run_flow
+from tests.flows import make_flow, run_flow, spooled
 from tools.demo_upstream import BackgroundDemo
 from tools.harness import MeterFactory, MeterProxy, NatsServer
 from tools.streams import ensure_stream, stream_messages
@@ -42,7 +42,9 @@ NATS_PASSWORD = "nats-SECRET-password-e4a1"
 WRONG_PASSWORD = "nats-SECRET-wrongpw-77aa"
 WRONG_TOKEN = "nats-SECRET-token-0c2f9"
 FP_SECRET = "fp-SECRET-hmac-2b9d61"
-API_KEYS = (KEY_BEARER, KEY_X_API, KEY_AZURE)
+KEY_GOOG = "AIza-SECRET-googheader-3c1d"  # Gemini's x-goog-api-key
+KEY_GOOG_URL = "AIza-SECRET-googquery-8e2b"  # Gemini's ?key=
+API_KEYS = (KEY_BEARER, KEY_X_API, KEY_AZURE, KEY_GOOG, KEY_GOOG_URL)
 SECRETS = (*API_KEYS, NATS_PASSWORD, WRONG_PASSWORD, WRONG_TOKEN, FP_SECRET)
 DEFAULTS: dict[str, Any] = {name: default for name, _, default, _ in OPTIONS}
 CHAT: Any = [{"role": "user", "content": "hello world"}]
@@ -164,15 +166,30 @@ async def test_no_log_record_and_no_status_line_carries_a_secret(
             flow.request.headers[header] = value
             await run_flow(addon, flow, 200, body, stream=False)
             comments.append(flow.comment)
+        gemini = b'{"modelVersion":"g","usageMetadata":{"promptTokenCount":2,"totalTokenCount":5}}'
+        for path, goog in [
+            ("/v1beta/models/g:generateContent", KEY_GOOG),
+            (f"/v1beta/models/g:generateContent?alt=json&key={KEY_GOOG_URL}", ""),
+        ]:
+            flow = make_flow(path)
+            del flow.request.headers["authorization"]
+            if goog:
+                flow.request.headers["x-goog-api-key"] = goog
+            await run_flow(addon, flow, 200, gemini, stream=False)
+            comments.append(flow.comment)
+        envelopes = json.dumps(spooled(addon)).encode()
         # An option error raised while the meter is configured.
         with pytest.raises(exceptions.OptionsError) as caught:
             tctx.configure(addon, meter_nats_url=f"nats://{NATS_USER}:{NATS_PASSWORD}@h:x")
         status = addon.status()
         assert addon.spool is not None
         addon.spool.close()
-    # The scan sees what it should: two unknown keys were logged, by fingerprint.
-    assert "unknown keys (billed unattributed): 2" in status
-    assert fingerprint(KEY_AZURE, FP_SECRET.encode()) in caplog.text
+    # The scan sees what it should: four unknown keys were logged, by fingerprint.
+    assert "unknown keys (billed unattributed): 4" in status
+    for key in (KEY_AZURE, KEY_GOOG, KEY_GOOG_URL):
+        assert fingerprint(key, FP_SECRET.encode()) in caplog.text
+        assert fingerprint(key, FP_SECRET.encode()).encode() in envelopes
+    assert leaks(envelopes) == []
     assert leaks(caplog.text.encode()) == []
     assert leaks(status.encode()) == []
     assert leaks("".join(comments).encode()) == []

@@ -41,6 +41,10 @@ SHAPES: tuple[Shape, ...] = (
 )
 # Any other POST on a metered path: billed if its answer reports usage (see generic.py).
 GENERIC: Shape = generic.SHAPE
+# The headers of their own some shapes take an API key in (see Shape.key_header).
+KEY_HEADERS: tuple[str, ...] = tuple(
+    sorted({shape.key_header for shape in SHAPES if shape.key_header})
+)
 BY_API: dict[str, Shape] = {shape.api: shape for shape in (*SHAPES, GENERIC)}
 # Longest suffix first: "/chat/completions" must win over "/completions", "/images/edits" over
 # "/edits", "/responses/compact" over "/compact".
@@ -87,4 +91,13 @@ def shape_of(api: str) -> Shape:
     return BY_API[api]
 
 
-__all__ = ["BY_API", "GENERIC", "SHAPES", "Shape", "classify", "route", "shape_of"]
+__all__ = [
+    "BY_API",
+    "GENERIC",
+    "KEY_HEADERS",
+    "SHAPES",
+    "Shape",
+    "classify",
+    "route",
+    "shape_of",
+]

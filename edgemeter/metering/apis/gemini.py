@@ -57,14 +57,16 @@ def normalize_gemini(usage: dict[str, Any]) -> Usage:
 def web_searches(candidates: Any) -> int:
     """Google Search grounding: the queries the model ran (`groundingMetadata.webSearchQueries`
     of each candidate), as Google bills Gemini 3's grounding; the usage object does not count
-    them. A stream's chunks may repeat them: the most seen in one chunk counts."""
+    them; only non-empty strings count. A stream's chunks may repeat them: the most seen in one
+    chunk counts (candidates whose queries came in different chunks would count as the largest
+    of them; no recording shows that)."""
     if type(candidates) is not list:
         return 0
     searches = 0
     for candidate in candidates:
         grounding = candidate.get("groundingMetadata") if type(candidate) is dict else None
         if type(grounding) is dict and type(queries := grounding.get("webSearchQueries")) is list:
-            searches += len(queries)
+            searches += sum(1 for query in queries if type(query) is str and query)
     return searches
 
 
@@ -80,7 +82,8 @@ def _modalities(entries: Any, side: str, into: dict[str, int]) -> None:
 class Gemini(Shape):
     api = "gemini.generate_content"
     suffixes = (":generateContent", ":streamGenerateContent")
-    key_param = "key"  # REST clients' ?key=; the SDKs send x-goog-api-key
+    key_header = "x-goog-api-key"  # the SDKs'
+    key_param = "key"  # REST clients'
     counts = GEMINI_COUNTS
 
     def normalize(self, usage: dict[str, Any], *, anthropic_counts: bool = False) -> Usage:
@@ -111,7 +114,10 @@ class Gemini(Shape):
         # Every chunk carries the cumulative usageMetadata: each is read, the last one counts.
         # find, not `in`: see Shape.event (~2,300 Ir less per check, per event).
         if (
-            data.find(b"usageMetadata") >= 0 or ex.model is None or data.find(b'"error"') >= 0
+            data.find(b"usageMetadata") >= 0
+            or ex.model is None
+            or data.find(b'"error"') >= 0
+            or data.find(b"webSearchQueries") >= 0
         ) and (obj := json_object(data)) is not None:
             self.body(ex, obj)
 

@@ -53,9 +53,12 @@ class Shape:
     asks: bool = False
     """Bills on what the request said beyond its JSON (multipart uploads): the addon keeps the
     request's Content-Type for `settle`."""
+    key_header: str = ""
+    """A header of its own an API key may come in (Gemini's `x-goog-api-key`), read on its
+    routes only, after the usual key headers (an upstream authenticates it there alone)."""
     key_param: str = ""
-    """The query parameter an API key may come in (Gemini's `?key=`), read after the key
-    headers for the fingerprint; empty: keys come in headers only."""
+    """The query parameter an API key may come in (Gemini's `?key=`), read after its key
+    headers; empty: keys come in headers only."""
     counts: frozenset[str] = frozenset()
     """The usage object's keys that are counts: one with none of them (`{"foo": 0}`) is no
     report, and the answer is estimated (empty: any object counts)."""
