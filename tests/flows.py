@@ -30,6 +30,26 @@ def make_flow(path: str = "/v1/chat/completions", method: str = "POST") -> http.
     return flow
 
 
+def upgraded(
+    addon: Meter,
+    path: str = "/v1/realtime?model=gpt-realtime",
+    headers: dict[str, str] | None = None,
+) -> http.HTTPFlow:
+    """A Realtime WebSocket flow past its upgrade (the hooks up to `response`), no messages yet."""
+    flow = tflow.twebsocketflow()
+    assert flow.websocket is not None
+    flow.websocket.messages.clear()
+    flow.request.path = path
+    flow.request.headers.update(headers or {})
+    response, flow.response = flow.response, None
+    addon.requestheaders(flow)
+    addon.request(flow)
+    flow.response = response
+    addon.responseheaders(flow)
+    assert addon.response(flow) is None
+    return flow
+
+
 async def run_flow(
     addon: Meter, flow: http.HTTPFlow, status: int, body: bytes, stream: bool, size: int = 7
 ) -> bytes:

@@ -22,7 +22,7 @@ from edgemeter.metering.decoding import MAX_RATIO, SLACK
 from edgemeter.metering.flow import FlowMeter, Limits, Result
 from edgemeter.metering.prices import flat_price
 from tests import flows
-from tests.flows import feed_stream, make_flow, run_flow, spooled
+from tests.flows import feed_stream, make_flow, run_flow, spooled, upgraded
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -302,15 +302,8 @@ def test_limits_must_be_positive(meter: tuple[Meter, Any], option: str, value: i
 async def test_a_long_websocket_session_keeps_a_bounded_history(meter: tuple[Meter, Any]) -> None:
     addon, tctx = meter
     tctx.configure(addon, meter_websocket_keep=50)
-    flow = tflow.twebsocketflow()
+    flow = upgraded(addon)
     assert flow.websocket is not None
-    flow.request.path = "/v1/realtime?model=gpt-realtime"
-    response, flow.response = flow.response, None
-    addon.requestheaders(flow)
-    addon.request(flow)
-    flow.response = response
-    addon.responseheaders(flow)
-    assert addon.response(flow) is None
     # An hour of Realtime audio is ~36,000 appends; mitmproxy alone would keep them all.
     append = json.dumps({"type": "input_audio_buffer.append", "audio": "AAAA" * 1024}).encode()
     longest = 0

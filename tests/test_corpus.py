@@ -45,7 +45,7 @@ import pytest
 
 from edgemeter.addon import Meter
 from tests.corpus import FORM, form, is_stream, wav, wire_body
-from tests.flows import assert_contract, make_flow, run_flow, spooled
+from tests.flows import assert_contract, make_flow, run_flow, spooled, upgraded
 
 Outcome = Literal["complete", "client_aborted", "upstream_error"]
 Source = Literal["reported", "estimated"]
@@ -501,19 +501,9 @@ async def _session(addon: Meter, events: list[bytes], client: tuple[bytes, ...] 
     """Drive the addon's hooks over one Realtime session: the upgrade, then each server
     event as a WebSocket message, then the end of the session."""
     from mitmproxy import websocket
-    from mitmproxy.test import tflow
     from wsproto.frame_protocol import Opcode
 
-    flow = tflow.twebsocketflow()
-    flow.websocket.messages.clear()  # type: ignore[union-attr]
-    flow.request.path = f"{REALTIME_PATH}?model=gpt-realtime"
-    flow.request.headers["x-customer-id"] = "cus_42"
-    response, flow.response = flow.response, None
-    addon.requestheaders(flow)
-    addon.request(flow)
-    flow.response = response
-    addon.responseheaders(flow)
-    assert addon.response(flow) is None
+    flow = upgraded(addon, f"{REALTIME_PATH}?model=gpt-realtime", {"x-customer-id": "cus_42"})
     assert flow.websocket is not None
     for data in client:
         flow.websocket.messages.append(websocket.WebSocketMessage(Opcode.TEXT, True, data))
