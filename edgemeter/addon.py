@@ -876,7 +876,7 @@ class Meter:
         """Spooled envelopes, the oldest one's key, dead letters and how those read."""
         spool, dead = self.spool, self.dead_letters
         try:
-            envelopes = len(spool) + spool.in_journal if spool is not None else 0
+            envelopes = spool.count() if spool is not None else 0
             oldest = spool.oldest_key() if spool is not None else None
         except SpoolError:
             envelopes, oldest = 0, None
@@ -969,7 +969,7 @@ class Meter:
         if self.publisher is None or self.spool is None:
             return "the meter is not running"
         self.publisher.notify()
-        return f"publishing {len(self.spool) + self.spool.in_journal} spooled envelopes"
+        return f"publishing {self.spool.count()} spooled envelopes"
 
     @command.command("meter.status")
     def status(self) -> str:

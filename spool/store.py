@@ -1104,8 +1104,12 @@ class Spool:
                 self._last_recount = time.monotonic()
 
     def __len__(self) -> int:
-        """Envelopes in the database (those still in the journal: `in_journal`)."""
+        """Envelopes in the database (those still in the journal: `in_journal`; both: `count`)."""
         return int(self._open_cache().__len__())
+
+    def count(self) -> int:
+        """Envelopes held: in the database and still in the journal."""
+        return len(self) + self.in_journal
 
     @property
     def in_journal(self) -> int:

@@ -61,11 +61,11 @@ class Extraction:
         self.merged: dict[str, Any] = {}
         # A usage object came that holds none of the shape's counts (`{"foo": 0}`): no report.
         self.hollow = False
-        # What the answer bills outside its usage object (Responses' web_search_call items,
-        # an image count), and the service tier it names outside it ("" for a base tier).
         # The latest event named a usage object ("usage":{): set by the shapes that accept
         # stream_options (Shape.event), whose usage meter_stream_usage may strip.
         self.usage_named = False
+        # What the answer bills outside its usage object (Responses' web_search_call items,
+        # an image count), and the service tier it names outside it ("" for a base tier).
         self.units: dict[str, int | str] | None = None
         self.service_tier = ""
         self._text = text_pattern(self.shape.text)
